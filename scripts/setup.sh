@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install OpenLLM into it, pinned by constraints.txt.
+# Usage: scripts/setup.sh [extras]   e.g. scripts/setup.sh test
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+python3 -m venv .venv >/dev/null 2>&1 || python3 -m venv .venv
+spec="."
+[ -n "$extras" ] && spec=".[${extras}]"
+stamp=".venv/.installed-${extras:-core}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e "$spec" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import openllm, torch" || { echo "setup failed: openllm did not install" >&2; exit 1; }
+  touch "$stamp"
+fi

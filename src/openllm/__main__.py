@@ -1,0 +1,3 @@
+from openllm.cli import entry
+
+entry()

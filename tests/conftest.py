@@ -1,0 +1,54 @@
+"""Shared fixtures: small corpora written by the tests and the real texts in ../shared/data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+BUNDLED = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
+
+
+def shared_file(name: str) -> Path:
+    """A file from ../shared/data, or the bundled Shakespeare copy when ../shared is absent."""
+    path = SHARED_DATA / name
+    if path.is_file():
+        return path
+    if name == "tinyshakespeare.txt":
+        return BUNDLED
+    pytest.fail(f"{path} is missing: the tests need ../shared/data beside the checkout")
+
+
+@pytest.fixture(scope="session")
+def squad_path() -> Path:
+    return shared_file("squad_passages.txt")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    return shared_file("tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """~300 paragraphs cut from Shakespeare: enough for a tokenizer of a few hundred entries."""
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+    paras = [p for p in text.split("\n\n") if p.strip()][:400]
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_dataset(small_corpus, tmp_path_factory):
+    from openllm.data import prepare_dataset
+
+    return prepare_dataset([small_corpus], tmp_path_factory.mktemp("ds") / "small", vocab_size=420)
+
+
+@pytest.fixture
+def rng() -> random.Random:
+    return random.Random(0)

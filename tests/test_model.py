@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from openllm.config import PRESETS, ModelConfig, model_config_for
+from openllm.errors import OpenLLMError
+from openllm.model import GPT
+
+
+@pytest.mark.parametrize("name,expected", [("small", 35_823_616), ("medium", 111_204_864), ("large", 337_176_576)])
+def test_legacy_parameter_counts(name, expected):
+    with torch.device("meta"):
+        model = GPT(model_config_for(name, vocab_size=32000))
+    assert model.num_parameters() == expected
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=24, dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_causality_later_tokens_never_change_earlier_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    x = torch.randint(0, 97, (3, 24))
+    with torch.no_grad():
+        base, _ = model(x)
+        for cut in (0, 5, 17, 23):
+            y = x.clone()
+            y[:, cut:] = torch.randint(0, 97, y[:, cut:].shape)
+            y[:, cut] = (x[:, cut] + 1) % 97  # surely different at the cut
+            changed, _ = model(y)
+            assert torch.equal(base[:, :cut], changed[:, :cut])
+            assert not torch.allclose(base[:, cut], changed[:, cut])
+
+
+def test_state_dict_layout_matches_legacy_keys_without_mask_buffers():
+    model = GPT(tiny_config())
+    keys = set(model.state_dict())
+    assert "transformer.h.0.attn.c_attn.weight" in keys and "lm_head.weight" in keys
+    assert not any(k.endswith(".attn.bias") for k in keys)
+    sd = model.state_dict()
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == (96, 32)  # (out, in), not Conv1D
+    assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=512, n_layer=8, n_head=4, n_embd=256, block_size=64))
+    std_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    std_proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std_fc - 0.02) < 0.002
+    assert abs(std_proj - 0.02 / math.sqrt(16)) < 0.001
+    assert torch.count_nonzero(model.transformer.h[0].attn.c_attn.bias) == 0
+
+
+def test_loss_at_init_is_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    x, y = torch.randint(0, 97, (2, 4, 24))
+    _, loss = model(x, y)
+    assert abs(loss.item() - math.log(97)) < 0.1
+
+
+def test_kv_cache_matches_full_forward():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full, _ = model(x)
+        logits, _, cache = model(x[:, :7], use_cache=True)
+        steps = [logits]
+        logits, _, cache = model(x[:, 7:12], past=cache, use_cache=True)  # a chunk after a cache
+        steps.append(logits)
+        for t in range(12, 20):
+            logits, _, cache = model(x[:, t : t + 1], past=cache, use_cache=True)
+            steps.append(logits)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+def test_context_overflow_is_an_error():
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError):
+        model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_bad_config_values_are_clear_errors():
+    with pytest.raises(OpenLLMError, match="divisible"):
+        ModelConfig(n_embd=30, n_head=4)
+    with pytest.raises(OpenLLMError, match="n_layer"):
+        ModelConfig(n_layer=0)
+
+
+def test_every_preset_builds_and_tiny_is_cpu_sized():
+    assert set(PRESETS) >= {"tiny", "small", "medium", "large"}
+    tiny = GPT(PRESETS["tiny"].model)
+    assert tiny.num_parameters() < 2_000_000
