@@ -77,9 +77,220 @@ def _run_prepare(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- train
+
+_TRAIN_HELP = {
+    "data": "a prepared dataset directory (from `openllm prepare`)",
+    "data_file": "raw text to prepare on the fly (cached in OUTPUT_DIR/dataset); default: the bundled corpus",
+    "validation_data": "a text file to validate on (default: hold out 10%% of the training documents)",
+    "tokenizer_dir": "a directory with tokenizer.model to use instead of training one",
+    "model_size": "preset: tiny, small, medium or large (default tiny)",
+    "vocab_size": "tokenizer vocabulary when one is trained (default: the preset's)",
+    "max_steps": "optimizer steps to train to", "output_dir": "run directory (default runs/openllm)",
+    "save_every": "write checkpoint_step_N.pt every N steps", "eval_every": "validate every N steps",
+    "eval_batches": "validation batches per evaluation (all of the validation text when it is smaller)",
+    "log_every": "plain log line every N steps when not on a terminal",
+    "early_stopping_patience": "stop after N evaluations without improvement (0: never)",
+    "early_stopping_min_delta": "smallest decrease of validation loss that counts as improvement",
+    "batch_size": "sequences per micro-batch (per process)", "seq_len": "tokens per sequence",
+    "gradient_accumulation_steps": "micro-batches per optimizer step", "learning_rate": "peak learning rate",
+    "min_lr": "learning rate at the end of the cosine decay", "warmup_steps": "linear warmup steps",
+    "lr_decay_steps": "step at which the cosine decay reaches --min-lr (default --max-steps)",
+    "weight_decay": "AdamW weight decay (matrices only)", "grad_clip": "clip the gradient norm (0: off)",
+    "dropout": "dropout probability", "seed": "seed for initialisation, data order and split",
+    "device": "auto, cpu or cuda", "dtype": "autocast dtype: float32, bfloat16 or float16 (CUDA only)",
+    "compile": "torch.compile the model", "activation_checkpointing": "recompute activations to save memory",
+    "keep_last": "step checkpoints to keep (the best and the resumed-from one are always kept)",
+    "resume": "continue from a checkpoint: auto (newest good one in --output-dir) or a PATH",
+    "allow_data_change": "allow resuming on a different dataset",
+    "reset_early_stopping": "train on although the resumed run had stopped early",
+    "max_bad_steps": "consecutive non-finite steps before rolling back and stopping (default 5)",
+    "tensorboard": "also write TensorBoard event files to OUTPUT_DIR/tensorboard",
+    "peak_flops": "peak FLOP/s of the device for MFU (known GPUs are detected)",
+}
+
+
+def _add_train(sub) -> None:
+    from openllm.config import DEFAULTS, TRAIN_OPTION_NAMES, TrainConfig
+
+    p = sub.add_parser("train", help="train (or resume) a model",
+                       description="Train a GPT model with crash-safe checkpoints, validation, best-model tracking, "
+                       "early stopping and exact resume. Every option can also come from a YAML file (--config); "
+                       "command-line values win.")
+    p.add_argument("--config", help="YAML file of options (keys as the option names, with - or _)")
+    p.add_argument("--sample-prompt", default="", help="prompt of the sample printed at the end")
+    p.add_argument("--sample-tokens", type=_positive_int, default=120, help="length of the sample printed at the end")
+    types = TrainConfig.__annotations__
+    for name in TRAIN_OPTION_NAMES:
+        flag = "--" + name.replace("_", "-")
+        kind = types[name]
+        help_text = _TRAIN_HELP.get(name, "")
+        if name in DEFAULTS and DEFAULTS[name] not in (None, False):
+            help_text += f" (default {DEFAULTS[name]})"
+        if "bool" in kind:
+            p.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif name == "resume":
+            p.add_argument(flag, nargs="?", const="auto", default=None, metavar="auto|PATH", help=help_text)
+        elif "int" in kind:
+            p.add_argument(flag, type=_int_value, default=None, help=help_text)
+        elif "float" in kind:
+            p.add_argument(flag, type=_float_value, default=None, help=help_text)
+        elif name in ("device", "dtype"):
+            choices = ["auto", "cpu", "cuda"] if name == "device" else ["float32", "bfloat16", "float16"]
+            p.add_argument(flag, choices=choices, default=None, help=help_text)
+        else:
+            p.add_argument(flag, default=None, help=help_text)
+    p.set_defaults(func=_run_train)
+
+
+def _int_value(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float_value(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def load_yaml_options(path: str) -> dict:
+    """Options from a YAML file, keys normalised to field names; unknown keys are an error."""
+    import yaml
+
+    from openllm.config import TRAIN_OPTION_NAMES
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise OpenLLMError(f"config file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise OpenLLMError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise OpenLLMError(f"config file {path} must hold a mapping of option: value")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in TRAIN_OPTION_NAMES:
+            raise OpenLLMError(f"config file {path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def train_config_from_args(args) -> "TrainConfig":
+    from openllm.config import TRAIN_OPTION_NAMES, TrainConfig
+
+    options = load_yaml_options(args.config) if args.config else {}
+    options.update({k: getattr(args, k) for k in TRAIN_OPTION_NAMES if getattr(args, k) is not None})
+    return TrainConfig(**options)
+
+
+def _run_train(args) -> int:
+    from openllm.train import train
+
+    result = train(train_config_from_args(args))
+    if result is None:
+        return 0
+    print(f"done: {result.stop_reason}; best validation loss {result.best_validation_loss:.4f} at step "
+          f"{result.best_step}; run directory {result.run_dir}")
+    if args.sample_tokens and (result.run_dir / "best_model.pt").is_file():
+        from openllm.generate import SamplingOptions
+        from openllm.loading import load_model
+
+        loaded = load_model(result.run_dir / "best_model.pt")
+        from openllm.generate import generate_text
+
+        text = generate_text(loaded.model, loaded.tokenizer, args.sample_prompt,
+                             SamplingOptions(max_new_tokens=args.sample_tokens, temperature=0.8, seed=0))
+        print(f"--- sample from best_model.pt ---\n{args.sample_prompt}{text}\n---")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- generate
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a model",
+                       description="Generate text with a key/value cache. MODEL is a checkpoint file, a run "
+                       "directory (its best_model.pt) or an exported directory. Tokens stream as they come.")
+    p.add_argument("--model", required=True, help="checkpoint file, run directory or exported directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--temperature", type=_nonneg_float, default=0.8, help="0 means greedy decoding")
+    p.add_argument("--top-k", type=_nonneg_int, default=40, help="0 turns top-k off")
+    p.add_argument("--top-p", type=_fraction_incl, default=0.95)
+    p.add_argument("--repetition-penalty", type=_positive_float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=_positive_int, default=1)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=_run_generate)
+
+
+def _nonneg_float(text: str) -> float:
+    value = _float_value(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float_value(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    value = _int_value(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _fraction_incl(text: str) -> float:
+    value = _float_value(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _run_generate(args) -> int:
+    from openllm.generate import SamplingOptions, generate_ids, prompt_ids
+    from openllm.launch import resolve_device
+    from openllm.loading import load_model
+
+    device = resolve_device(args.device)
+    loaded = load_model(args.model, device)
+    tok = loaded.tokenizer
+    for i in range(args.num_samples):
+        opts = SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k or None, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                               seed=None if args.seed is None else args.seed + i)
+        ids, dropped = prompt_ids(tok, args.prompt, loaded.model.config.block_size, args.max_new_tokens)
+        if dropped:
+            print(f"note: the prompt is longer than the context; its first {dropped} tokens were dropped", file=sys.stderr)
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        sys.stdout.write(args.prompt)
+        out: list[int] = []
+        shown = ""
+        for token in generate_ids(loaded.model, ids, opts, device):
+            out.append(token)
+            text = tok.decode(out)  # decode the whole tail so multi-byte characters come out whole
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        sys.stdout.write(tok.decode(out)[len(shown):] + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- main
 
-COMMANDS: list[Callable] = [_add_prepare]
+COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except OpenLLMError as exc:
-        print(f"openllm {args.command}: error: {exc}", file=sys.stderr)
+        kind = "stopped" if exc.exit_code != 2 else "error"
+        print(f"openllm {args.command}: {kind}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"openllm {args.command}: interrupted", file=sys.stderr)

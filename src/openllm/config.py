@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from openllm.errors import OpenLLMError
@@ -103,98 +103,123 @@ def model_config_for(name: str, vocab_size: int | None = None, **overrides: Any)
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})
 
 
+# Built-in defaults for the options a preset does not set.
+DEFAULTS: dict[str, Any] = {
+    "model_size": "tiny", "output_dir": "runs/openllm", "eval_batches": 50, "log_every": 10,
+    "early_stopping_patience": 0, "early_stopping_min_delta": 0.0, "grad_clip": 1.0, "seed": 1337,
+    "device": "auto", "keep_last": 3, "max_bad_steps": 5, "compile": False, "activation_checkpointing": False,
+    "allow_data_change": False, "reset_early_stopping": False, "tensorboard": False,
+}
+PRESET_FIELDS = ("max_steps", "save_every", "eval_every", "batch_size", "seq_len", "learning_rate", "min_lr",
+                 "warmup_steps", "weight_decay", "gradient_accumulation_steps", "vocab_size")
+# Options that describe this invocation only and are never inherited from a checkpoint on resume.
+NOT_INHERITED = ("resume", "allow_data_change", "reset_early_stopping", "output_dir")
+
+
 @dataclass
 class TrainConfig:
-    """Everything `openllm train` needs. Field names are the option names with '_' for '-'."""
+    """Every `openllm train` option; field names are option names with '_' for '-'.
+
+    ``None`` means "not given": :meth:`resolved` fills it from the checkpoint being resumed (if
+    any), then the preset of ``model_size``, then :data:`DEFAULTS`.
+    """
 
     data: str | None = None
     data_file: str | None = None
     validation_data: str | None = None
     tokenizer_dir: str | None = None
-    model_size: str = "tiny"
+    model_size: str | None = None
     vocab_size: int | None = None
     max_steps: int | None = None
-    output_dir: str = "runs/openllm"
+    output_dir: str | None = None
     save_every: int | None = None
     eval_every: int | None = None
-    eval_batches: int = 50
-    log_every: int = 10
-    early_stopping_patience: int = 0
-    early_stopping_min_delta: float = 0.0
+    eval_batches: int | None = None
+    log_every: int | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float | None = None
     batch_size: int | None = None
     seq_len: int | None = None
     gradient_accumulation_steps: int | None = None
     learning_rate: float | None = None
     min_lr: float | None = None
     warmup_steps: int | None = None
+    lr_decay_steps: int | None = None
     weight_decay: float | None = None
-    grad_clip: float = 1.0
+    grad_clip: float | None = None
     dropout: float | None = None
-    seed: int = 1337
-    device: str = "auto"
+    seed: int | None = None
+    device: str | None = None
     dtype: str | None = None
-    compile: bool = False
-    activation_checkpointing: bool = False
-    keep_last: int = 3
+    compile: bool | None = None
+    activation_checkpointing: bool | None = None
+    keep_last: int | None = None
     resume: str | None = None
-    allow_data_change: bool = False
-    reset_early_stopping: bool = False
-    max_bad_steps: int = 5
-    tensorboard: bool = False
+    allow_data_change: bool | None = None
+    reset_early_stopping: bool | None = None
+    max_bad_steps: int | None = None
+    tensorboard: bool | None = None
     peak_flops: float | None = None
-    sample_prompt: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def resolved(self) -> "TrainConfig":
-        """Fill unset fields from the preset and check every value; returns a new config."""
-        preset = get_preset(self.model_size)
-        out = dataclasses.replace(self)
-        for name in ("max_steps", "save_every", "eval_every", "batch_size", "seq_len", "learning_rate",
-                     "min_lr", "warmup_steps", "weight_decay", "gradient_accumulation_steps", "vocab_size"):
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def resolved(self, inherited: dict[str, Any] | None = None) -> "TrainConfig":
+        """A complete, checked config: given values, then ``inherited``, then preset and defaults."""
+        merged = {k: v for k, v in (inherited or {}).items() if k in TRAIN_OPTION_NAMES and k not in NOT_INHERITED}
+        merged.update(self.given())
+        out = TrainConfig(**merged)
+        preset = get_preset(out.model_size or DEFAULTS["model_size"])
+        for name in PRESET_FIELDS:
             if getattr(out, name) is None:
                 setattr(out, name, getattr(preset, name))
+        for name, value in DEFAULTS.items():
+            if getattr(out, name) is None:
+                setattr(out, name, value)
         if out.dropout is None:
             out.dropout = preset.model.dropout
         out.validate()
         return out
 
     def validate(self) -> None:
-        def positive(name: str, allow_zero: bool = False) -> None:
-            value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
-            if not ok:
-                kind = "a non-negative" if allow_zero else "a positive"
-                raise OpenLLMError(f"--{name.replace('_', '-')} must be {kind} integer, got {value!r}")
+        def bad(name: str, what: str, value: Any) -> OpenLLMError:
+            return OpenLLMError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
 
-        def finite(name: str, low: float = 0.0) -> None:
+        def integer(name: str, minimum: int) -> None:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < low:
-                raise OpenLLMError(f"--{name.replace('_', '-')} must be a finite number >= {low:g}, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise bad(name, "a positive integer" if minimum else "a non-negative integer", value)
+
+        def number(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise bad(name, "a finite number >= 0", value)
 
         for name in ("max_steps", "save_every", "eval_every", "eval_batches", "log_every", "batch_size", "seq_len",
                      "gradient_accumulation_steps", "keep_last", "max_bad_steps", "vocab_size"):
-            positive(name)
+            integer(name, 1)
         for name in ("warmup_steps", "early_stopping_patience", "seed"):
-            positive(name, allow_zero=True)
+            integer(name, 0)
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "early_stopping_min_delta"):
-            finite(name)
+            number(name)
+        if self.peak_flops is not None:
+            number("peak_flops")
+        if self.lr_decay_steps is not None:
+            integer("lr_decay_steps", 1)
         if self.min_lr > self.learning_rate:
             raise OpenLLMError(f"--min-lr ({self.min_lr}) must not exceed --learning-rate ({self.learning_rate})")
-        if not (0.0 <= self.dropout < 1.0):
-            raise OpenLLMError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
+            raise bad("dropout", "a number in [0, 1)", self.dropout)
         if self.device not in ("auto", "cpu", "cuda"):
-            raise OpenLLMError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+            raise bad("device", "auto, cpu or cuda", self.device)
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise OpenLLMError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+            raise bad("dtype", "float32, bfloat16 or float16", self.dtype)
         if self.data and self.data_file:
             raise OpenLLMError("give either --data (a prepared dataset) or --data-file (raw text), not both")
-        if self.peak_flops is not None:
-            finite("peak_flops")
+        get_preset(self.model_size)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
+        return dataclasses.asdict(self)
 
 
-TRAIN_OPTION_NAMES = tuple(f.name for f in fields(TrainConfig) if f.name != "extra")
+TRAIN_OPTION_NAMES = tuple(f.name for f in fields(TrainConfig))

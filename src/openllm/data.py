@@ -206,21 +206,8 @@ def prepare_dataset(
     else:
         train_docs, val_docs = split_train_val(unique, val_fraction, seed)
 
-    tokenizer_source = None
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-        tokenizer_source = str(tokenizer)
-    else:
-        tok = train_tokenizer(train_docs, vocab_size)
-    dtype = token_dtype(tok.vocab_size)
-
-    source = {
-        "inputs": [{k: i[k] for k in ("sha256", "bytes")} for i in input_info],
-        "validation": val_info and val_info["sha256"],
-        "val_fraction": None if val_info else val_fraction,
-        "seed": seed, "doc_mode": doc_mode, "tokenizer_sha256": tok.sha256,
-    }
-    source_fingerprint = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    source_fingerprint = request_key(input_info, val_info, vocab_size, tok, val_fraction, seed, doc_mode)
 
     out = Path(output_dir)
     existing = out / META_FILE
@@ -236,6 +223,9 @@ def prepare_dataset(
     elif out.exists() and not out.is_dir():
         raise OpenLLMError(f"output directory {out} exists and is not a directory")
 
+    if tok is None:
+        tok = train_tokenizer(train_docs, vocab_size)
+    dtype = token_dtype(tok.vocab_size)
     train_ids = pack(tok, train_docs, dtype)
     val_ids = pack(tok, val_docs, dtype)
     fingerprint = hashlib.sha256(train_ids.tobytes() + b"|" + val_ids.tobytes()).hexdigest()
@@ -255,7 +245,7 @@ def prepare_dataset(
         "vocab_size": tok.vocab_size,
         "dtype": dtype.name,
         "tokenizer_sha256": tok.sha256,
-        "tokenizer_source": tokenizer_source or "trained on the training split",
+        "tokenizer_source": str(tokenizer) if tokenizer is not None else "trained on the training split",
         "inputs": input_info,
         "validation_file": val_info,
         "split": "validation file" if val_info else f"random {val_fraction:g} of unique documents",
@@ -277,6 +267,30 @@ def prepare_dataset(
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     atomic_write_json(existing, meta)  # written last: its presence marks a complete dataset
     return PreparedDataset(out, meta)
+
+
+def request_key(input_info, val_info, vocab_size, tok, val_fraction, seed, doc_mode) -> str:
+    """Identity of a preparation request: input contents and every setting that shapes the output."""
+    source = {
+        "inputs": [i["sha256"] for i in input_info],
+        "validation": val_info and val_info["sha256"],
+        "val_fraction": None if val_info else val_fraction,
+        "seed": seed, "doc_mode": doc_mode,
+        "tokenizer": tok.sha256 if tok is not None else f"train:{vocab_size}",
+    }
+    return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
+
+
+def file_info(path: str | os.PathLike) -> dict:
+    raw = read_text(path)[1]
+    return {"path": str(path), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def prepared_request_key(inputs, validation_file, vocab_size, tokenizer, val_fraction, seed, doc_mode) -> str:
+    """The ``source_fingerprint`` that :func:`prepare_dataset` would record, without preparing."""
+    tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+    val_info = file_info(validation_file) if validation_file is not None else None
+    return request_key([file_info(p) for p in inputs], val_info, vocab_size, tok, val_fraction, seed, doc_mode)
 
 
 def load_dataset(path: str | os.PathLike) -> PreparedDataset:

@@ -1,0 +1,34 @@
+#!/usr/bin/env python3
+"""Legacy entry point: ``python core/src/train_model_improved.py [options]``.
+
+A thin shell over ``openllm train`` that keeps the legacy data layout as defaults:
+training text ``data/clean/training_data.txt`` and, when present, the tokenizer in ``data/tokenizer/``.
+Every ``openllm train`` option is accepted.
+"""
+
+import sys
+from pathlib import Path
+
+try:
+    import openllm  # noqa: F401
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from openllm.cli import main  # noqa: E402
+
+LEGACY_TRAINING_DATA = "data/clean/training_data.txt"
+LEGACY_TOKENIZER_DIR = "data/tokenizer"
+
+
+def legacy_argv(argv: list[str]) -> list[str]:
+    """``openllm train`` arguments for a legacy command line, with the legacy defaults filled in."""
+    args = ["train", *argv]
+    if not any(a.split("=")[0] in ("--data", "--data-file", "--config", "--resume") for a in argv):
+        args += ["--data-file", LEGACY_TRAINING_DATA]
+    if "--tokenizer-dir" not in argv and (Path(LEGACY_TOKENIZER_DIR) / "tokenizer.model").is_file():
+        args += ["--tokenizer-dir", LEGACY_TOKENIZER_DIR]
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main(legacy_argv(sys.argv[1:])))

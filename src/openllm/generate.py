@@ -1,0 +1,85 @@
+"""Text generation with a key/value cache: greedy (temperature 0) or sampled with top-k / top-p."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from openllm.model import GPT
+from openllm.tokenizer import BOS_ID, EOS_ID, Tokenizer
+
+
+@dataclass
+class SamplingOptions:
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 40
+    top_p: float | None = 0.95
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+def next_token_logits_filter(logits: torch.Tensor, opts: SamplingOptions, history: torch.Tensor) -> torch.Tensor:
+    """Apply repetition penalty, temperature, top-k and top-p to one row of logits (float32)."""
+    logits = logits.float()
+    if opts.repetition_penalty != 1.0 and history.numel():
+        seen = torch.unique(history)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / opts.repetition_penalty, vals * opts.repetition_penalty)
+    logits = logits / opts.temperature
+    if opts.top_k:
+        kth = torch.topk(logits, min(opts.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if opts.top_p is not None and opts.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) > opts.top_p  # keep the token that crosses top_p
+        logits[order[drop]] = float("-inf")
+    return logits
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: int) -> tuple[list[int], int]:
+    """Encode a prompt as training encoded a document start (BOS + ids), keeping room for new tokens.
+
+    Returns (ids, number of prompt tokens dropped from the left).
+    """
+    ids = [BOS_ID, *tokenizer.encode(prompt)]
+    room = max(1, context - max(1, min(max_new_tokens, context - 1)))
+    dropped = max(0, len(ids) - room)
+    return ids[dropped:], dropped
+
+
+@torch.no_grad()
+def generate_ids(model: GPT, ids: list[int], opts: SamplingOptions, device: torch.device | str = "cpu") -> Iterator[int]:
+    """Yield new token ids one at a time until EOS or ``max_new_tokens`` (EOS is not yielded)."""
+    model.eval()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+    context = model.config.block_size
+    x = torch.tensor([ids], dtype=torch.long, device=device)
+    history = x[0]
+    logits, _, cache = model(x, use_cache=True)
+    for _ in range(opts.max_new_tokens):
+        row = logits[0, -1]
+        if opts.temperature <= 0:
+            token = int(torch.argmax(row))
+        else:
+            probs = torch.softmax(next_token_logits_filter(row, opts, history), dim=-1).cpu()
+            token = int(torch.multinomial(probs, 1, generator=gen))
+        if token == EOS_ID:
+            return
+        yield token
+        history = torch.cat([history, torch.tensor([token], device=history.device)])
+        if cache[0][0].size(2) >= context:  # context full: slide the window and recompute
+            window = history[-(context - 1):][None]
+            logits, _, cache = model(window, use_cache=True)
+        else:
+            logits, _, cache = model(torch.tensor([[token]], device=device), past=cache, use_cache=True)
+
+
+def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, opts: SamplingOptions,
+                  device: torch.device | str = "cpu") -> str:
+    ids, _ = prompt_ids(tokenizer, prompt, model.config.block_size, opts.max_new_tokens)
+    return tokenizer.decode(list(generate_ids(model, ids, opts, device)))

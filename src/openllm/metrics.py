@@ -1,0 +1,117 @@
+"""Per-step metrics: memory, MFU, the progress display and ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, for model FLOPs utilisation.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or the process's resident set size on the CPU, in MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e6
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE / 1e6
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
+
+
+def peak_flops_for(device: torch.device, override: float | None = None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step to ``metrics.jsonl``; shows progress on a terminal."""
+
+    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool = True, log_every: int = 10):
+        self.enabled = enabled
+        self.log_every = log_every
+        self.path = path
+        self.file = None
+        self.bar = None
+        self.started = time.time()
+        self.start_step, self.total = start_step, total_steps
+        if not enabled:
+            return
+        _truncate_after(path, start_step)
+        self.file = open(path, "a", encoding="utf-8")
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(
+                f"loss {record['loss']:.4f} ppl {record['perplexity']:.1f} lr {record['learning_rate']:.2e} "
+                f"{record['tokens_per_second']:,.0f} tok/s", refresh=False)
+        elif step % self.log_every == 0 or step == self.total:
+            done = step - self.start_step
+            eta = (time.time() - self.started) / max(done, 1) * (self.total - step)
+            self.say(f"step {step}/{self.total} loss {record['loss']:.4f} ppl {record['perplexity']:.1f} "
+                     f"lr {record['learning_rate']:.2e} grad_norm {record['grad_norm']:.3f} "
+                     f"{record['tokens_per_second']:,.0f} tok/s mem {record['memory_mb']:.0f} MB eta {eta:.0f}s")
+
+    def say(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def flush(self) -> None:
+        if self.file:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop lines of steps after ``step`` (left by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    from openllm.fileio import atomic_write_text
+
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+    atomic_write_text(path, "".join(k + "\n" for k in kept))

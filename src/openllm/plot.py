@@ -1,0 +1,57 @@
+"""Training curves of a run directory: loss against step, learning rate, best and stop marked."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from openllm.errors import OpenLLMError
+from openllm.fileio import read_json
+
+
+def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
+    """Write ``training_curves.png`` (or ``output``) for a run directory; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    train = read_json(run_dir / "training_log.json", "training log")
+    val = read_json(run_dir / "validation_log.json", "validation log") if (run_dir / "validation_log.json").is_file() else []
+    if not isinstance(train, list) or not isinstance(val, list):
+        raise OpenLLMError(f"{run_dir}: training_log.json / validation_log.json must hold lists")
+    if not train:
+        raise OpenLLMError(f"{run_dir}: the training log is empty; nothing to plot")
+    stop_reason = None
+    stats_file = run_dir / "stop_reason.json"
+    if stats_file.is_file():
+        stop_reason = json.loads(stats_file.read_text()).get("stop_reason")
+
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["loss"] for r in train], lw=0.8, alpha=0.6, label="training loss")
+    if val:
+        vs = [r["step"] for r in val]
+        vl = [r["validation_loss"] for r in val]
+        ax.plot(vs, vl, "o-", color="C1", label="validation loss")
+        best = min(range(len(vl)), key=lambda i: vl[i])
+        ax.scatter([vs[best]], [vl[best]], s=160, marker="*", color="C3", zorder=5,
+                   label=f"best: {vl[best]:.4f} at step {vs[best]}")
+    ax.axvline(steps[-1], color="grey", ls="--", lw=1, label=f"stopped at step {steps[-1]}" + (f" ({stop_reason})" if stop_reason else ""))
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax_lr.plot(steps, [r["learning_rate"] for r in train], color="C2")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    ax_lr.grid(alpha=0.3)
+    fig.suptitle(f"OpenLLM run {run_dir.name}")
+    fig.tight_layout()
+    out = Path(output) if output else run_dir / "training_curves.png"
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
