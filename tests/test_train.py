@@ -287,7 +287,7 @@ def test_yaml_config_with_command_line_winning(small_dataset, tmp_path):
 @pytest.mark.parametrize("args,match", [
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--learning-rate", "nan"], "--learning-rate must be a finite number"),
-    (["--seq-len", "4096"], "above the tiny model's context"),
+    (["--seq-len", "4096"], "above the model's context"),
     (["--dropout", "1.5"], "--dropout"),
     (["--device", "tpu"], "invalid choice"),
     (["--dtype", "float16", "--device", "cpu"], "float16 needs a CUDA GPU"),

@@ -119,7 +119,7 @@ def _add_train(sub) -> None:
                        "command-line values win.")
     p.add_argument("--config", help="YAML file of options (keys as the option names, with - or _)")
     p.add_argument("--sample-prompt", default="", help="prompt of the sample printed at the end")
-    p.add_argument("--sample-tokens", type=_positive_int, default=120, help="length of the sample printed at the end")
+    p.add_argument("--sample-tokens", type=_nonneg_int, default=120, help="length of the sample printed at the end (0: none)")
     types = TrainConfig.__annotations__
     for name in TRAIN_OPTION_NAMES:
         flag = "--" + name.replace("_", "-")
@@ -288,9 +288,187 @@ def _run_generate(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ convert / export
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="import raw weights (legacy, Hugging Face GPT-2, nanoGPT) as a full checkpoint",
+                       description="Convert a legacy OpenLLM export, a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt or "
+                       "an openllm export into a run directory whose best_model.pt can be resumed, inspected and compared. "
+                       "The input kind is detected.")
+    p.add_argument("--input-dir", required=True, help="directory (or nanoGPT ckpt.pt file) to import")
+    p.add_argument("--output-dir", required=True, help="run directory to write")
+    p.add_argument("--training-steps", type=_nonneg_int, default=None, help="steps the weights were trained for")
+    p.add_argument("--eval-data", help="text file to measure the real validation loss on")
+    p.add_argument("--tokenizer", help="SentencePiece tokenizer.model to use when the input has none")
+    p.add_argument("--force", action="store_true", help="overwrite an existing best_model.pt in --output-dir")
+    p.set_defaults(func=_run_convert)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _run_convert(args) -> int:
+    from openllm.convert import convert
+
+    r = convert(args.input_dir, args.output_dir, training_steps=args.training_steps, eval_data=args.eval_data,
+                tokenizer=args.tokenizer, force=args.force)
+    print(f"converted {r.kind} weights from {args.input_dir} to {r.output_dir}/best_model.pt (step {r.step:,})")
+    print(f"  input:  {_mb(r.input_bytes)}")
+    print(f"  output: {_mb(r.output_bytes)} = weights {_mb(r.components['model_state_dict'])}, optimizer state "
+          f"{_mb(r.components['optimizer_state_dict'])} (fresh), logs "
+          f"{_mb(r.components['training_log'] + r.components['validation_log'])}")
+    if r.best_validation_loss is not None:
+        print(f"  validation loss on {args.eval_data}: {r.best_validation_loss:.4f}")
+    for note in r.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a Hugging Face directory that stock transformers loads",
+                       description="Export a checkpoint (or a run directory's best model) as a GPT-2 directory: "
+                       "config.json, model.safetensors, tokenizer files, generation_config.json and a model card.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--force", action="store_true", help="replace a non-empty --output-dir")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from openllm.export import export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.output_dir, force=args.force)
+    print(f"exported to {r.output_dir}: " + ", ".join(f"{k} ({_mb(v)})" for k, v in r.files.items()))
+    return 0
+
+
+# ------------------------------------------------------------------ inspect / compare / verify
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="show what a checkpoint, run directory or export holds")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from openllm.inspect_ckpt import describe, format_description
+
+    info = describe(args.path)
+    print(json.dumps(info, indent=2, default=str) if args.json else format_description(info))
+    return 0
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="compare checkpoints, run directories or exports side by side")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args) -> int:
+    from openllm.inspect_ckpt import describe, format_comparison
+
+    infos = [describe(p) for p in args.paths]
+    print(json.dumps(infos, indent=2, default=str) if args.json else format_comparison(infos))
+    return 0
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check a checkpoint's integrity (checksum, keys, shapes, loading)",
+                       description="Verify a checkpoint file or every checkpoint of a run directory; exit status 1 "
+                       "and the reason when anything is wrong.")
+    p.add_argument("path")
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(args) -> int:
+    from openllm.inspect_ckpt import verify_path
+
+    results = verify_path(args.path)
+    for v in results:
+        print(f"{'ok  ' if v.ok else 'BAD '} {v.path}" + ("" if v.ok else f": {'; '.join(v.problems)}"))
+    return 0 if all(v.ok for v in results) else 1
+
+
+# ------------------------------------------------------------------------------- eval / plot
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text",
+                       description="Evaluate one or more models on a text file (or a prepared dataset's validation "
+                       "split) with sliding windows; several models give one comparison table.")
+    p.add_argument("--model", nargs="+", required=True, help="checkpoint files, run directories or exports")
+    p.add_argument("--data", required=True, help="a text file, or a prepared dataset directory (its val split)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--stride", type=_positive_int, default=None, help="window step (default: --seq-len)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--allow-training-data", action="store_true", help="report even on text the model trained on")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from pathlib import Path
+
+    from openllm.data import load_dataset
+    from openllm.evaluate import encode_file, evaluate_dataset, evaluate_file, training_sources
+    from openllm.launch import resolve_device
+    from openllm.loading import load_model
+
+    device = resolve_device(args.device)
+    results = []
+    for path in args.model:
+        loaded = load_model(path, device)
+        hashes, fingerprint = training_sources(loaded.checkpoint)
+        if Path(args.data).is_dir():
+            ds = load_dataset(args.data)
+            if ds.meta["tokenizer_sha256"] != loaded.tokenizer.sha256:
+                raise OpenLLMError(f"{args.data} was tokenized with a different tokenizer than {path}")
+            r = evaluate_dataset(loaded.model, args.data, "val", args.seq_len, args.stride, args.batch_size, device)
+        else:
+            if hashes and not args.allow_training_data:
+                _, _, sha = encode_file(loaded.tokenizer, args.data)
+                if sha in hashes:
+                    raise OpenLLMError(f"{args.data} is the text {path} was trained on (its training split included); "
+                                       "pass --allow-training-data to report anyway")
+            r = evaluate_file(loaded.model, loaded.tokenizer, args.data, args.seq_len, args.stride, args.batch_size, device)
+        results.append({"model": str(path), **r.to_dict()})
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    else:
+        width = max(len(r["model"]) for r in results)
+        print(f"{'model'.ljust(width)}  {'loss':>8}  {'perplexity':>10}  {'bits/byte':>9}  {'tokens':>10}")
+        for r in results:
+            print(f"{r['model'].ljust(width)}  {r['loss']:8.4f}  {r['perplexity']:10.2f}  {r['bits_per_byte']:9.4f}  {r['tokens']:>10,}")
+    return 0
+
+
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="plot a run's training curves",
+                       description="Training and validation loss against step, learning rate, the best checkpoint and "
+                       "the stopping point marked. Written automatically at the end of training.")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="PNG file (default RUN_DIR/training_curves.png)")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from openllm.plot import plot_run
+
+    try:
+        out = plot_run(args.run_dir, args.output)
+    except ImportError:
+        raise OpenLLMError("plotting needs matplotlib: pip install 'openllm[plot]'") from None
+    print(f"wrote {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- main
 
-COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate]
+COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate, _add_eval, _add_convert, _add_export,
+                            _add_inspect, _add_compare, _add_verify, _add_plot]
 
 
 def build_parser() -> argparse.ArgumentParser:

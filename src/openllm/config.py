@@ -23,6 +23,7 @@ class ModelConfig:
     block_size: int = 1024
     dropout: float = 0.1
     bias: bool = True
+    activation: str = "gelu"  # exact GELU; "gelu_tanh" for imported Hugging Face GPT-2 weights
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
@@ -31,6 +32,8 @@ class ModelConfig:
                 raise OpenLLMError(f"model config: {name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
             raise OpenLLMError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation not in ("gelu", "gelu_tanh"):
+            raise OpenLLMError(f"model config: activation must be gelu or gelu_tanh, got {self.activation!r}")
         if not (0.0 <= float(self.dropout) < 1.0):
             raise OpenLLMError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
 

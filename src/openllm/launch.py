@@ -12,7 +12,7 @@ import torch
 
 from openllm import checkpoint as ck
 from openllm import rundir
-from openllm.config import TrainConfig, model_config_for
+from openllm.config import ModelConfig, TrainConfig, model_config_for
 from openllm.data import (BatchSampler, PreparedDataset, eval_batches, load_dataset, prepare_dataset,
                           prepared_request_key)
 from openllm.distributed import DistInfo, barrier, init_distributed
@@ -45,9 +45,15 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print):
         ensure_dir(run_dir)
     dataset = resolve_data(cfg, run_dir, dist, resuming=ckpt is not None, log=say)
     tokenizer = load_tokenizer(dataset.tokenizer_path)
-    model_config = model_config_for(cfg.model_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout)
+    if ckpt and not given.get("model_size"):  # a resumed model keeps its own shape (converted ones need no preset)
+        model_config = ModelConfig.from_dict({**ckpt["config"], "dropout": cfg.dropout})
+        if model_config.vocab_size != tokenizer.vocab_size:
+            raise OpenLLMError(f"cannot resume: the model's vocabulary is {model_config.vocab_size} tokens but the "
+                               f"dataset's tokenizer has {tokenizer.vocab_size}")
+    else:
+        model_config = model_config_for(cfg.model_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout)
     if cfg.seq_len > model_config.block_size:
-        raise OpenLLMError(f"--seq-len {cfg.seq_len} is above the {cfg.model_size} model's context of "
+        raise OpenLLMError(f"--seq-len {cfg.seq_len} is above the model's context of "
                            f"{model_config.block_size} tokens")
     if ckpt:
         check_compatible(ckpt, model_config, tokenizer.sha256, dataset.fingerprint, cfg, say)

@@ -1,0 +1,251 @@
+"""Import raw weights into a full OpenLLM run directory, detecting the input kind:
+
+1. ``legacy``   a legacy OpenLLM export (pytorch_model.bin with mask buffers, "model_type": "gpt")
+2. ``hf-gpt2``  a Hugging Face GPT-2 directory (Conv1D layout, safetensors or pytorch_model.bin)
+3. ``nanogpt``  a nanoGPT ckpt.pt (``_orig_mod.`` prefixes from torch.compile are removed)
+4. ``openllm-export``  a directory written by ``openllm export``
+
+Everything is loaded with ``weights_only=True`` or safetensors. The output's ``best_model.pt``
+is a complete checkpoint that ``openllm train --resume`` continues from: the optimizer state is
+fresh (and marked so), the step is ``--training-steps``, and the history is what was found
+beside the weights, or empty with the provenance saying that none exists.
+"""
+
+from __future__ import annotations
+
+import json
+
+import os
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from openllm import checkpoint as ck
+from openllm.config import PRESETS, ModelConfig
+from openllm.errors import OpenLLMError
+from openllm.export import config_from_hf, from_hf_state_dict, read_hf_dir
+from openllm.fileio import atomic_write_json, atomic_write_text, ensure_dir
+from openllm.metrics import perplexity
+from openllm.model import GPT
+from openllm.rundir import generation_config, model_card, model_config_json
+from openllm.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class Imported:
+    kind: str
+    config: ModelConfig
+    state: dict[str, torch.Tensor]
+    tokenizer: Tokenizer | None
+    step: int | None = None
+    training_log: list | None = None
+    validation_log: list | None = None
+    notes: list[str] = field(default_factory=list)
+    source_reported: dict = field(default_factory=dict)
+
+
+def detect(path: Path) -> str:
+    if path.is_file():
+        return "nanogpt"
+    if (path / "ckpt.pt").is_file():
+        return "nanogpt"
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise OpenLLMError(f"{path} has no config.json (and is not a nanoGPT ckpt.pt): cannot tell what it holds")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise OpenLLMError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if cfg.get("model_type") == "gpt2":
+        return "openllm-export" if "openllm" in cfg else "hf-gpt2"
+    if cfg.get("model_type") == "gpt" or "GPTModel" in (cfg.get("architectures") or []):
+        return "legacy"
+    raise OpenLLMError(f"{cfg_file}: unknown model_type {cfg.get('model_type')!r} (expected gpt2 or legacy OpenLLM gpt)")
+
+
+def _tokenizer_beside(path: Path, override: str | None) -> Tokenizer | None:
+    if override:
+        return load_tokenizer(override)
+    return load_tokenizer(path / "tokenizer.model") if (path / "tokenizer.model").is_file() else None
+
+
+def _read_log(path: Path, name: str) -> list | None:
+    f = path / name
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as exc:
+        raise OpenLLMError(f"{f} is not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise OpenLLMError(f"{f} must hold a list of log entries")
+    return data
+
+
+def import_legacy(path: Path, tokenizer: str | None) -> Imported:
+    cfg = json.loads((path / "config.json").read_text())
+    weights = path / "pytorch_model.bin"
+    if not weights.is_file():
+        raise OpenLLMError(f"{path} has no pytorch_model.bin")
+    raw = ck.load_checkpoint(weights)
+    if "model_state_dict" in raw:
+        raw = raw["model_state_dict"]
+    state = {k: v for k, v in raw.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    try:
+        config = ModelConfig(vocab_size=int(cfg["vocab_size"]), n_layer=int(cfg["n_layer"]), n_head=int(cfg["n_head"]),
+                             n_embd=int(cfg["n_embd"]), block_size=int(cfg["block_size"]),
+                             dropout=float(cfg.get("dropout", 0.1)), bias=bool(cfg.get("bias", True)))
+    except KeyError as exc:
+        raise OpenLLMError(f"{path / 'config.json'} lacks {exc.args[0]}") from None
+    imp = Imported("legacy", config, state, _tokenizer_beside(path, tokenizer), step=cfg.get("training_steps"))
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        if eos != 3:
+            imp.notes.append(f"fixed generation_config.json eos_token_id {eos} -> 3 (the tokenizer's </s>)")
+    return imp
+
+
+def import_hf(path: Path, tokenizer: str | None, kind: str) -> Imported:
+    cfg, state = read_hf_dir(path)
+    config = config_from_hf(cfg, str(path))
+    meta = cfg.get("openllm") or {}
+    imp = Imported(kind, config, from_hf_state_dict(state), _tokenizer_beside(path, tokenizer), step=meta.get("step"))
+    if not config.bias:  # our export of a bias-free model writes zero biases: drop them again
+        imp.state = {k: v for k, v in imp.state.items() if not k.endswith(".bias")}
+    if meta.get("best_validation_loss") is not None:
+        imp.source_reported["best_validation_loss"] = meta["best_validation_loss"]
+    return imp
+
+
+def import_nanogpt(path: Path, tokenizer: str | None) -> Imported:
+    file = path if path.is_file() else path / "ckpt.pt"
+    raw = ck.load_checkpoint(file)
+    if "model" not in raw or "model_args" not in raw:
+        raise OpenLLMError(f"{file} is not a nanoGPT checkpoint (no 'model' / 'model_args')")
+    args = raw["model_args"]
+    prefix = "_orig_mod."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw["model"].items()}
+    state = {k: v for k, v in state.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
+    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    try:
+        config = ModelConfig(vocab_size=int(args["vocab_size"]), n_layer=int(args["n_layer"]), n_head=int(args["n_head"]),
+                             n_embd=int(args["n_embd"]), block_size=int(args["block_size"]),
+                             dropout=float(args.get("dropout", 0.0)), bias=bool(args.get("bias", True)))
+    except KeyError as exc:
+        raise OpenLLMError(f"{file}: model_args lacks {exc.args[0]}") from None
+    imp = Imported("nanogpt", config, state, _tokenizer_beside(file.parent, tokenizer), step=raw.get("iter_num"))
+    if isinstance(raw.get("best_val_loss"), (int, float, torch.Tensor)):
+        imp.source_reported["best_val_loss"] = float(raw["best_val_loss"])
+    return imp
+
+
+@dataclass
+class ConvertReport:
+    kind: str
+    output_dir: Path
+    step: int
+    input_bytes: int
+    components: dict[str, int]
+    output_bytes: int
+    best_validation_loss: float | None
+    notes: list[str]
+
+
+def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, training_steps: int | None = None,
+            eval_data: str | os.PathLike | None = None, tokenizer: str | None = None, force: bool = False,
+            eval_seq_len: int = 512) -> ConvertReport:
+    """Convert raw weights at ``input_path`` into a run directory at ``output_dir``."""
+    src = Path(input_path)
+    if not src.exists():
+        raise OpenLLMError(f"input not found: {src}")
+    kind = detect(src)
+    imp = import_nanogpt(src, tokenizer) if kind == "nanogpt" else \
+        import_legacy(src, tokenizer) if kind == "legacy" else import_hf(src, tokenizer, kind)
+    problems = ck.shape_problems(imp.state, imp.config.to_dict())
+    if problems:
+        raise OpenLLMError(f"{src}: the weights do not match the config: {problems[0]}")
+    if imp.tokenizer is not None and imp.tokenizer.vocab_size != imp.config.vocab_size:
+        raise OpenLLMError(f"the tokenizer has {imp.tokenizer.vocab_size} tokens but the embedding has "
+                           f"{imp.config.vocab_size} rows")
+    if imp.tokenizer is None:
+        imp.notes.append("no SentencePiece tokenizer.model found (give --tokenizer): the run cannot generate or "
+                         "train until one is added")
+    out = Path(output_dir)
+    if (out / ck.BEST).exists() and not force:
+        raise OpenLLMError(f"{out} already holds {ck.BEST}; choose another --output-dir or pass --force")
+    model = GPT(imp.config.replace(dropout=0.0))
+    model.load_state_dict(imp.state)
+    model.eval()
+    step = int(training_steps if training_steps is not None else (imp.step or 0))
+
+    training_log = imp.training_log if imp.training_log is not None else \
+        (_read_log(src, "training_log.json") if src.is_dir() else None)
+    validation_log = _read_log(src, "validation_log.json") if src.is_dir() else None
+    history = "imported from training_log.json beside the weights" if training_log is not None else \
+        "no training history exists for these weights"
+    best = None
+    if eval_data is not None:
+        if imp.tokenizer is None:
+            raise OpenLLMError("--eval-data needs a tokenizer (none found; give --tokenizer)")
+        from openllm.evaluate import evaluate_file
+
+        res = evaluate_file(model, imp.tokenizer, eval_data, seq_len=min(eval_seq_len, imp.config.block_size))
+        best = res.loss
+        validation_log = list(validation_log or []) + [{"step": step, "validation_loss": best,
+                                                         "validation_perplexity": perplexity(best)}]
+    provenance = {
+        "source": f"converted from {kind} weights at {src}",
+        "input_kind": kind,
+        "optimizer_state": "fresh (the source had none that could be imported)",
+        "history": history,
+        "best_validation_loss": f"measured on {eval_data}" if best is not None else "not measured (no --eval-data)",
+        "source_reported": imp.source_reported,
+        "notes": imp.notes,
+    }
+    model_size = next((n for n, p in PRESETS.items() if p.model.replace(vocab_size=imp.config.vocab_size,
+                                                                         dropout=imp.config.dropout) == imp.config), "custom")
+    info = {"model_size": model_size, "architecture": "GPT-2 (pre-LayerNorm, learned positions, tied head)",
+            "parameters": model.num_parameters(), "parameters_without_positions": model.num_parameters(True),
+            "vocab_size": imp.config.vocab_size, "context": imp.config.block_size, "dtype": "float32",
+            "flops_per_token": model.flops_per_token(imp.config.block_size)}
+    stats = {"total_steps": step, "samples_seen": None, "tokens_seen": None, "epochs": None, "elapsed_seconds": None,
+             "average_tokens_per_second": None, "skipped_steps": 0, "best_step": step if best is not None else None,
+             "best_validation_loss": best, "stop_reason": "converted", "resumed_from": [], "device": "cpu",
+             "last_training_loss": training_log[-1].get("loss") if training_log else None}
+    tconfig = {"model_size": model_size if model_size != "custom" else None, "max_steps": step}
+    ckpt = {
+        "model_state_dict": model.state_dict(), "step": step, "epoch": 0,
+        "best_loss": best, "best_validation_loss": best,
+        "optimizer_state_dict": {}, "scheduler_state_dict": {"name": "warmup_cosine", "last_step": step},
+        "training_log": training_log or [], "validation_log": validation_log or [],
+        "config": imp.config.to_dict(), "training_config": {k: v for k, v in tconfig.items() if v is not None},
+        "model_info": info, "training_stats": stats,
+        "resume_state": {}, "tokenizer_sha256": imp.tokenizer.sha256 if imp.tokenizer else None,
+        "dataset_fingerprint": None, "library_versions": ck.library_versions(), "provenance": provenance,
+    }
+    ensure_dir(out)
+    ck.save_checkpoint(ckpt, out / ck.BEST)
+    atomic_write_json(out / "config.json", model_config_json(imp.config.to_dict(), {"model_size": model_size}))
+    atomic_write_json(out / "generation_config.json", generation_config(imp.config.block_size))
+    atomic_write_json(out / "training_config.json", ckpt["training_config"])
+    atomic_write_json(out / "training_log.json", ckpt["training_log"])
+    atomic_write_json(out / "validation_log.json", ckpt["validation_log"])
+    atomic_write_json(out / "provenance.json", provenance)
+    if imp.tokenizer is not None:
+        imp.tokenizer.save(out, model_max_length=imp.config.block_size)
+    atomic_write_text(out / "README.md", model_card("OpenLLM converted model", info, stats, {}, provenance["source"]))
+
+    input_bytes = sum(p.stat().st_size for p in ([src] if src.is_file() else src.rglob("*")) if p.is_file())
+    import io
+    comp = {}
+    for key in ("model_state_dict", "optimizer_state_dict", "training_log", "validation_log"):
+        buf = io.BytesIO()
+        torch.save(ckpt[key], buf)
+        comp[key] = buf.tell()
+    return ConvertReport(kind, out, step, input_bytes, comp, (out / ck.BEST).stat().st_size, best, imp.notes)
+
+
