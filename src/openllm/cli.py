@@ -465,10 +465,46 @@ def _run_plot(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- serve
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API with a web page",
+                       description="POST /v1/completions (streaming with server-sent events), GET /v1/models, "
+                       "GET /health and a web page at /. Binds to 127.0.0.1 unless told otherwise.")
+    p.add_argument("--model", required=True, help="checkpoint file, run directory or exported directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--max-tokens", type=_positive_int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-queue", type=_positive_int, default=64, help="requests waiting before the server answers 429")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(func=_run_serve)
+
+
+def _port(text: str) -> int:
+    value = _int_value(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
+    return value
+
+
+def _run_serve(args) -> int:
+    from openllm.launch import resolve_device
+    from openllm.server import ServerLimits, serve
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise OpenLLMError("serving needs FastAPI and uvicorn: pip install 'openllm[serve]'") from None
+    serve(args.model, args.host, args.port, ServerLimits(max_tokens=args.max_tokens, max_queue=args.max_queue),
+          resolve_device(args.device))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- main
 
 COMMANDS: list[Callable] = [_add_prepare, _add_train, _add_generate, _add_eval, _add_convert, _add_export,
-                            _add_inspect, _add_compare, _add_verify, _add_plot]
+                            _add_inspect, _add_compare, _add_verify, _add_plot, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,8 +47,10 @@ def perplexity(loss: float) -> float:
 class MetricsLog:
     """Appends one JSON line per logged step to ``metrics.jsonl``; shows progress on a terminal."""
 
-    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool = True, log_every: int = 10):
+    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool = True, log_every: int = 10,
+                 tensorboard: bool = False):
         self.enabled = enabled
+        self.tb = None
         self.log_every = log_every
         self.path = path
         self.file = None
@@ -59,6 +61,14 @@ class MetricsLog:
             return
         _truncate_after(path, start_step)
         self.file = open(path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                from openllm.errors import OpenLLMError
+
+                raise OpenLLMError("--tensorboard needs tensorboardX: pip install 'openllm[tensorboard]'") from None
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -69,6 +79,10 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         step = record["step"]
+        if self.tb is not None:
+            for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "memory_mb", "mfu"):
+                if key in record and record[key] is not None and math.isfinite(record[key]):
+                    self.tb.add_scalar(f"train/{key}", record[key], step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(
@@ -80,6 +94,10 @@ class MetricsLog:
             self.say(f"step {step}/{self.total} loss {record['loss']:.4f} ppl {record['perplexity']:.1f} "
                      f"lr {record['learning_rate']:.2e} grad_norm {record['grad_norm']:.3f} "
                      f"{record['tokens_per_second']:,.0f} tok/s mem {record['memory_mb']:.0f} MB eta {eta:.0f}s")
+
+    def validation(self, step: int, loss: float) -> None:
+        if self.tb is not None and math.isfinite(loss):
+            self.tb.add_scalar("validation/loss", loss, step)
 
     def say(self, message: str) -> None:
         if not self.enabled:
@@ -94,6 +112,9 @@ class MetricsLog:
             self.file.flush()
 
     def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
         if self.bar is not None:
             self.bar.close()
         if self.file:

@@ -112,7 +112,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
 
 def train_loop(run: Run) -> TrainResult:
     cfg, st = run.cfg, run.state
-    metrics = MetricsLog(run.run_dir / "metrics.jsonl", cfg.max_steps, st.step, run.dist.is_main, cfg.log_every)
+    metrics = MetricsLog(run.run_dir / "metrics.jsonl", cfg.max_steps, st.step, run.dist.is_main, cfg.log_every,
+                         cfg.tensorboard)
     signals = StopSignals()
     started = time.perf_counter() - st.elapsed_seconds
     try:
@@ -127,6 +128,7 @@ def train_loop(run: Run) -> TrainResult:
                     roll_back(run)
             if st.step % cfg.eval_every == 0 or st.step == cfg.max_steps:
                 validate(run, metrics.say)
+                metrics.validation(st.step, st.validation_log[-1]["validation_loss"])
             if st.step % cfg.save_every == 0 and not st.stopped and st.step < cfg.max_steps:
                 metrics.flush()
                 save_step_checkpoint(run)

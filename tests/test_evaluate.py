@@ -1,0 +1,81 @@
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from openllm.config import ModelConfig, TrainConfig
+from openllm.evaluate import stream_nll, window_plan
+from openllm.model import GPT
+from openllm.train import train
+
+
+def quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def run(small_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("r") / "run"
+    train(TrainConfig(data=str(small_dataset.path), output_dir=str(out), batch_size=4, seq_len=32, max_steps=6,
+                      eval_every=3, save_every=3, eval_batches=100000, warmup_steps=1, tensorboard=True), log=quiet)
+    return out
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "openllm", *args], capture_output=True, text=True)
+
+
+def test_window_plan_scores_every_target_once():
+    for n, seq, stride in [(100, 16, 16), (100, 16, 5), (17, 16, 16), (5, 16, 8)]:
+        plan = window_plan(n, seq, stride)
+        assert sum(s for _, _, s in plan) == n - 1
+        assert all(e - b <= seq and s <= e - b for b, e, s in plan)
+
+
+def test_sliding_windows_with_more_context_score_no_worse_than_disjoint():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, n_layer=1, n_head=1, n_embd=16, block_size=16, dropout=0.0)).eval()
+    tokens = np.random.default_rng(0).integers(0, 50, 300).astype(np.uint16)
+    total, count = stream_nll(model, tokens, 16, 16)
+    assert count == 299 and math.isfinite(total)
+    total2, count2 = stream_nll(model, tokens, 16, 4)
+    assert count2 == 299 and total2 != total
+
+
+def test_eval_matches_the_trainers_logged_validation_loss(run, small_dataset):
+    r = cli("eval", "--model", str(run / "best_model.pt"), "--data", str(small_dataset.path), "--seq-len", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    best = torch.load(run / "best_model.pt", weights_only=True)
+    assert result["loss"] == pytest.approx(best["best_validation_loss"], rel=1e-6)
+    assert result["bits_per_byte"] > 0 and result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def test_eval_refuses_training_text_unless_told(run, small_corpus, tmp_path):
+    r = cli("eval", "--model", str(run), "--data", str(small_corpus))
+    assert r.returncode == 2 and "trained on" in r.stderr
+    r = cli("eval", "--model", str(run), "--data", str(small_corpus), "--allow-training-data", "--json")
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "other.txt"
+    other.write_text("Some other text, never seen.\n\nA second paragraph of it.\n")
+    r = cli("eval", "--model", str(run), str(run / "final_model.pt"), "--data", str(other))
+    assert r.returncode == 0 and r.stdout.count("\n") == 3 and "bits/byte" in r.stdout
+
+
+def test_plot_and_tensorboard_files(run):
+    assert (run / "training_curves.png").stat().st_size > 10_000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    r = cli("plot", str(run), "--output", str(run / "again.png"))
+    assert r.returncode == 0 and (run / "again.png").is_file()
+
+
+def test_generate_greedy_is_deterministic_and_long_prompts_are_truncated(run):
+    a = cli("generate", "--model", str(run), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "10")
+    b = cli("generate", "--model", str(run), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "10")
+    assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.startswith("ROMEO:")
+    long = cli("generate", "--model", str(run), "--prompt", "word " * 400, "--max-new-tokens", "5", "--seed", "1")
+    assert long.returncode == 0 and "dropped" in long.stderr and "Traceback" not in long.stderr

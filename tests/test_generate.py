@@ -1,0 +1,46 @@
+import torch
+
+from openllm.config import ModelConfig
+from openllm.generate import SamplingOptions, generate_ids, next_token_logits_filter
+from openllm.model import GPT
+
+
+def full_recompute_greedy(model, ids, n):
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            window = ids[-model.config.block_size:]
+            logits, _ = model(torch.tensor([window]))
+            token = int(logits[0, -1].argmax())
+            if token == 3:
+                break
+            out.append(token)
+            ids.append(token)
+    return out
+
+
+def test_kv_cache_generation_equals_full_recomputation_also_past_the_context():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=60, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)).eval()
+    with torch.no_grad():  # make EOS unlikely so the run is long enough to slide the window
+        model.transformer.wte.weight[3] -= 5.0
+    prompt = [2, 10, 11, 12]
+    cached = list(generate_ids(model, prompt, SamplingOptions(max_new_tokens=40, temperature=0)))
+    assert len(cached) == 40
+    assert cached == full_recompute_greedy(model, prompt, 40)
+
+
+def test_sampling_is_seeded_and_filters_apply():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=60, n_layer=1, n_head=2, n_embd=16, block_size=32, dropout=0.0)).eval()
+    opts = SamplingOptions(max_new_tokens=10, temperature=1.0, top_k=5, top_p=0.9, seed=7)
+    assert list(generate_ids(model, [2], opts)) == list(generate_ids(model, [2], opts))
+    logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0])
+    filtered = next_token_logits_filter(logits.clone(), SamplingOptions(temperature=1.0, top_k=2, top_p=None), torch.tensor([]))
+    assert torch.isinf(filtered[2:]).all() and torch.isfinite(filtered[:2]).all()
+    filtered = next_token_logits_filter(logits.clone(), SamplingOptions(temperature=1.0, top_k=None, top_p=0.5), torch.tensor([]))
+    assert torch.isfinite(filtered[0]) and torch.isinf(filtered[1:]).all()
+    penalised = next_token_logits_filter(logits.clone(), SamplingOptions(temperature=1.0, top_k=None, top_p=None,
+                                                                          repetition_penalty=2.0), torch.tensor([0]))
+    assert penalised[0] == 2.5
