@@ -193,7 +193,7 @@ def _run_train(args) -> int:
     from openllm.train import train
 
     result = train(train_config_from_args(args))
-    if result is None:
+    if result is None or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"done: {result.stop_reason}; best validation loss {result.best_validation_loss:.4f} at step "
           f"{result.best_step}; run directory {result.run_dir}")

@@ -73,7 +73,9 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print):
     if not dataset.meta.get("validation_file"):
         say(f"no --validation-data given: validating on the {dataset.meta['val_documents']:,} documents "
             f"({dataset.meta['val_tokens']:,} tokens) held out from the training text ({dataset.meta['split']})")
-    val = [(x.to(device), y.to(device)) for x, y in eval_batches(dataset.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)]
+    # the same validation windows for any number of processes: eval_batches global batches' worth
+    val = [(x.to(device), y.to(device))
+           for x, y in eval_batches(dataset.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size)]
     if not val:
         raise OpenLLMError("the validation split holds no tokens")
 

@@ -1,0 +1,60 @@
+"""Two CPU processes with gloo against one process with the same global batch."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+
+def torchrun(nproc, *args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                           "-m", "openllm", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def plain(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "openllm", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def common(dataset, out, steps, batch):
+    return ["train", "--data", str(dataset.path), "--output-dir", str(out), "--seq-len", "32", "--max-steps", str(steps),
+            "--lr-decay-steps", "8", "--eval-every", "4", "--save-every", "4", "--eval-batches", "2", "--warmup-steps", "1",
+            "--sample-tokens", "0", "--gradient-accumulation-steps", "2", "--batch-size", str(batch)]
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_two_processes_match_one_with_the_same_global_batch_and_resume(small_dataset, tmp_path):
+    r = torchrun(2, *common(small_dataset, tmp_path / "ddp", 8, 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done:") == 1  # only rank 0 reports
+    r = plain(*common(small_dataset, tmp_path / "single", 8, 4))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp, single = load(tmp_path / "ddp" / "final_model.pt"), load(tmp_path / "single" / "final_model.pt")
+    assert ddp["resume_state"]["world_size"] == 2 and ddp["training_config"]["global_batch_size"] == 8
+    assert [r["loss"] for r in ddp["training_log"]] == \
+        __import__("pytest").approx([r["loss"] for r in single["training_log"]], rel=1e-5, abs=1e-5)
+    assert [r["validation_loss"] for r in ddp["validation_log"]] == \
+        __import__("pytest").approx([r["validation_loss"] for r in single["validation_log"]], rel=1e-5)
+    for k, v in single["model_state_dict"].items():
+        assert torch.allclose(ddp["model_state_dict"][k], v, atol=1e-4), k
+
+    # a 2-process run stopped at step 4 resumes (2 processes) to the same end
+    r = torchrun(2, *common(small_dataset, tmp_path / "part", 4, 2))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(2, *common(small_dataset, tmp_path / "part", 8, 2), "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = load(tmp_path / "part" / "final_model.pt")
+    assert [r["loss"] for r in resumed["training_log"]] == [r["loss"] for r in ddp["training_log"]]
+    for k, v in ddp["model_state_dict"].items():
+        assert torch.equal(resumed["model_state_dict"][k], v), k
+
+    # a different world size is allowed, with a warning
+    r = plain(*common(small_dataset, tmp_path / "part", 10, 4), "--resume", "auto")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming with 1 processes, the checkpoint was written by 2" in r.stdout
+    assert load(tmp_path / "part" / "final_model.pt")["resume_state"]["samples_seen"] == 8 * 10
