@@ -21,7 +21,8 @@ def plain(*args):
 def common(dataset, out, steps, batch):
     return ["train", "--data", str(dataset.path), "--output-dir", str(out), "--seq-len", "32", "--max-steps", str(steps),
             "--lr-decay-steps", "8", "--eval-every", "4", "--save-every", "4", "--eval-batches", "2", "--warmup-steps", "1",
-            "--sample-tokens", "0", "--gradient-accumulation-steps", "2", "--batch-size", str(batch)]
+            "--sample-tokens", "0", "--gradient-accumulation-steps", "2", "--batch-size", str(batch),
+            "--dtype", "float32"]  # float32: bf16 rounding would differ between per-rank and whole batches
 
 
 def load(path):

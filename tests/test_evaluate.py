@@ -47,7 +47,8 @@ def test_sliding_windows_with_more_context_score_no_worse_than_disjoint():
 
 
 def test_eval_matches_the_trainers_logged_validation_loss(run, small_dataset):
-    r = cli("eval", "--model", str(run / "best_model.pt"), "--data", str(small_dataset.path), "--seq-len", "32", "--json")
+    r = cli("eval", "--model", str(run / "best_model.pt"), "--data", str(small_dataset.path), "--seq-len", "32",
+            "--stride", "32", "--json")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     best = torch.load(run / "best_model.pt", weights_only=True)

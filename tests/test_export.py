@@ -159,7 +159,7 @@ def test_legacy_export_converts_and_resumes_via_the_legacy_command(small_dataset
     assert json.loads((run / "generation_config.json").read_text())["eos_token_id"] == 3
     # the loss is measured, not invented: recompute it
     from openllm.evaluate import evaluate_file
-    expected = evaluate_file(load_model(run).model, load_tokenizer(run), val, seq_len=64).loss
+    expected = evaluate_file(load_model(run).model, load_tokenizer(run), val, seq_len=64, stride=64).loss
     assert best["best_validation_loss"] == pytest.approx(expected, rel=1e-9)
     assert best["validation_log"] == [{"step": 10000, "validation_loss": best["best_validation_loss"],
                                        "validation_perplexity": pytest.approx(torch.tensor(expected).exp().item())}]

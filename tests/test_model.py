@@ -97,3 +97,25 @@ def test_every_preset_builds_and_tiny_is_cpu_sized():
     assert set(PRESETS) >= {"tiny", "small", "medium", "large"}
     tiny = GPT(PRESETS["tiny"].model)
     assert tiny.num_parameters() < 2_000_000
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(dropout=0.0))
+    x, y = torch.randint(0, 97, (2, 2, 24))
+    _, plain = model(x, y)
+    plain.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.activation_checkpointing = True
+    _, ckpt = model(x, y)
+    ckpt.backward()
+    assert torch.equal(plain, ckpt)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+
+
+def test_flops_per_token_counts_matrices_and_attention():
+    model = GPT(tiny_config())
+    n = model.num_parameters(exclude_embeddings=True)
+    assert model.flops_per_token(24) == 6 * n + 12 * 2 * 32 * 24

@@ -402,7 +402,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--data", required=True, help="a text file, or a prepared dataset directory (its val split)")
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--seq-len", type=_positive_int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--stride", type=_positive_int, default=None, help="window step (default: --seq-len)")
+    p.add_argument("--stride", type=_positive_int, default=None, help="window step (default: half the window; --stride = --seq-len reproduces the trainer's validation)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--allow-training-data", action="store_true", help="report even on text the model trained on")
     p.add_argument("--json", action="store_true")

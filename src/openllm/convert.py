@@ -193,7 +193,8 @@ def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, tra
             raise OpenLLMError("--eval-data needs a tokenizer (none found; give --tokenizer)")
         from openllm.evaluate import evaluate_file
 
-        res = evaluate_file(model, imp.tokenizer, eval_data, seq_len=min(eval_seq_len, imp.config.block_size))
+        res = evaluate_file(model, imp.tokenizer, eval_data, seq_len=min(eval_seq_len, imp.config.block_size),
+                            stride=min(eval_seq_len, imp.config.block_size))
         best = res.loss
         validation_log = list(validation_log or []) + [{"step": step, "validation_loss": best,
                                                          "validation_perplexity": perplexity(best)}]

@@ -2,9 +2,9 @@
 
 Text is encoded the way training encoded it (documents as BOS + ids + EOS, packed) and scored
 with sliding windows: each window holds up to ``seq_len`` tokens, windows start every ``stride``
-tokens, and only targets not scored by an earlier window count, so every token is scored once
-with as much context as the stride allows. ``stride == seq_len`` gives the trainer's own
-non-overlapping validation windows.
+tokens (default: half a window), and only targets not scored by an earlier window count, so every
+token is scored once, with at least ``seq_len - stride`` tokens of context after the first window.
+``stride == seq_len`` gives the trainer's own non-overlapping validation windows.
 
 Bits per byte = total loss in bits / UTF-8 bytes of the evaluated text (for a file: its size; for
 a prepared split: its documents' bytes plus one separator byte per document).
@@ -99,7 +99,7 @@ def evaluate_file(model: GPT, tokenizer: Tokenizer, path: str | os.PathLike, seq
                   stride: int | None = None, batch_size: int = 8, device="cpu") -> EvalResult:
     seq_len = min(seq_len or model.config.block_size, model.config.block_size)
     tokens, n_bytes, _ = encode_file(tokenizer, path)
-    total, count = stream_nll(model, tokens, seq_len, stride or seq_len, batch_size, device)
+    total, count = stream_nll(model, tokens, seq_len, stride or max(1, seq_len // 2), batch_size, device)
     return _result(total, count, n_bytes, str(path))
 
 
@@ -108,7 +108,7 @@ def evaluate_dataset(model: GPT, dataset_dir: str | os.PathLike, split: str = "v
     ds = load_dataset(dataset_dir)
     seq_len = min(seq_len or model.config.block_size, model.config.block_size)
     tokens = ds.val if split == "val" else ds.train
-    total, count = stream_nll(model, tokens, seq_len, stride or seq_len, batch_size, device)
+    total, count = stream_nll(model, tokens, seq_len, stride or max(1, seq_len // 2), batch_size, device)
     n_bytes = ds.meta[f"{split}_text_bytes"] + ds.meta[f"{split}_documents"]
     return _result(total, count, n_bytes, f"{Path(dataset_dir)} ({split})")
 

@@ -78,6 +78,7 @@ class Run:
     last_checkpoint: Path | None = None
     log: Callable[[str], None] = print
     peak_flops: float | None = None
+    eval_seconds: float = 0.0  # wall time spent in validation forward passes (benchmarks report it apart)
 
     def autocast(self):
         if self.autocast_dtype == torch.float32:
@@ -157,7 +158,8 @@ def train_step(run: Run) -> dict:
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(accum):
         x, y = run.sampler.batch(st.samples_seen + (micro * world + rank) * B, B)
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        if run.device.type == "cuda":  # pinned host memory lets the copy overlap the previous micro-step
+            x, y = x.pin_memory().to(run.device, non_blocking=True), y.pin_memory().to(run.device, non_blocking=True)
         no_sync = run.dist.enabled and micro < accum - 1
         with (run.model.no_sync() if no_sync else contextlib.nullcontext()), run.autocast():
             _, loss = run.model(x, y)
@@ -224,7 +226,10 @@ def evaluate(model: torch.nn.Module, batches, autocast=contextlib.nullcontext) -
 def validate(run: Run, say: Callable[[str], None]) -> None:
     """Evaluate, log, keep ``best_model.pt`` and apply early stopping."""
     cfg, st = run.cfg, run.state
-    loss = evaluate(run.raw_model, run.val_batches, run.autocast)
+    t0 = time.perf_counter()
+    # float32 on the CPU, so that `openllm eval` reproduces the logged figure exactly
+    loss = evaluate(run.raw_model, run.val_batches, run.autocast if run.device.type == "cuda" else contextlib.nullcontext)
+    run.eval_seconds += time.perf_counter() - t0
     st.validation_log.append({"step": st.step, "validation_loss": loss, "validation_perplexity": perplexity(loss)})
     improved = loss < st.best_validation_loss - cfg.early_stopping_min_delta
     if improved:
