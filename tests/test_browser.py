@@ -2,7 +2,9 @@
 
 import asyncio
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -70,16 +72,16 @@ def test_page_types_submits_and_streams_the_result(server):  # noqa: F811
     import httpx
     expected = httpx.post(url + "/v1/completions", json={"prompt": "JULIET:", "max_tokens": 12, "temperature": 0}).json()
     port = 9300 + int(time.time()) % 500
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                                  f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             ws_url = _devtools_url(port, time.time() + 30)
             status, output = asyncio.run(_drive(ws_url, url + "/"))
-        finally:
-            proc.terminate()
+        finally:  # Chromium starts helper processes: end the whole group
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
     assert status == "done", status
     assert output == "JULIET:" + expected["choices"][0]["text"]

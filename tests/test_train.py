@@ -242,7 +242,7 @@ def test_sigkill_in_mid_save_leaves_previous_checkpoints_and_resume_finishes(sma
     assert cli(*cli_args(small_dataset, straight)).returncode == 0
     out = tmp_path / "killed"
     # saves: best@4 (1), step_4 (2), best@8 (3), step_8 (4): die half-way through the 4th
-    r = cli(*cli_args(small_dataset, out), env={"OPENLLM_FAULT_KILL_IN_SAVE": "4"})
+    r = cli(*cli_args(small_dataset, out), env={"OPENLLM_FAULT": "save:4"})
     assert r.returncode == -signal.SIGKILL
     assert not (out / "checkpoint_step_8.pt").exists() and (out / "checkpoint_step_4.pt").is_file()
     assert ck.verify_checkpoint(out / "checkpoint_step_4.pt").ok and ck.verify_checkpoint(out / "best_model.pt").ok

@@ -169,7 +169,7 @@ def load_yaml_options(path: str) -> dict:
     except FileNotFoundError:
         raise OpenLLMError(f"config file not found: {path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise OpenLLMError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise OpenLLMError(f"config file {path} is not valid YAML: {(str(exc).strip().splitlines() or ['?'])[0]}") from None
     if not isinstance(data, dict):
         raise OpenLLMError(f"config file {path} must hold a mapping of option: value")
     out = {}
@@ -177,6 +177,8 @@ def load_yaml_options(path: str) -> dict:
         name = str(key).replace("-", "_")
         if name not in TRAIN_OPTION_NAMES:
             raise OpenLLMError(f"config file {path}: unknown option {key!r}")
+        if value is None:
+            raise OpenLLMError(f"config file {path}: option {key!r} has no value")
         out[name] = value
     return out
 

@@ -215,8 +215,14 @@ class TrainConfig:
             integer("lr_decay_steps", 1)
         if self.min_lr > self.learning_rate:
             raise OpenLLMError(f"--min-lr ({self.min_lr}) must not exceed --learning-rate ({self.learning_rate})")
-        if not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (0.0 <= self.dropout < 1.0):
             raise bad("dropout", "a number in [0, 1)", self.dropout)
+        for name in ("compile", "activation_checkpointing", "allow_data_change", "reset_early_stopping", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false", getattr(self, name))
+        for name in ("data", "data_file", "validation_data", "tokenizer_dir", "output_dir", "resume"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad(name, "a path", getattr(self, name))
         if self.device not in ("auto", "cpu", "cuda"):
             raise bad("device", "auto, cpu or cuda", self.device)
         if self.dtype not in (None, "float32", "bfloat16", "float16"):

@@ -32,6 +32,8 @@ def fsync_dir(path: Path) -> None:
 def _describe(exc: OSError, path: Path) -> str:
     if exc.errno == errno.ENOSPC:
         return f"disk full while writing {path}; the previous files are intact"
+    if exc.errno == errno.ENOENT and not path.parent.is_dir():
+        return f"cannot write {path}: the directory {path.parent} no longer exists"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: {exc.strerror}"
     return f"cannot write {path}: {exc.strerror or exc}"

@@ -37,10 +37,14 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print):
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     say = log if dist.is_main else (lambda _m: None)
-    if ckpt and (reason := already_done(ckpt, cfg)):
+    if ckpt and (reason := already_done(ckpt, cfg)) and (run_dir / ck.FINAL).is_file():
         say(reason)
-        return None
+        return None  # (without final_model.pt the run died while finishing: go on and finish it)
 
+    context = (ckpt["config"]["block_size"] if ckpt and not given.get("model_size")
+               else get_preset(cfg.model_size).model.block_size)
+    if cfg.seq_len > context:  # checked before anything is written
+        raise OpenLLMError(f"--seq-len {cfg.seq_len} is above the model's context of {context} tokens")
     if dist.is_main:
         ensure_dir(run_dir)
     dataset = resolve_data(cfg, run_dir, dist, resuming=ckpt is not None, log=say)
@@ -52,9 +56,6 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print):
                                f"dataset's tokenizer has {tokenizer.vocab_size}")
     else:
         model_config = model_config_for(cfg.model_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout)
-    if cfg.seq_len > model_config.block_size:
-        raise OpenLLMError(f"--seq-len {cfg.seq_len} is above the model's context of "
-                           f"{model_config.block_size} tokens")
     if ckpt:
         check_compatible(ckpt, model_config, tokenizer.sha256, dataset.fingerprint, cfg, say)
 

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from openllm import checkpoint as ck
-from openllm import rundir
+from openllm import faults, rundir
 from openllm.config import ModelConfig, TrainConfig
 from openllm.data import BatchSampler, PreparedDataset, eval_batches
 from openllm.distributed import DistInfo, barrier, broadcast_flag, init_distributed, mean_across, shutdown
@@ -166,6 +166,7 @@ def train_step(run: Run) -> dict:
         loss = loss / accum
         run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
+    faults.reached("step")
     run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or math.inf)
     loss_value = float(mean_across(run.dist, loss_sum).item())
@@ -215,6 +216,7 @@ def evaluate(model: torch.nn.Module, batches, autocast=contextlib.nullcontext) -
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
     for x, y in batches:
+        faults.reached("eval")
         with autocast():
             _, loss = model(x, y)
         total += loss.double().cpu() * y.numel()
