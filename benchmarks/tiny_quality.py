@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import write_section  # noqa: E402
 CORPUS = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
 
 
@@ -156,14 +158,8 @@ def main() -> None:
     ]
     record = "\n".join(lines)
     print(record)
-    out = Path(args.output)
-    old = out.read_text() if out.is_file() else "# Benchmarks\n\n"
-    start = old.find("## Quality per CPU-second")
-    if start >= 0:
-        end = old.find("\n## ", start + 1)
-        old = old[:start] + (old[end + 1:] if end >= 0 else "")
-    out.write_text(old.rstrip() + "\n\n" + record)
-    print(f"wrote {out}")
+    write_section(args.output, "Quality per CPU-second", record)
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

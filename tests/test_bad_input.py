@@ -5,7 +5,6 @@ import json
 import re
 
 import httpx
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -13,7 +12,6 @@ from hypothesis import strategies as st
 from openllm.cli import main
 from openllm.data import prepare_dataset
 from openllm.errors import OpenLLMError
-from tests.test_server import server  # noqa: F401
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 TRIED = {"options": 0, "config files": 0, "corpora": 0, "requests": 0}
@@ -141,7 +139,7 @@ request_body = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=request_body)
-def test_any_request_body_gets_a_well_formed_answer(server, body):  # noqa: F811
+def test_any_request_body_gets_a_well_formed_answer(server, body):
     TRIED["requests"] += 1
     url, _ = server
     r = httpx.post(url + "/v1/completions", content=body, headers={"Content-Type": "application/json"}, timeout=60)
@@ -153,7 +151,7 @@ def test_any_request_body_gets_a_well_formed_answer(server, body):  # noqa: F811
         assert payload["choices"] and all(isinstance(c["text"], str) for c in payload["choices"])
 
 
-def test_a_hundred_concurrent_clients_some_bad_some_leaving(server):  # noqa: F811
+def test_a_hundred_concurrent_clients_some_bad_some_leaving(server):
     url, app = server
 
     async def client(i, http):

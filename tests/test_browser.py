@@ -12,7 +12,6 @@ import urllib.request
 
 import pytest
 
-from tests.test_server import server  # noqa: F401  (the running test server fixture)
 
 websockets = pytest.importorskip("websockets")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -66,7 +65,7 @@ async def _drive(ws_url: str, page_url: str) -> tuple[str, str]:
         return await js("document.getElementById('status').textContent"), await js("document.getElementById('output').textContent")
 
 
-def test_page_types_submits_and_streams_the_result(server):  # noqa: F811
+def test_page_types_submits_and_streams_the_result(server):
     url, _ = server
     assert CHROMIUM, "chromium is not installed (scripts/test.sh installs it with apt-get)"
     import httpx

@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-from openllm import checkpoint as ck
 from openllm.config import ModelConfig, TrainConfig
 from openllm.convert import convert
 from openllm.errors import OpenLLMError

@@ -44,3 +44,14 @@ def test_sampling_is_seeded_and_filters_apply():
     penalised = next_token_logits_filter(logits.clone(), SamplingOptions(temperature=1.0, top_k=None, top_p=None,
                                                                           repetition_penalty=2.0), torch.tensor([0]))
     assert penalised[0] == 2.5
+
+
+def test_prompts_are_cut_only_when_longer_than_the_context(small_dataset):
+    from openllm.generate import prompt_ids
+    from openllm.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(small_dataset.tokenizer_path)
+    ids, dropped = prompt_ids(tok, "ROMEO:", context=16, max_new_tokens=500)
+    assert dropped == 0 and ids[0] == 2
+    ids, dropped = prompt_ids(tok, "word " * 100, context=16)
+    assert len(ids) == 16 and dropped > 0

@@ -1,43 +1,11 @@
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import torch
 
-from openllm.config import ModelConfig
-from openllm.loading import LoadedModel
-from openllm.model import GPT
-from openllm.server import ServerLimits, create_app
-from openllm.tokenizer import load_tokenizer
-
-uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
-
-
-@pytest.fixture(scope="module")
-def server(small_dataset):
-    tok = load_tokenizer(small_dataset.tokenizer_path)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)).eval()
-    app = create_app(LoadedModel(model, tok, small_dataset.path), "tiny-test", ServerLimits(max_tokens=64, max_queue=80))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=10)
 
 
 def test_openai_client_completion_and_stream(server):

@@ -8,9 +8,9 @@ GPT-2, nanoGPT, openllm export) and writes a full, resumable run directory.
 import sys
 from pathlib import Path
 
-try:
-    import openllm  # noqa: F401
-except ImportError:  # running from a checkout without installing
+import importlib.util
+
+if importlib.util.find_spec("openllm") is None:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from openllm.cli import main  # noqa: E402

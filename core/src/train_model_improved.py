@@ -9,9 +9,9 @@ Every ``openllm train`` option is accepted.
 import sys
 from pathlib import Path
 
-try:
-    import openllm  # noqa: F401
-except ImportError:  # running from a checkout without installing
+import importlib.util
+
+if importlib.util.find_spec("openllm") is None:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from openllm.cli import main  # noqa: E402

@@ -13,4 +13,6 @@ The library is organised one concept per module:
 
 __version__ = "0.2.0"
 
-from openllm.errors import OpenLLMError  # noqa: E402,F401
+from openllm.errors import OpenLLMError  # noqa: E402
+
+__all__ = ["OpenLLMError", "__version__"]

@@ -24,24 +24,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked(convert: Callable[[str], float], ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """An argparse ``type`` that converts the text and checks the value, naming ``what`` it expected."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):  # NaN fails every comparison, so it is refused too
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
-    return value
+_int_value = _checked(int, lambda v: True, "an integer")
+_float_value = _checked(float, lambda v: True, "a number")
+_positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+_nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_nonneg_float = _checked(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
+_fraction = _checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
+_fraction_incl = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+_port = _checked(int, lambda v: 0 < v < 65536, "a port number 1-65535")
 
 
 # ------------------------------------------------------------------------------------ prepare
@@ -143,20 +149,6 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
-def _int_value(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _float_value(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
 def load_yaml_options(path: str) -> dict:
     """Options from a YAML file, keys normalised to field names; unknown keys are an error."""
     import yaml
@@ -183,7 +175,7 @@ def load_yaml_options(path: str) -> dict:
     return out
 
 
-def train_config_from_args(args) -> "TrainConfig":
+def train_config_from_args(args):
     from openllm.config import TRAIN_OPTION_NAMES, TrainConfig
 
     options = load_yaml_options(args.config) if args.config else {}
@@ -200,12 +192,10 @@ def _run_train(args) -> int:
     print(f"done: {result.stop_reason}; best validation loss {result.best_validation_loss:.4f} at step "
           f"{result.best_step}; run directory {result.run_dir}")
     if args.sample_tokens and (result.run_dir / "best_model.pt").is_file():
-        from openllm.generate import SamplingOptions
+        from openllm.generate import SamplingOptions, generate_text
         from openllm.loading import load_model
 
         loaded = load_model(result.run_dir / "best_model.pt")
-        from openllm.generate import generate_text
-
         text = generate_text(loaded.model, loaded.tokenizer, args.sample_prompt,
                              SamplingOptions(max_new_tokens=args.sample_tokens, temperature=0.8, seed=0))
         print(f"--- sample from best_model.pt ---\n{args.sample_prompt}{text}\n---")
@@ -229,34 +219,6 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-samples", type=_positive_int, default=1)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(func=_run_generate)
-
-
-def _nonneg_float(text: str) -> float:
-    value = _float_value(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _float_value(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    value = _int_value(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _fraction_incl(text: str) -> float:
-    value = _float_value(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
 
 
 def _run_generate(args) -> int:
@@ -482,21 +444,13 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=_run_serve)
 
 
-def _port(text: str) -> int:
-    value = _int_value(text)
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
-    return value
-
-
 def _run_serve(args) -> int:
     from openllm.launch import resolve_device
     from openllm.server import ServerLimits, serve
 
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if not (importlib.util.find_spec("fastapi") and importlib.util.find_spec("uvicorn")):
         raise OpenLLMError("serving needs FastAPI and uvicorn: pip install 'openllm[serve]'") from None
     serve(args.model, args.host, args.port, ServerLimits(max_tokens=args.max_tokens, max_queue=args.max_queue),
           resolve_device(args.device))

@@ -13,7 +13,6 @@ beside the weights, or empty with the provenance saying that none exists.
 
 from __future__ import annotations
 
-import json
 
 import os
 
@@ -25,8 +24,8 @@ import torch
 from openllm import checkpoint as ck
 from openllm.config import PRESETS, ModelConfig
 from openllm.errors import OpenLLMError
-from openllm.export import config_from_hf, from_hf_state_dict, read_hf_dir
-from openllm.fileio import atomic_write_json, atomic_write_text, ensure_dir
+from openllm.export import config_from_hf, from_hf_state_dict, read_config_json, read_hf_dir
+from openllm.fileio import atomic_write_json, atomic_write_text, ensure_dir, read_json
 from openllm.metrics import perplexity
 from openllm.model import GPT
 from openllm.rundir import generation_config, model_card, model_config_json
@@ -51,13 +50,8 @@ def detect(path: Path) -> str:
         return "nanogpt"
     if (path / "ckpt.pt").is_file():
         return "nanogpt"
+    cfg = read_config_json(path, " (and is not a nanoGPT ckpt.pt): cannot tell what it holds")
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise OpenLLMError(f"{path} has no config.json (and is not a nanoGPT ckpt.pt): cannot tell what it holds")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise OpenLLMError(f"{cfg_file} is not valid JSON: {exc}") from None
     if cfg.get("model_type") == "gpt2":
         return "openllm-export" if "openllm" in cfg else "hf-gpt2"
     if cfg.get("model_type") == "gpt" or "GPTModel" in (cfg.get("architectures") or []):
@@ -75,17 +69,26 @@ def _read_log(path: Path, name: str) -> list | None:
     f = path / name
     if not f.is_file():
         return None
-    try:
-        data = json.loads(f.read_text())
-    except json.JSONDecodeError as exc:
-        raise OpenLLMError(f"{f} is not valid JSON: {exc}") from None
+    data = read_json(f, "log")
     if not isinstance(data, list):
         raise OpenLLMError(f"{f} must hold a list of log entries")
     return data
 
 
+def _nanogpt_style_config(d: dict, origin: str, default_dropout: float) -> ModelConfig:
+    """ModelConfig from the nanoGPT-style keys the legacy config.json and nanoGPT's model_args share."""
+    try:
+        return ModelConfig(vocab_size=int(d["vocab_size"]), n_layer=int(d["n_layer"]), n_head=int(d["n_head"]),
+                           n_embd=int(d["n_embd"]), block_size=int(d["block_size"]),
+                           dropout=float(d.get("dropout", default_dropout)), bias=bool(d.get("bias", True)))
+    except KeyError as exc:
+        raise OpenLLMError(f"{origin} lacks {exc.args[0]}") from None
+    except (TypeError, ValueError) as exc:
+        raise OpenLLMError(f"{origin} has an invalid value ({exc})") from None
+
+
 def import_legacy(path: Path, tokenizer: str | None) -> Imported:
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_config_json(path)
     weights = path / "pytorch_model.bin"
     if not weights.is_file():
         raise OpenLLMError(f"{path} has no pytorch_model.bin")
@@ -94,16 +97,11 @@ def import_legacy(path: Path, tokenizer: str | None) -> Imported:
         raw = raw["model_state_dict"]
     state = {k: v for k, v in raw.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
-    try:
-        config = ModelConfig(vocab_size=int(cfg["vocab_size"]), n_layer=int(cfg["n_layer"]), n_head=int(cfg["n_head"]),
-                             n_embd=int(cfg["n_embd"]), block_size=int(cfg["block_size"]),
-                             dropout=float(cfg.get("dropout", 0.1)), bias=bool(cfg.get("bias", True)))
-    except KeyError as exc:
-        raise OpenLLMError(f"{path / 'config.json'} lacks {exc.args[0]}") from None
+    config = _nanogpt_style_config(cfg, f"{path / 'config.json'}", default_dropout=0.1)
     imp = Imported("legacy", config, state, _tokenizer_beside(path, tokenizer), step=cfg.get("training_steps"))
     gen = path / "generation_config.json"
     if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+        eos = (read_json(gen, "generation config") or {}).get("eos_token_id")
         if eos != 3:
             imp.notes.append(f"fixed generation_config.json eos_token_id {eos} -> 3 (the tokenizer's </s>)")
     return imp
@@ -131,12 +129,7 @@ def import_nanogpt(path: Path, tokenizer: str | None) -> Imported:
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw["model"].items()}
     state = {k: v for k, v in state.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
-    try:
-        config = ModelConfig(vocab_size=int(args["vocab_size"]), n_layer=int(args["n_layer"]), n_head=int(args["n_head"]),
-                             n_embd=int(args["n_embd"]), block_size=int(args["block_size"]),
-                             dropout=float(args.get("dropout", 0.0)), bias=bool(args.get("bias", True)))
-    except KeyError as exc:
-        raise OpenLLMError(f"{file}: model_args lacks {exc.args[0]}") from None
+    config = _nanogpt_style_config(args, f"{file}: model_args", default_dropout=0.0)
     imp = Imported("nanogpt", config, state, _tokenizer_beside(file.parent, tokenizer), step=raw.get("iter_num"))
     if isinstance(raw.get("best_val_loss"), (int, float, torch.Tensor)):
         imp.source_reported["best_val_loss"] = float(raw["best_val_loss"])

@@ -14,7 +14,6 @@ Layout of an export directory::
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -27,9 +26,9 @@ from openllm import __version__
 from openllm import checkpoint as ck
 from openllm.config import ModelConfig
 from openllm.errors import OpenLLMError
-from openllm.fileio import atomic_write_json, atomic_write_text, fsync_dir
+from openllm.fileio import atomic_write_json, atomic_write_text, fsync_dir, read_json
 from openllm.rundir import generation_config, model_card
-from openllm.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer, load_tokenizer
+from openllm.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, Tokenizer, load_tokenizer
 
 # Linear layers that Hugging Face GPT-2 stores as Conv1D, i.e. transposed.
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -175,17 +174,22 @@ def _num(x):
     return x if isinstance(x, (int, float)) and x is not None and math.isfinite(x) else None
 
 
+def read_config_json(path: Path, missing_hint: str = "") -> dict:
+    """A model directory's config.json as a dict, or one clear error."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise OpenLLMError(f"{path} has no config.json{missing_hint}")
+    cfg = read_json(cfg_file, "model config")
+    if not isinstance(cfg, dict):
+        raise OpenLLMError(f"{cfg_file} must hold a JSON object")
+    return cfg
+
+
 def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """config.json and the weights (safetensors preferred, else pytorch_model.bin loaded weights-only)."""
     from safetensors.torch import load_file
 
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise OpenLLMError(f"{path} has no config.json")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise OpenLLMError(f"{cfg_file} is not valid JSON: {exc}") from None
+    cfg = read_config_json(path)
     if (path / "model.safetensors").is_file():
         try:
             state = load_file(str(path / "model.safetensors"))

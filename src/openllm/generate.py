@@ -40,14 +40,14 @@ def next_token_logits_filter(logits: torch.Tensor, opts: SamplingOptions, histor
     return logits
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: int) -> tuple[list[int], int]:
-    """Encode a prompt as training encoded a document start (BOS + ids), keeping room for new tokens.
+def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: int = 0) -> tuple[list[int], int]:
+    """Encode a prompt as training encoded a document start (BOS + ids), keeping its last ``context`` tokens.
 
-    Returns (ids, number of prompt tokens dropped from the left).
+    Generation slides its window past the context, so only a prompt longer than the context itself is
+    cut (from the left). Returns (ids, number of prompt tokens dropped).
     """
     ids = [BOS_ID, *tokenizer.encode(prompt)]
-    room = max(1, context - max(1, min(max_new_tokens, context - 1)))
-    dropped = max(0, len(ids) - room)
+    dropped = max(0, len(ids) - context)
     return ids[dropped:], dropped
 
 

@@ -21,10 +21,10 @@ import torch
 from openllm import checkpoint as ck
 from openllm import faults, rundir
 from openllm.config import ModelConfig, TrainConfig
-from openllm.data import BatchSampler, PreparedDataset, eval_batches
-from openllm.distributed import DistInfo, barrier, broadcast_flag, init_distributed, mean_across, shutdown
+from openllm.data import BatchSampler, PreparedDataset
+from openllm.distributed import DistInfo, barrier, broadcast_flag, mean_across, shutdown
 from openllm.errors import OpenLLMError
-from openllm.metrics import MetricsLog, memory_mb, peak_flops_for, perplexity
+from openllm.metrics import MetricsLog, memory_mb, perplexity
 from openllm.model import GPT
 
 
@@ -78,7 +78,8 @@ class Run:
     last_checkpoint: Path | None = None
     log: Callable[[str], None] = print
     peak_flops: float | None = None
-    eval_seconds: float = 0.0  # wall time spent in validation forward passes (benchmarks report it apart)
+    eval_seconds: float = 0.0  # wall and CPU time spent in validation passes (benchmarks report them apart)
+    eval_cpu_seconds: float = 0.0
 
     def autocast(self):
         if self.autocast_dtype == torch.float32:
@@ -102,8 +103,9 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------- the loop
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult:
-    """Run (or resume) a training job described by ``cfg``; see ``openllm train --help``."""
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult | None:
+    """Run (or resume) a training job described by ``cfg`` (see ``openllm train --help``); None when a
+    resumed run has nothing left to do."""
     run = setup(cfg, log)
     try:
         return train_loop(run) if run is not None else None
@@ -228,10 +230,11 @@ def evaluate(model: torch.nn.Module, batches, autocast=contextlib.nullcontext) -
 def validate(run: Run, say: Callable[[str], None]) -> None:
     """Evaluate, log, keep ``best_model.pt`` and apply early stopping."""
     cfg, st = run.cfg, run.state
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     # float32 on the CPU, so that `openllm eval` reproduces the logged figure exactly
     loss = evaluate(run.raw_model, run.val_batches, run.autocast if run.device.type == "cuda" else contextlib.nullcontext)
     run.eval_seconds += time.perf_counter() - t0
+    run.eval_cpu_seconds += time.process_time() - c0
     st.validation_log.append({"step": st.step, "validation_loss": loss, "validation_perplexity": perplexity(loss)})
     improved = loss < st.best_validation_loss - cfg.early_stopping_min_delta
     if improved:
