@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -25,9 +24,14 @@ def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None
     if not train:
         raise OpenLLMError(f"{run_dir}: the training log is empty; nothing to plot")
     stop_reason = None
-    stats_file = run_dir / "stop_reason.json"
-    if stats_file.is_file():
-        stop_reason = json.loads(stats_file.read_text()).get("stop_reason")
+    final = run_dir / "final_model.pt"
+    if final.is_file():  # why the run stopped (max steps, early stopping) is in its final checkpoint
+        from openllm.checkpoint import load_checkpoint
+
+        try:
+            stop_reason = (load_checkpoint(final, mmap=True).get("training_stats") or {}).get("stop_reason")
+        except OpenLLMError:
+            stop_reason = None
 
     fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     steps = [r["step"] for r in train]
@@ -39,7 +43,8 @@ def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None
         best = min(range(len(vl)), key=lambda i: vl[i])
         ax.scatter([vs[best]], [vl[best]], s=160, marker="*", color="C3", zorder=5,
                    label=f"best: {vl[best]:.4f} at step {vs[best]}")
-    ax.axvline(steps[-1], color="grey", ls="--", lw=1, label=f"stopped at step {steps[-1]}" + (f" ({stop_reason})" if stop_reason else ""))
+    reason = f"\n{stop_reason[:90]}" if stop_reason else ""
+    ax.axvline(steps[-1], color="grey", ls="--", lw=1, label=f"stopped at step {steps[-1]}{reason}")
     ax.set_ylabel("loss (nats/token)")
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)

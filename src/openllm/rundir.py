@@ -87,8 +87,7 @@ def _fmt(x, digits=4) -> str:
 def model_card(title: str, info: dict, stats: dict, tcfg: dict, provenance: str) -> str:
     lines = [
         f"# {title}", "",
-        "A GPT language model trained with [OpenLLM](https://github.com/openllm). Every figure below was measured "
-        "during this run.", "",
+        "A GPT language model trained with OpenLLM. Every figure below was measured during this run.", "",
         "## Model", "",
         f"- architecture: {info.get('architecture', 'GPT-2')}",
         f"- parameters: {_fmt(info.get('parameters'))}",
