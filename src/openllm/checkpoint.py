@@ -52,7 +52,6 @@ BEST, FINAL = "best_model.pt", "final_model.pt"
 _STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
 
 
-
 def step_file(step: int) -> str:
     return f"checkpoint_step_{step}.pt"
 
@@ -283,10 +282,3 @@ def rotate(run_dir: str | os.PathLike, keep_last: int, protect: Iterable[Path] =
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def describe_size(path: str | os.PathLike) -> str:
-    n = Path(path).stat().st_size
-    return f"{n / 1e6:.1f} MB"
-
-

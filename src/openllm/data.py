@@ -345,9 +345,6 @@ class BatchSampler:
             self._shift = int(rng.integers(self.seq_len)) if epoch else 0
             self._epoch = epoch
 
-    def epoch_of(self, sample: int) -> int:
-        return sample // self.windows_per_epoch
-
     def batch(self, first_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (int64, ``batch_size`` x ``seq_len``) for samples first..first+batch-1."""
         rows = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -76,18 +75,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n")
 
 
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    atomic_write_bytes(dst, Path(src).read_bytes())
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Parse a JSON file or raise one clear error naming it."""
     try:
@@ -109,5 +96,3 @@ def ensure_dir(path: str | os.PathLike, what: str = "output directory") -> Path:
     if not os.access(path, os.W_OK):
         raise OpenLLMError(f"{what} {path} is not writable")
     return path
-
-

@@ -153,7 +153,3 @@ class GPT(nn.Module):
         n = self.num_parameters(exclude_embeddings=True)
         c = self.config
         return 6 * n + 12 * c.n_layer * c.n_embd * seq_len
-
-
-def build_model(config: ModelConfig) -> GPT:
-    return GPT(config)
