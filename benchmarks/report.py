@@ -12,5 +12,5 @@ def write_section(path: str | Path, heading: str, text: str) -> None:
     start = doc.find(f"## {heading}")
     if start >= 0:
         end = doc.find("\n## ", start + 1)
-        doc = doc[:start] + (doc[end + 1:] if end >= 0 else "")
+        doc = doc[:start] + (doc[end + 1 :] if end >= 0 else "")
     path.write_text(doc.rstrip() + "\n\n" + text.rstrip() + "\n")

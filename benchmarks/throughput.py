@@ -15,30 +15,35 @@ import argparse
 import platform
 import shutil
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from openllm import checkpoint as ck
-from openllm.config import TrainConfig, get_preset, model_config_for
-from openllm.data import prepare_dataset
-from openllm.launch import configure_optimizer, resolve_dtype, seed_everything, setup
-from openllm.metrics import memory_mb
-from openllm.model import GPT
-from openllm.train import lr_at, train_loop
+from openllm.checkpoint import format as ck
+from openllm.core.device import resolve_dtype
+from openllm.data.prepare import prepare_dataset
+from openllm.model.config import get_preset, model_config_for
+from openllm.model.gpt import GPT
+from openllm.training.config import TrainConfig
+from openllm.training.loop import lr_at, train_loop
+from openllm.training.metrics import memory_mb
+from openllm.training.optim import configure_optimizer, seed_everything
+from openllm.training.setup import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report import write_section  # noqa: E402
+
 CORPUS = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
 
 
-def plain_loop(cfg: TrainConfig, tokens: np.ndarray, vocab: int, device: torch.device,
-               dtype: torch.dtype = torch.float32) -> dict:
+def plain_loop(
+    cfg: TrainConfig, tokens: np.ndarray, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> dict:
     """A plain PyTorch loop: random windows, AdamW, accumulation, clipping, autocast in ``dtype``, one sync
     per step. Returns tokens per wall-clock second and per CPU second."""
     seed_everything(cfg.seed)
@@ -68,7 +73,7 @@ def plain_loop(cfg: TrainConfig, tokens: np.ndarray, vocab: int, device: torch.d
 def trainer_loop(cfg: TrainConfig) -> tuple[dict, object]:
     """Tokens/s of the trainer: steady state (steps, per-step logs, periodic checkpoints), plus the one-off
     end-of-run files (final checkpoint, model card, plot), plus the validation passes."""
-    import openllm.train as T
+    import openllm.training.loop as T
 
     run = setup(cfg, log=lambda _m: None)
     real_finish, spent = T.finish, {}
@@ -90,13 +95,19 @@ def trainer_loop(cfg: TrainConfig) -> tuple[dict, object]:
     tokens = cfg.max_steps * run.global_batch * cfg.seq_len
     steady = elapsed - run.eval_seconds - spent["finish"]
     steady_cpu = cpu - run.eval_cpu_seconds - spent["finish_cpu"]
-    return {"steady": tokens / steady, "with_final_files": tokens / (steady + spent["finish"]),
-            "everything": tokens / elapsed, "steady_cpu": tokens / steady_cpu, "everything_cpu": tokens / cpu,
-            "finish_s": spent["finish"], "eval_s": run.eval_seconds}, run
+    return {
+        "steady": tokens / steady,
+        "with_final_files": tokens / (steady + spent["finish"]),
+        "everything": tokens / elapsed,
+        "steady_cpu": tokens / steady_cpu,
+        "everything_cpu": tokens / cpu,
+        "finish_s": spent["finish"],
+        "eval_s": run.eval_seconds,
+    }, run
 
 
 def checkpoint_figures(run, work: Path) -> dict:
-    ckpt = __import__("openllm.train", fromlist=["build_checkpoint"]).build_checkpoint(run)
+    ckpt = __import__("openllm.training.records", fromlist=["build_checkpoint"]).build_checkpoint(run)
     path = work / "bench.pt"
     t = time.perf_counter()
     ck.save_checkpoint(ckpt, path)
@@ -108,8 +119,14 @@ def checkpoint_figures(run, work: Path) -> dict:
     t = time.perf_counter()
     ck.verify_checkpoint(path, loaded)
     verify_s = time.perf_counter() - t
-    return {"size_mb": size / 1e6, "save_s": save_s, "load_s": load_s, "verify_s": verify_s,
-            "save_mb_s": size / 1e6 / save_s, "load_mb_s": size / 1e6 / load_s}
+    return {
+        "size_mb": size / 1e6,
+        "save_s": save_s,
+        "load_s": load_s,
+        "verify_s": verify_s,
+        "save_mb_s": size / 1e6 / save_s,
+        "load_mb_s": size / 1e6 / load_s,
+    }
 
 
 def theoretical_memory_mb(model: GPT, cfg: TrainConfig) -> dict:
@@ -119,8 +136,13 @@ def theoretical_memory_mb(model: GPT, cfg: TrainConfig) -> dict:
     # fp32 activations kept for backward, per layer: ~ (34 B T C + 5 B H T^2) half-precision bytes
     # (Korthikanti et al. 2022) doubled for fp32, plus logits (B T V, fp32, twice for the softmax grad).
     acts = L * (34 * B * T * C + 5 * B * H * T * T) * 2 + 2 * B * T * c.vocab_size * 4
-    return {"weights": n * 4 / 1e6, "gradients": n * 4 / 1e6, "adam": 2 * n * 4 / 1e6, "activations": acts / 1e6,
-            "total": (4 * n * 4 + acts) / 1e6}
+    return {
+        "weights": n * 4 / 1e6,
+        "gradients": n * 4 / 1e6,
+        "adam": 2 * n * 4 / 1e6,
+        "activations": acts / 1e6,
+        "total": (4 * n * 4 + acts) / 1e6,
+    }
 
 
 def main() -> None:
@@ -140,10 +162,20 @@ def main() -> None:
         tokens = np.asarray(ds.train)
         plain, ours, run = [], [], None
         for r in range(args.repeats):
-            cfg = TrainConfig(data=str(ds.path), output_dir=str(work / f"run{r}"), model_size=args.model_size,
-                              max_steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                              eval_every=max(1, args.steps // 3), save_every=max(1, args.steps // 3), eval_batches=4,
-                              log_every=10**9, device=args.device, keep_last=2).resolved()
+            cfg = TrainConfig(
+                data=str(ds.path),
+                output_dir=str(work / f"run{r}"),
+                model_size=args.model_size,
+                max_steps=args.steps,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                eval_every=max(1, args.steps // 3),
+                save_every=max(1, args.steps // 3),
+                eval_batches=4,
+                log_every=10**9,
+                device=args.device,
+                keep_last=2,
+            ).resolved()
             dtype = resolve_dtype(cfg.dtype, device, get_preset(cfg.model_size).cpu_dtype)  # as the trainer does
             if r % 2:  # alternate which loop goes first, so a slow phase of the host hits both alike
                 figures_run, run = trainer_loop(cfg)
@@ -152,17 +184,27 @@ def main() -> None:
                 plain.append(plain_loop(cfg, tokens, ds.meta["vocab_size"], device, dtype))
                 figures_run, run = trainer_loop(cfg)
             ours.append(figures_run)
-            print(f"repeat {r + 1}: plain loop {plain[-1]['wall']:,.0f} tok/s, openllm trainer {figures_run['steady']:,.0f} "
-                  f"tok/s steady, {figures_run['everything']:,.0f} with end-of-run files and validation")
-        ratio = {k: statistics.median(o[k] / q["wall"] for o, q in zip(ours, plain))
-                 for k in ("steady", "with_final_files", "everything")}
-        ratio.update({k: statistics.median(o[k] / q["cpu"] for o, q in zip(ours, plain))
-                      for k in ("steady_cpu", "everything_cpu")})
+            print(
+                f"repeat {r + 1}: plain loop {plain[-1]['wall']:,.0f} tok/s, openllm trainer {figures_run['steady']:,.0f} "
+                f"tok/s steady, {figures_run['everything']:,.0f} with end-of-run files and validation"
+            )
+        ratio = {
+            k: statistics.median(o[k] / q["wall"] for o, q in zip(ours, plain, strict=False))
+            for k in ("steady", "with_final_files", "everything")
+        }
+        ratio.update(
+            {
+                k: statistics.median(o[k] / q["cpu"] for o, q in zip(ours, plain, strict=False))
+                for k in ("steady_cpu", "everything_cpu")
+            }
+        )
         cfg = run.cfg
         t = time.perf_counter()
-        resumed = setup(TrainConfig(output_dir=str(run.run_dir), resume="auto", max_steps=cfg.max_steps + 1),
-                        log=lambda _m: None)
-        from openllm.train import train_step
+        resumed = setup(
+            TrainConfig(output_dir=str(run.run_dir), resume="auto", max_steps=cfg.max_steps + 1), log=lambda _m: None
+        )
+        from openllm.training.loop import train_step
+
         train_step(resumed)
         resume_s = time.perf_counter() - t
         figures = checkpoint_figures(run, work)
@@ -170,20 +212,27 @@ def main() -> None:
         peak = memory_mb(device)
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps
         lines = [
-            "## Trainer throughput (benchmarks/throughput.py)", "",
+            "## Trainer throughput (benchmarks/throughput.py)",
+            "",
             f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, device {device}, "
             f"torch {torch.__version__}, Python {platform.python_version()}.",
             f"Settings: preset `{cfg.model_size}` ({run.raw_model.num_parameters():,} parameters), batch {cfg.batch_size} x "
             f"{cfg.seq_len} tokens x {cfg.gradient_accumulation_steps} accumulation ({tokens_per_step:,} tokens/step), "
             f"{cfg.max_steps} steps, autocast {str(run.autocast_dtype).replace('torch.', '')} in both loops, "
             f"{args.repeats} repeats alternating which loop runs first; the trainer validates and saves a checkpoint every "
-            f"{cfg.eval_every} steps and logs every step (metrics.jsonl, training log).", "",
-            "| measure | value |", "| --- | --- |",
-            *[f"| plain PyTorch loop, repeat {i + 1} | {v['wall']:,.0f} tokens/s ({v['cpu']:,.0f} per CPU-second) |"
-              for i, v in enumerate(plain)],
-            *[f"| openllm trainer, repeat {i + 1}: steady / with end-of-run files / with validation too | "
-              f"{o['steady']:,.0f} / {o['with_final_files']:,.0f} / {o['everything']:,.0f} tokens/s |"
-              for i, o in enumerate(ours)],
+            f"{cfg.eval_every} steps and logs every step (metrics.jsonl, training log).",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            *[
+                f"| plain PyTorch loop, repeat {i + 1} | {v['wall']:,.0f} tokens/s ({v['cpu']:,.0f} per CPU-second) |"
+                for i, v in enumerate(plain)
+            ],
+            *[
+                f"| openllm trainer, repeat {i + 1}: steady / with end-of-run files / with validation too | "
+                f"{o['steady']:,.0f} / {o['with_final_files']:,.0f} / {o['everything']:,.0f} tokens/s |"
+                for i, o in enumerate(ours)
+            ],
             f"| **trainer / plain loop (median), steady state: per-step logs and metrics, periodic checkpoints** | "
             f"**{ratio['steady']:.3f}x** |",
             f"| **trainer / plain loop (median), per CPU-second (process time; on this shared host it drifts with wall time): steady state / "
@@ -199,7 +248,8 @@ def main() -> None:
             f"| time to resume (find + verify + load + first step) | {resume_s:.2f} s |",
             f"| peak memory (process RSS, includes the Python/torch runtime) | {peak:,.0f} MB |",
             f"| theoretical need: weights {mem['weights']:.1f} + grads {mem['gradients']:.1f} + AdamW {mem['adam']:.1f} + "
-            f"activations ~{mem['activations']:.1f} MB | {mem['total']:.1f} MB |", "",
+            f"activations ~{mem['activations']:.1f} MB | {mem['total']:.1f} MB |",
+            "",
         ]
         text = "\n".join(lines)
         print(text)

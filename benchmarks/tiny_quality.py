@@ -39,12 +39,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from report import write_section  # noqa: E402
+
 CORPUS = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
 
 
 def nanogpt_cpu_baseline(train_text: str, val_text: str) -> dict:
-    from openllm.config import ModelConfig
-    from openllm.model import GPT
+    from openllm.model.config import ModelConfig
+    from openllm.model.gpt import GPT
 
     chars = sorted(set(train_text + val_text))
     stoi = {c: i for i, c in enumerate(chars)}
@@ -52,12 +53,14 @@ def nanogpt_cpu_baseline(train_text: str, val_text: str) -> dict:
     val = np.array([stoi[c] for c in val_text], dtype=np.int64)
     torch.manual_seed(1337)
     block, batch, iters, warmup, lr, min_lr = 64, 12, 2000, 100, 1e-3, 1e-4
-    model = GPT(ModelConfig(vocab_size=len(chars), n_layer=4, n_head=4, n_embd=128, block_size=block, dropout=0.0,
-                            bias=False))
+    model = GPT(
+        ModelConfig(vocab_size=len(chars), n_layer=4, n_head=4, n_embd=128, block_size=block, dropout=0.0, bias=False)
+    )
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99)
+    )
     gen = torch.Generator().manual_seed(1337)
 
     def get_batch(data):
@@ -111,17 +114,43 @@ def openllm_run(train_file: Path, val_file: Path, work: Path, extra: list[str]) 
     exe = [sys.executable, "-m", "openllm"]
     start = time.perf_counter()
     run_dir = work / "openllm-run"
-    subprocess.run([*exe, "train", "--data-file", str(train_file), "--validation-data", str(val_file), "--model-size",
-                    "tiny", "--device", "cpu", "--output-dir", str(run_dir), *extra], check=True,
-                   stdout=subprocess.DEVNULL)
-    out = subprocess.run([*exe, "eval", "--model", str(run_dir), "--data", str(val_file), "--json"], check=True,
-                         capture_output=True, text=True).stdout
+    subprocess.run(
+        [
+            *exe,
+            "train",
+            "--data-file",
+            str(train_file),
+            "--validation-data",
+            str(val_file),
+            "--model-size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(run_dir),
+            *extra,
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    out = subprocess.run(
+        [*exe, "eval", "--model", str(run_dir), "--data", str(val_file), "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     seconds = time.perf_counter() - start
     result = json.loads(out)
     cfg = json.loads((run_dir / "training_config.json").read_text())
-    return {"seconds": seconds, "bits_per_byte": result["bits_per_byte"], "loss_per_token": result["loss"],
-            "tokens": result["tokens"], "bytes": result["bytes"], "steps": cfg["max_steps"],
-            "vocab": json.loads((run_dir / "config.json").read_text())["vocab_size"]}
+    return {
+        "seconds": seconds,
+        "bits_per_byte": result["bits_per_byte"],
+        "loss_per_token": result["loss"],
+        "tokens": result["tokens"],
+        "bytes": result["bytes"],
+        "steps": cfg["max_steps"],
+        "vocab": json.loads((run_dir / "config.json").read_text())["vocab_size"],
+    }
 
 
 def main() -> None:
@@ -137,24 +166,33 @@ def main() -> None:
         (work / "TRAIN.txt").write_text(text[:cut], encoding="utf-8")
         (work / "VAL.txt").write_text(text[cut:], encoding="utf-8")
         ours = openllm_run(work / "TRAIN.txt", work / "VAL.txt", work, args.extra)
-        print(f"openllm tiny: {ours['bits_per_byte']:.3f} bits/byte in {ours['seconds']:.1f} s wall "
-              f"({ours['steps']} steps, vocab {ours['vocab']})", flush=True)
+        print(
+            f"openllm tiny: {ours['bits_per_byte']:.3f} bits/byte in {ours['seconds']:.1f} s wall "
+            f"({ours['steps']} steps, vocab {ours['vocab']})",
+            flush=True,
+        )
         if args.skip_baseline:
             return
         base = nanogpt_cpu_baseline(text[:cut], text[cut:])
-        print(f"nanoGPT CPU recipe: {base['bits_per_byte']:.3f} bits/byte (loss {base['val_loss_per_char']:.3f} "
-              f"nats/char) in {base['seconds']:.1f} s")
+        print(
+            f"nanoGPT CPU recipe: {base['bits_per_byte']:.3f} bits/byte (loss {base['val_loss_per_char']:.3f} "
+            f"nats/char) in {base['seconds']:.1f} s"
+        )
     time_ratio = ours["seconds"] / base["seconds"]
     lines = [
-        "## Quality per CPU-second: `tiny` against nanoGPT's CPU recipe (benchmarks/tiny_quality.py)", "",
+        "## Quality per CPU-second: `tiny` against nanoGPT's CPU recipe (benchmarks/tiny_quality.py)",
+        "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}. Tiny Shakespeare, first 90% of the characters for training, last 10% "
-        f"({ours['bytes']:,} bytes) for validation; both measured in the same run.", "",
-        "| run | wall time | validation bits/byte |", "| --- | --- | --- |",
+        f"({ours['bytes']:,} bytes) for validation; both measured in the same run.",
+        "",
+        "| run | wall time | validation bits/byte |",
+        "| --- | --- | --- |",
         f"| nanoGPT CPU recipe (char-level, 2000 iterations; training loop only) | {base['seconds']:.1f} s | "
         f"{base['bits_per_byte']:.3f} (loss {base['val_loss_per_char']:.3f} nats/char) |",
         f"| `openllm train ... --model-size tiny` + `openllm eval` (everything included; {ours['steps']} steps, "
-        f"BPE vocab {ours['vocab']}) | {ours['seconds']:.1f} s ({time_ratio:.2f}x) | {ours['bits_per_byte']:.3f} |", "",
+        f"BPE vocab {ours['vocab']}) | {ours['seconds']:.1f} s ({time_ratio:.2f}x) | {ours['bits_per_byte']:.3f} |",
+        "",
     ]
     record = "\n".join(lines)
     print(record)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up the environment with the test extras and run the test suite.
+# Set up the environment with the test extras, check style and types, and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
@@ -9,4 +9,8 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
     || echo "warning: could not install chromium; the browser test will fail" >&2
 fi
+echo "ruff check, ruff format --check, mypy..."
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

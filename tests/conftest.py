@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,29 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BUNDLED = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
+
+
+def quiet(_message: str) -> None:
+    """A log function that prints nothing (training's chatter stays out of test output)."""
+
+
+def cli(*args: str, env: dict | None = None, cwd=None, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -m openllm ARGS`` as a user would; returns the finished process (text output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "openllm", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+        cwd=cwd,
+        **kw,
+    )
+
+
+def load(path):
+    """A checkpoint file as a plain dict, loaded the safe way."""
+    import torch
+
+    return torch.load(path, weights_only=True)
 
 
 def shared_file(name: str) -> Path:
@@ -44,7 +70,7 @@ def small_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_dataset(small_corpus, tmp_path_factory):
-    from openllm.data import prepare_dataset
+    from openllm.data.prepare import prepare_dataset
 
     return prepare_dataset([small_corpus], tmp_path_factory.mktemp("ds") / "small", vocab_size=420)
 
@@ -64,16 +90,20 @@ def server(small_dataset):
     import torch
     import uvicorn
 
-    from openllm.config import ModelConfig
-    from openllm.loading import LoadedModel
-    from openllm.model import GPT
-    from openllm.server import ServerLimits, create_app
-    from openllm.tokenizer import load_tokenizer
+    from openllm.data.tokenizer import load_tokenizer
+    from openllm.inference.loading import LoadedModel
+    from openllm.inference.server import ServerLimits, create_app
+    from openllm.model.config import ModelConfig
+    from openllm.model.gpt import GPT
 
     tok = load_tokenizer(small_dataset.tokenizer_path)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)).eval()
-    app = create_app(LoadedModel(model, tok, small_dataset.path), "tiny-test", ServerLimits(max_tokens=64, max_queue=80))
+    model = GPT(
+        ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)
+    ).eval()
+    app = create_app(
+        LoadedModel(model, tok, small_dataset.path), "tiny-test", ServerLimits(max_tokens=64, max_queue=80)
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

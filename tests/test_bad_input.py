@@ -10,15 +10,28 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from openllm.cli import main
-from openllm.data import prepare_dataset
-from openllm.errors import OpenLLMError
+from openllm.core.errors import OpenLLMError
+from openllm.data.prepare import prepare_dataset
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 TRIED = {"options": 0, "config files": 0, "corpora": 0, "requests": 0}
 
-not_a_number = st.text(alphabet="abcxyz!@-_ ", min_size=1, max_size=6).filter(lambda t: not re.fullmatch(r"[\s\d.+-]*", t))
-POSITIVE_INTS = ["max-steps", "batch-size", "seq-len", "eval-every", "save-every", "eval-batches", "keep-last",
-                 "gradient-accumulation-steps", "log-every", "max-bad-steps", "vocab-size"]
+not_a_number = st.text(alphabet="abcxyz!@-_ ", min_size=1, max_size=6).filter(
+    lambda t: not re.fullmatch(r"[\s\d.+-]*", t)
+)
+POSITIVE_INTS = [
+    "max-steps",
+    "batch-size",
+    "seq-len",
+    "eval-every",
+    "save-every",
+    "eval-batches",
+    "keep-last",
+    "gradient-accumulation-steps",
+    "log-every",
+    "max-bad-steps",
+    "vocab-size",
+]
 NONNEG_INTS = ["warmup-steps", "early-stopping-patience", "seed"]
 FLOATS = ["learning-rate", "min-lr", "weight-decay", "grad-clip", "early-stopping-min-delta"]
 
@@ -53,8 +66,14 @@ def test_bad_train_options(option, tmp_path_factory, small_dataset, capsys):
     assert not out.exists()
 
 
-config_value = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 0), st.sampled_from([float("nan"), -1.5]),
-                         st.text(max_size=5), st.lists(st.integers(), max_size=2))
+config_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 0),
+    st.sampled_from([float("nan"), -1.5]),
+    st.text(max_size=5),
+    st.lists(st.integers(), max_size=2),
+)
 
 
 def valid_config_value(key, v):
@@ -76,8 +95,13 @@ def test_bad_config_files(data, tmp_path_factory, small_dataset, capsys):
     d = tmp_path_factory.mktemp("c")
     cfg = d / "run.yaml"
     if kind == "unknown key":
-        key = data.draw(st.text(alphabet="abcdefgh_", min_size=1, max_size=12).filter(
-            lambda k: k.replace("-", "_") not in __import__("openllm.config", fromlist=["x"]).TRAIN_OPTION_NAMES))
+        key = data.draw(
+            st.text(alphabet="abcdefgh_", min_size=1, max_size=12).filter(
+                lambda k: (
+                    k.replace("-", "_") not in __import__("openllm.training.config", fromlist=["x"]).TRAIN_OPTION_NAMES
+                )
+            )
+        )
         cfg.write_text(yaml.safe_dump({key: 1, "max_steps": 2}))
     elif kind == "bad value":
         key = data.draw(st.sampled_from([k.replace("-", "_") for k in POSITIVE_INTS + FLOATS] + ["dropout", "device"]))
@@ -97,8 +121,12 @@ def test_bad_config_files(data, tmp_path_factory, small_dataset, capsys):
 corpus = st.one_of(
     st.binary(max_size=3000),
     st.text(max_size=3000),
-    st.lists(st.sampled_from(["word ", "Other words.", "\r\n", "\n", "\r", "\n\n", "\t", "  ", "é", "漢", "\x0b"]),
-             max_size=400).map("".join).map(str.encode),
+    st.lists(
+        st.sampled_from(["word ", "Other words.", "\r\n", "\n", "\r", "\n\n", "\t", "  ", "é", "漢", "\x0b"]),
+        max_size=400,
+    )
+    .map("".join)
+    .map(str.encode),
     st.integers(1, 200_000).map(lambda n: ("abc " * n).encode()),  # one enormous line
 )
 
@@ -123,13 +151,25 @@ def test_any_corpus_prepares_or_is_refused_cleanly(content, tmp_path_factory):
     assert ds.train.size == m["train_tokens"] > 0
 
 
-json_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                          lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                          max_leaves=8)
+json_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
 request_body = st.one_of(
-    st.fixed_dictionaries({}, optional={"prompt": json_value, "max_tokens": json_value, "temperature": json_value,
-                                        "top_p": json_value, "n": json_value, "stop": json_value, "seed": json_value,
-                                        "stream": json_value}).map(lambda d: json.dumps(d).encode()),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "prompt": json_value,
+            "max_tokens": json_value,
+            "temperature": json_value,
+            "top_p": json_value,
+            "n": json_value,
+            "stop": json_value,
+            "seed": json_value,
+            "stream": json_value,
+        },
+    ).map(lambda d: json.dumps(d).encode()),
     json_value.map(lambda v: json.dumps(v).encode()),
     st.binary(max_size=200),
     st.just(json.dumps({"prompt": "x", "max_tokens": 10**12}).encode()),
@@ -159,8 +199,9 @@ def test_a_hundred_concurrent_clients_some_bad_some_leaving(server):
             r = await http.post(url + "/v1/completions", content=b"{bad", headers={"Content-Type": "application/json"})
             return r.status_code == 400
         if i % 4 == 1:  # hang up mid-stream
-            async with http.stream("POST", url + "/v1/completions",
-                                   json={"prompt": "A", "max_tokens": 60, "stream": True}) as r:
+            async with http.stream(
+                "POST", url + "/v1/completions", json={"prompt": "A", "max_tokens": 60, "stream": True}
+            ) as r:
                 async for _ in r.aiter_lines():
                     break
             return True
@@ -185,7 +226,7 @@ def test_a_hundred_concurrent_clients_some_bad_some_leaving(server):
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_bytes_as_a_checkpoint_are_reported_never_crash(data, tmp_path_factory, small_dataset):
-    from openllm import checkpoint as ck
+    from openllm.checkpoint import format as ck
 
     TRIED["checkpoint files"] = TRIED.get("checkpoint files", 0) + 1
     d = tmp_path_factory.mktemp("k")
@@ -195,6 +236,7 @@ def test_any_bytes_as_a_checkpoint_are_reported_never_crash(data, tmp_path_facto
         path.write_bytes(data.draw(st.binary(max_size=5000)))
     else:  # a real (small) checkpoint with bytes overwritten at random places
         import torch
+
         torch.save({"model_state_dict": {"w": torch.arange(64.0)}, "step": 1}, path)
         raw = bytearray(path.read_bytes())
         for _ in range(data.draw(st.integers(1, 8))):

@@ -12,7 +12,6 @@ import urllib.request
 
 import pytest
 
-
 websockets = pytest.importorskip("websockets")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -55,27 +54,50 @@ async def _drive(ws_url: str, page_url: str) -> tuple[str, str]:
         # type into the prompt box like a user: focus, clear, insert text
         await js("document.getElementById('prompt').focus(); document.getElementById('prompt').select()")
         await call("Input.insertText", text="JULIET:")
-        await js("document.getElementById('temperature').value = '0'; document.getElementById('max_tokens').value = '12'")
+        await js(
+            "document.getElementById('temperature').value = '0'; document.getElementById('max_tokens').value = '12'"
+        )
         await js("document.getElementById('submit').click()")
         for _ in range(300):
-            if await js("document.getElementById('status').textContent") in ("done",) or \
-                    (await js("document.getElementById('status').textContent") or "").startswith("error"):
+            if await js("document.getElementById('status').textContent") in ("done",) or (
+                await js("document.getElementById('status').textContent") or ""
+            ).startswith("error"):
                 break
             await asyncio.sleep(0.1)
-        return await js("document.getElementById('status').textContent"), await js("document.getElementById('output').textContent")
+        return await js("document.getElementById('status').textContent"), await js(
+            "document.getElementById('output').textContent"
+        )
 
 
 def test_page_types_submits_and_streams_the_result(server):
     url, _ = server
     assert CHROMIUM, "chromium is not installed (scripts/test.sh installs it with apt-get)"
     import httpx
-    expected = httpx.post(url + "/v1/completions", json={"prompt": "JULIET:", "max_tokens": 12, "temperature": 0}).json()
+
+    expected = httpx.post(
+        url + "/v1/completions", json={"prompt": "JULIET:", "max_tokens": 12, "temperature": 0}
+    ).json()
     port = 9300 + int(time.time()) % 500
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                                 f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                f"--remote-debugging-port={port}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             ws_url = _devtools_url(port, time.time() + 30)
             status, output = asyncio.run(_drive(ws_url, url + "/"))

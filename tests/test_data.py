@@ -3,10 +3,12 @@ import json
 import numpy as np
 import pytest
 
-from openllm.data import (BatchSampler, deduplicate, eval_batches, load_dataset, prepare_dataset,
-                          split_documents, split_train_val)
-from openllm.errors import OpenLLMError
-from openllm.tokenizer import load_tokenizer
+from openllm.core.errors import OpenLLMError
+from openllm.data.batches import BatchSampler, eval_batches
+from openllm.data.corpus import deduplicate, split_documents, split_train_val
+from openllm.data.dataset import load_dataset
+from openllm.data.prepare import prepare_dataset
+from openllm.data.tokenizer import load_tokenizer
 
 
 def test_paragraph_and_line_rules():
@@ -34,12 +36,14 @@ def test_squad_counts_and_no_leak(squad_path, tmp_path):
     assert meta["train_documents"] + meta["val_documents"] == 3924
     assert meta["vocab_size"] == 4000 and meta["dtype"] == "uint16"
     tok = load_tokenizer(ds.tokenizer_path)
+
     # decode the packed streams back into documents: the two sides share none
     def docs(stream):
         ids = np.asarray(stream)
         bos = np.flatnonzero(ids == 2)
         eos = np.flatnonzero(ids == 3)
-        return {tok.decode(ids[b + 1 : e]) for b, e in zip(bos, eos)}
+        return {tok.decode(ids[b + 1 : e]) for b, e in zip(bos, eos, strict=False)}
+
     train, val = docs(ds.train), docs(ds.val)
     assert len(train) == meta["train_documents"] and len(val) == meta["val_documents"]
     assert not train & val
@@ -61,10 +65,15 @@ def test_existing_tokenizer_is_reused(small_dataset, small_corpus, tmp_path):
     assert ds.fingerprint == small_dataset.fingerprint
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"", "no text"), (b"  \n\t\n \n", "no text"), (b"caf\xe9 au lait\n", "not valid UTF-8"),
-    (b"abc\x00\x01\x02", "binary"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "no text"),
+        (b"  \n\t\n \n", "no text"),
+        (b"caf\xe9 au lait\n", "not valid UTF-8"),
+        (b"abc\x00\x01\x02", "binary"),
+    ],
+)
 def test_bad_corpora_are_refused_and_write_nothing(tmp_path, content, match):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(content)
@@ -86,6 +95,7 @@ def test_different_dataset_in_output_dir_is_refused_and_kept(small_corpus, tmp_p
 
 def test_load_dataset_detects_incomplete(small_dataset, tmp_path):
     import shutil
+
     copy = tmp_path / "copy"
     shutil.copytree(small_dataset.path, copy)
     with open(copy / "train.bin", "r+b") as f:

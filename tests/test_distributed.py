@@ -6,27 +6,67 @@ import sys
 
 import torch
 
+from tests.conftest import load
+
 
 def torchrun(nproc, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                           "-m", "openllm", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "openllm",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def plain(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "openllm", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "openllm", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def common(dataset, out, steps, batch):
-    return ["train", "--data", str(dataset.path), "--output-dir", str(out), "--seq-len", "32", "--max-steps", str(steps),
-            "--lr-decay-steps", "8", "--eval-every", "4", "--save-every", "4", "--eval-batches", "2", "--warmup-steps", "1",
-            "--sample-tokens", "0", "--gradient-accumulation-steps", "2", "--batch-size", str(batch),
-            "--dtype", "float32"]  # float32: bf16 rounding would differ between per-rank and whole batches
-
-
-def load(path):
-    return torch.load(path, weights_only=True)
+    return [
+        "train",
+        "--data",
+        str(dataset.path),
+        "--output-dir",
+        str(out),
+        "--seq-len",
+        "32",
+        "--max-steps",
+        str(steps),
+        "--lr-decay-steps",
+        "8",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--gradient-accumulation-steps",
+        "2",
+        "--batch-size",
+        str(batch),
+        "--dtype",
+        "float32",
+    ]  # float32: bf16 rounding would differ between per-rank and whole batches
 
 
 def test_two_processes_match_one_with_the_same_global_batch_and_resume(small_dataset, tmp_path):
@@ -37,10 +77,12 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume(small_dat
     assert r.returncode == 0, r.stderr[-2000:]
     ddp, single = load(tmp_path / "ddp" / "final_model.pt"), load(tmp_path / "single" / "final_model.pt")
     assert ddp["resume_state"]["world_size"] == 2 and ddp["training_config"]["global_batch_size"] == 8
-    assert [r["loss"] for r in ddp["training_log"]] == \
-        __import__("pytest").approx([r["loss"] for r in single["training_log"]], rel=1e-5, abs=1e-5)
-    assert [r["validation_loss"] for r in ddp["validation_log"]] == \
-        __import__("pytest").approx([r["validation_loss"] for r in single["validation_log"]], rel=1e-5)
+    assert [r["loss"] for r in ddp["training_log"]] == __import__("pytest").approx(
+        [r["loss"] for r in single["training_log"]], rel=1e-5, abs=1e-5
+    )
+    assert [r["validation_loss"] for r in ddp["validation_log"]] == __import__("pytest").approx(
+        [r["validation_loss"] for r in single["validation_log"]], rel=1e-5
+    )
     for k, v in single["model_state_dict"].items():
         assert torch.allclose(ddp["model_state_dict"][k], v, atol=1e-4), k
 

@@ -1,32 +1,37 @@
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from openllm.config import ModelConfig, TrainConfig
-from openllm.evaluate import stream_nll, window_plan
-from openllm.model import GPT
-from openllm.train import train
-
-
-def quiet(_):
-    pass
+from openllm.model.config import ModelConfig
+from openllm.model.gpt import GPT
+from openllm.model.scoring import stream_nll, window_plan
+from openllm.training.config import TrainConfig
+from openllm.training.loop import train
+from tests.conftest import cli, quiet
 
 
 @pytest.fixture(scope="module")
 def run(small_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("r") / "run"
-    train(TrainConfig(data=str(small_dataset.path), output_dir=str(out), batch_size=4, seq_len=32, max_steps=6,
-                      eval_every=3, save_every=3, eval_batches=100000, warmup_steps=1, tensorboard=True), log=quiet)
+    train(
+        TrainConfig(
+            data=str(small_dataset.path),
+            output_dir=str(out),
+            batch_size=4,
+            seq_len=32,
+            max_steps=6,
+            eval_every=3,
+            save_every=3,
+            eval_batches=100000,
+            warmup_steps=1,
+            tensorboard=True,
+        ),
+        log=quiet,
+    )
     return out
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "openllm", *args], capture_output=True, text=True)
 
 
 def test_window_plan_scores_every_target_once():
@@ -47,8 +52,18 @@ def test_sliding_windows_with_more_context_score_no_worse_than_disjoint():
 
 
 def test_eval_matches_the_trainers_logged_validation_loss(run, small_dataset):
-    r = cli("eval", "--model", str(run / "best_model.pt"), "--data", str(small_dataset.path), "--seq-len", "32",
-            "--stride", "32", "--json")
+    r = cli(
+        "eval",
+        "--model",
+        str(run / "best_model.pt"),
+        "--data",
+        str(small_dataset.path),
+        "--seq-len",
+        "32",
+        "--stride",
+        "32",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
     best = torch.load(run / "best_model.pt", weights_only=True)

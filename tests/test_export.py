@@ -6,34 +6,42 @@ import sys
 import pytest
 import torch
 
-from openllm.config import ModelConfig, TrainConfig
-from openllm.convert import convert
-from openllm.errors import OpenLLMError
-from openllm.export import export_checkpoint
-from openllm.loading import load_model
-from openllm.model import GPT
-from openllm.tokenizer import load_tokenizer
-from openllm.train import train
+from openllm.core.errors import OpenLLMError
+from openllm.data.tokenizer import load_tokenizer
+from openllm.inference.loading import load_model
+from openllm.interop.convert import convert
+from openllm.interop.export import export_checkpoint
+from openllm.model.config import ModelConfig
+from openllm.model.gpt import GPT
+from openllm.training.config import TrainConfig
+from openllm.training.loop import train
+from tests.conftest import cli, quiet
 
 transformers = pytest.importorskip("transformers")  # a test dependency: scripts/test.sh installs it
 
-SAMPLE = "ROMEO: But, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun. 1597 — café 🙂"
-
-
-def quiet(_):
-    pass
+SAMPLE = (
+    "ROMEO: But, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun. 1597 — café 🙂"
+)
 
 
 @pytest.fixture(scope="module")
 def trained_run(small_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    train(TrainConfig(data=str(small_dataset.path), output_dir=str(out), batch_size=4, seq_len=32, max_steps=6,
-                      eval_every=3, save_every=3, eval_batches=2, warmup_steps=1), log=quiet)
+    train(
+        TrainConfig(
+            data=str(small_dataset.path),
+            output_dir=str(out),
+            batch_size=4,
+            seq_len=32,
+            max_steps=6,
+            eval_every=3,
+            save_every=3,
+            eval_batches=2,
+            warmup_steps=1,
+        ),
+        log=quiet,
+    )
     return out
-
-
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "openllm", *args], capture_output=True, text=True, **kw)
 
 
 def test_export_loads_in_stock_transformers_with_same_logits_and_ids(trained_run, tmp_path):
@@ -60,8 +68,9 @@ def test_export_loads_in_stock_transformers_with_same_logits_and_ids(trained_run
 def test_hf_tokenizer_matches_on_real_corpus(trained_run, shakespeare_path):
     from tokenizers import Tokenizer as HFTokenizer
 
-    from openllm.data import split_documents
-    from openllm.export import hf_tokenizer_json
+    from openllm.data.corpus import split_documents
+    from openllm.interop.tokenizer_json import hf_tokenizer_json
+
     tok = load_tokenizer(trained_run / "tokenizer.model")
     hf = HFTokenizer.from_str(hf_tokenizer_json(tok))
     docs = split_documents(shakespeare_path.read_text())[:2000]
@@ -74,18 +83,21 @@ def test_export_convert_export_round_trip(trained_run, tmp_path):
     assert report.kind == "openllm-export" and report.step == 6
     export_checkpoint(tmp_path / "run2", tmp_path / "e2")
     from safetensors.torch import load_file
+
     a, b = load_file(str(tmp_path / "e1" / "model.safetensors")), load_file(str(tmp_path / "e2" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def make_hf_gpt2_dir(path, vocab, safetensors=True):
-    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                  bos_token_id=2, eos_token_id=3)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=2, eos_token_id=3
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     model.save_pretrained(path)
     if not safetensors:  # the older pytorch_model.bin form
         from safetensors.torch import load_file
+
         state = load_file(str(path / "model.safetensors"))
         (path / "model.safetensors").unlink()
         torch.save(state, path / "pytorch_model.bin")
@@ -96,7 +108,9 @@ def make_hf_gpt2_dir(path, vocab, safetensors=True):
 def test_hf_gpt2_converts_matches_and_resumes(small_dataset, tmp_path, safetensors):
     vocab = small_dataset.meta["vocab_size"]
     hf_model = make_hf_gpt2_dir(tmp_path / "gpt2", vocab, safetensors)
-    report = convert(tmp_path / "gpt2", tmp_path / "run", training_steps=100, tokenizer=str(small_dataset.tokenizer_path))
+    report = convert(
+        tmp_path / "gpt2", tmp_path / "run", training_steps=100, tokenizer=str(small_dataset.tokenizer_path)
+    )
     assert report.kind == "hf-gpt2"
     ours = load_model(tmp_path / "run")
     assert ours.model.config.activation == "gelu_tanh"
@@ -107,9 +121,21 @@ def test_hf_gpt2_converts_matches_and_resumes(small_dataset, tmp_path, safetenso
     assert best["optimizer_state_dict"] == {} and "fresh" in best["provenance"]["optimizer_state"]
     assert best["training_log"] == [] and "no training history" in best["provenance"]["history"]
     assert best["best_validation_loss"] is None
-    result = train(TrainConfig(data=str(small_dataset.path), output_dir=str(tmp_path / "more"), batch_size=2, seq_len=32,
-                               max_steps=104, eval_every=2, save_every=2, eval_batches=2, warmup_steps=10,
-                               resume=str(tmp_path / "run" / "best_model.pt")), log=quiet)
+    result = train(
+        TrainConfig(
+            data=str(small_dataset.path),
+            output_dir=str(tmp_path / "more"),
+            batch_size=2,
+            seq_len=32,
+            max_steps=104,
+            eval_every=2,
+            save_every=2,
+            eval_batches=2,
+            warmup_steps=10,
+            resume=str(tmp_path / "run" / "best_model.pt"),
+        ),
+        log=quiet,
+    )
     final = torch.load(result.final_checkpoint, weights_only=True)
     assert final["step"] == 104 and [r["step"] for r in final["training_log"]] == [101, 102, 103, 104]
     lrs = [r["learning_rate"] for r in final["training_log"]]
@@ -127,15 +153,45 @@ def make_legacy_dir(path, tokenizer_path, with_log=False):
         state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64)).view(1, 1, 64, 64)
     path.mkdir(parents=True)
     torch.save(state, path / "pytorch_model.bin")
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["GPTModel"], "model_type": "gpt", "vocab_size": tok.vocab_size, "n_layer": 2, "n_head": 4,
-        "n_embd": 32, "block_size": 64, "dropout": 0.1, "bias": True, "torch_dtype": "float32",
-        "transformers_version": "4.0.0", "openllm_version": "0.1.0", "training_steps": 10000, "model_size": "small"}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["GPTModel"],
+                "model_type": "gpt",
+                "vocab_size": tok.vocab_size,
+                "n_layer": 2,
+                "n_head": 4,
+                "n_embd": 32,
+                "block_size": 64,
+                "dropout": 0.1,
+                "bias": True,
+                "torch_dtype": "float32",
+                "transformers_version": "4.0.0",
+                "openllm_version": "0.1.0",
+                "training_steps": 10000,
+                "model_size": "small",
+            }
+        )
+    )
     (path / "tokenizer.model").write_bytes(tok.model_bytes)
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "SentencePieceTokenizer",
-                                                             "model_max_length": 64, "vocab_size": tok.vocab_size}))
-    (path / "generation_config.json").write_text(json.dumps({"max_length": 512, "max_new_tokens": 256, "temperature": 0.7,
-        "top_k": 40, "top_p": 0.9, "do_sample": True, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "SentencePieceTokenizer", "model_max_length": 64, "vocab_size": tok.vocab_size})
+    )
+    (path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "max_length": 512,
+                "max_new_tokens": 256,
+                "temperature": 0.7,
+                "top_k": 40,
+                "top_p": 0.9,
+                "do_sample": True,
+                "pad_token_id": 0,
+                "eos_token_id": 1,
+                "bos_token_id": 2,
+            }
+        )
+    )
     if with_log:
         (path / "training_log.json").write_text(json.dumps([{"step": 9999, "loss": 5.3}, {"step": 10000, "loss": 5.2}]))
     return model
@@ -147,8 +203,22 @@ def test_legacy_export_converts_and_resumes_via_the_legacy_command(small_dataset
     script = os.path.join(os.path.dirname(__file__), "..", "core", "src", "convert_10k_model.py")
     val = tmp_path / "val.txt"
     val.write_text("\n\n".join(small_corpus.read_text().split("\n\n")[:20]))
-    r = subprocess.run([sys.executable, script, "--input-dir", str(src), "--output-dir", str(tmp_path / "models" / "improved-10k"),
-                        "--training-steps", "10000", "--eval-data", str(val)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "--input-dir",
+            str(src),
+            "--output-dir",
+            str(tmp_path / "models" / "improved-10k"),
+            "--training-steps",
+            "10000",
+            "--eval-data",
+            str(val),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "legacy" in r.stdout and "eos_token_id 1 -> 3" in r.stdout and "MB" in r.stdout
     run = tmp_path / "models" / "improved-10k"
@@ -157,17 +227,35 @@ def test_legacy_export_converts_and_resumes_via_the_legacy_command(small_dataset
     assert best["step"] == 10000
     assert json.loads((run / "generation_config.json").read_text())["eos_token_id"] == 3
     # the loss is measured, not invented: recompute it
-    from openllm.evaluate import evaluate_file
+    from openllm.model.scoring import evaluate_file
+
     expected = evaluate_file(load_model(run).model, load_tokenizer(run), val, seq_len=64, stride=64).loss
     assert best["best_validation_loss"] == pytest.approx(expected, rel=1e-9)
-    assert best["validation_log"] == [{"step": 10000, "validation_loss": best["best_validation_loss"],
-                                       "validation_perplexity": pytest.approx(torch.tensor(expected).exp().item())}]
+    assert best["validation_log"] == [
+        {
+            "step": 10000,
+            "validation_loss": best["best_validation_loss"],
+            "validation_perplexity": pytest.approx(torch.tensor(expected).exp().item()),
+        }
+    ]
     ours = load_model(run).model
     x = torch.randint(0, model.config.vocab_size, (2, 20))
     with torch.no_grad():
         assert torch.allclose(ours(x)[0], model.eval()(x)[0], atol=1e-5)
-    result = train(TrainConfig(data=str(small_dataset.path), output_dir=str(tmp_path / "cont"), batch_size=2, seq_len=32,
-                               max_steps=10002, eval_every=1, save_every=1, eval_batches=2, resume=str(run)), log=quiet)
+    result = train(
+        TrainConfig(
+            data=str(small_dataset.path),
+            output_dir=str(tmp_path / "cont"),
+            batch_size=2,
+            seq_len=32,
+            max_steps=10002,
+            eval_every=1,
+            save_every=1,
+            eval_batches=2,
+            resume=str(run),
+        ),
+        log=quiet,
+    )
     assert result.step == 10002
 
 
@@ -185,8 +273,16 @@ def test_nanogpt_checkpoint_with_compile_prefixes(small_dataset, tmp_path):
     model = GPT(ModelConfig(**args))
     state = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
     (tmp_path / "out").mkdir()
-    torch.save({"model": state, "model_args": args, "iter_num": 2000, "best_val_loss": torch.tensor(1.5),
-                "config": {"dataset": "shakespeare"}}, tmp_path / "out" / "ckpt.pt")
+    torch.save(
+        {
+            "model": state,
+            "model_args": args,
+            "iter_num": 2000,
+            "best_val_loss": torch.tensor(1.5),
+            "config": {"dataset": "shakespeare"},
+        },
+        tmp_path / "out" / "ckpt.pt",
+    )
     report = convert(tmp_path / "out", tmp_path / "run", tokenizer=str(small_dataset.tokenizer_path))
     assert report.kind == "nanogpt" and report.step == 2000
     loaded = load_model(tmp_path / "run")
@@ -223,7 +319,8 @@ def test_inconsistent_inputs_are_refused(small_dataset, tmp_path):
         convert(src, tmp_path / "a")
     (src / "config.json").write_text(json.dumps(cfg))
     other = tmp_path / "tok"
-    from openllm.tokenizer import train_tokenizer
+    from openllm.data.tokenizer import train_tokenizer
+
     train_tokenizer(["some text here for a tokenizer"] * 5 + ["abcdefghijklmnopqrstuvwxyz ABCDEFGHIJ"], 300).save(other)
     with pytest.raises(OpenLLMError, match="tokenizer has 300 tokens"):
         convert(src, tmp_path / "b", tokenizer=str(other / "tokenizer.model"))

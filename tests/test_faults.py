@@ -13,25 +13,52 @@ import time
 import pytest
 import torch
 
-from openllm import checkpoint as ck
-from openllm.config import TrainConfig
-from openllm.errors import OpenLLMError
-from openllm.train import train
-
-
-def quiet(_):
-    pass
+from openllm.checkpoint import format as ck
+from openllm.checkpoint import rundir
+from openllm.core.errors import OpenLLMError
+from openllm.training.config import TrainConfig
+from openllm.training.loop import train
+from tests.conftest import quiet
 
 
 def args(dataset, out, steps=24):
-    return ["train", "--data", str(dataset.path), "--output-dir", str(out), "--batch-size", "4", "--seq-len", "32",
-            "--max-steps", str(steps), "--eval-every", "3", "--save-every", "3", "--eval-batches", "2",
-            "--warmup-steps", "2", "--keep-last", "2", "--sample-tokens", "0", "--resume", "auto"]
+    return [
+        "train",
+        "--data",
+        str(dataset.path),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--max-steps",
+        str(steps),
+        "--eval-every",
+        "3",
+        "--save-every",
+        "3",
+        "--eval-batches",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--keep-last",
+        "2",
+        "--sample-tokens",
+        "0",
+        "--resume",
+        "auto",
+    ]
 
 
 def launch(cmd, env=None):
-    return subprocess.Popen([sys.executable, "-m", "openllm", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, **(env or {})))
+    return subprocess.Popen(
+        [sys.executable, "-m", "openllm", *cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+    )
 
 
 def weights(path):
@@ -46,9 +73,9 @@ def kill_and_resume(dataset, tmp_path, kills, seed):
     rng = random.Random(seed)
     out = tmp_path / "killed"
     survived, finished_early = 0, 0
-    for i in range(kills):
+    for _i in range(kills):
         kind = rng.choice(["timed", "save", "eval", "step"])
-        done = max([step for step, _ in ck.step_checkpoints(out)], default=0)
+        done = max([step for step, _ in rundir.step_checkpoints(out)], default=0)
         left = 24 - done  # aim the kill at work that still lies ahead of the newest checkpoint
         n = {"step": left, "eval": 2 * (left // 3), "save": left // 3}.get(kind, 0)
         env = {} if kind == "timed" else {"OPENLLM_FAULT": f"{kind}:{rng.randint(1, max(1, n))}"}
@@ -67,11 +94,11 @@ def kill_and_resume(dataset, tmp_path, kills, seed):
         else:
             assert rc == 0, stderr
             finished_early += 1
-            if (out / ck.FINAL).is_file():
+            if (out / rundir.FINAL).is_file():
                 shutil.rmtree(out)  # it finished before the kill point: start the next round afresh
     p = launch(args(dataset, out))
     assert p.wait(timeout=300) == 0, p.stderr.read()
-    a, b = weights(ref / ck.FINAL), weights(out / ck.FINAL)
+    a, b = weights(ref / rundir.FINAL), weights(out / rundir.FINAL)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = json.loads((out / "training_log.json").read_text())
     assert [r["step"] for r in log] == list(range(1, 25))
@@ -91,8 +118,17 @@ def test_sigkill_twenty_times_resumes_bit_identically(small_dataset, tmp_path):
 
 
 def config(dataset, out, **kw):
-    base = dict(data=str(dataset.path), output_dir=str(out), batch_size=4, seq_len=32, max_steps=12, eval_every=3,
-                save_every=3, eval_batches=2, warmup_steps=1)
+    base = dict(
+        data=str(dataset.path),
+        output_dir=str(out),
+        batch_size=4,
+        seq_len=32,
+        max_steps=12,
+        eval_every=3,
+        save_every=3,
+        eval_batches=2,
+        warmup_steps=1,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -129,15 +165,21 @@ def test_disk_full_through_the_cli_is_one_line(small_dataset, tmp_path):
         "import errno, torch\n_real = torch.save\n_n = [0]\n"
         "def _save(obj, f, *a, **k):\n    _n[0] += 1\n"
         "    if _n[0] == 3:\n        raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "    return _real(obj, f, *a, **k)\ntorch.save = _save\n")
+        "    return _real(obj, f, *a, **k)\ntorch.save = _save\n"
+    )
     env = dict(os.environ, PYTHONPATH=f"{shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    r = subprocess.run([sys.executable, "-m", "openllm", *args(small_dataset, tmp_path / "run")], capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "openllm", *args(small_dataset, tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "disk full" in r.stderr, r.stderr
 
 
 def test_output_directory_vanishing_mid_run_is_a_clear_error(small_dataset, tmp_path, monkeypatch):
-    import openllm.train as T
+    import openllm.training.loop as T
+
     out = tmp_path / "run"
     real_step = T.train_step
 
@@ -157,7 +199,7 @@ def test_unwritable_output_locations_are_clear_errors(small_dataset, tmp_path, m
     blocker.write_text("x")
     with pytest.raises(OpenLLMError, match="not a directory|cannot create"):
         train(config(small_dataset, blocker / "run"), log=quiet)
-    import openllm.fileio as fio
+    import openllm.core.fileio as fio
 
     def read_only(src, dst):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -168,7 +210,8 @@ def test_unwritable_output_locations_are_clear_errors(small_dataset, tmp_path, m
 
 
 def test_checkpoint_deleted_during_the_run(small_dataset, tmp_path, monkeypatch):
-    import openllm.train as T
+    import openllm.training.loop as T
+
     out = tmp_path / "run"
     real_step = T.train_step
 
@@ -180,10 +223,11 @@ def test_checkpoint_deleted_during_the_run(small_dataset, tmp_path, monkeypatch)
 
     monkeypatch.setattr(T, "train_step", step_and_delete)
     result = train(config(small_dataset, out), log=quiet)
-    assert result.step == 12 and ck.verify_checkpoint(out / ck.FINAL).ok
+    assert result.step == 12 and ck.verify_checkpoint(out / rundir.FINAL).ok
 
 
 # ---------------------------------------------------------------------------- broken files
+
 
 def _resave(path, mutate):
     c = torch.load(path, weights_only=True)
@@ -199,25 +243,36 @@ class Evil:
 
 CORRUPTIONS = {
     "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
-    "flipped bit": lambda p: p.write_bytes((lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1:])(p.read_bytes())),
+    "flipped bit": lambda p: p.write_bytes(
+        (lambda b: b[: len(b) // 2] + bytes([b[len(b) // 2] ^ 1]) + b[len(b) // 2 + 1 :])(p.read_bytes())
+    ),
     "empty": lambda p: p.write_bytes(b""),
     "not a checkpoint": lambda p: p.write_bytes(random.Random(0).randbytes(4096)),
     "missing keys": lambda p: _resave(p, lambda c: c.pop("optimizer_state_dict")),
-    "wrong shape": lambda p: _resave(p, lambda c: c["model_state_dict"].__setitem__("transformer.wpe.weight", torch.zeros(3, 3))),
+    "wrong shape": lambda p: _resave(
+        p, lambda c: c["model_state_dict"].__setitem__("transformer.wpe.weight", torch.zeros(3, 3))
+    ),
     "different model config": lambda p: _resave(p, lambda c: c["config"].__setitem__("n_layer", 7)),
     "pickled code": lambda p: torch.save({"model_state_dict": {}, "x": Evil()}, p),
 }
-EXPECTED = {"truncated": "truncated", "flipped bit": "checksum|corrupt|truncated", "empty": "truncated",
-            "not a checkpoint": "truncated|corrupt", "missing keys": "missing keys", "wrong shape": "shape",
-            "different model config": "lacks|unexpected", "pickled code": "refused"}
+EXPECTED = {
+    "truncated": "truncated",
+    "flipped bit": "checksum|corrupt|truncated",
+    "empty": "truncated",
+    "not a checkpoint": "truncated|corrupt",
+    "missing keys": "missing keys",
+    "wrong shape": "shape",
+    "different model config": "lacks|unexpected",
+    "pickled code": "refused",
+}
 
 
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_resume_auto_skips_broken_checkpoints_and_verify_names_the_problem(small_dataset, tmp_path, kind):
     out = tmp_path / "run"
     train(config(small_dataset, out, max_steps=9, eval_every=100), log=quiet)
-    (out / ck.FINAL).unlink()
-    (out / ck.BEST).unlink()
+    (out / rundir.FINAL).unlink()
+    (out / rundir.BEST).unlink()
     newest = out / "checkpoint_step_6.pt"
     CORRUPTIONS[kind](newest)
     r = subprocess.run([sys.executable, "-m", "openllm", "verify", str(newest)], capture_output=True, text=True)

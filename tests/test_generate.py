@@ -1,8 +1,8 @@
 import torch
 
-from openllm.config import ModelConfig
-from openllm.generate import SamplingOptions, generate_ids, next_token_logits_filter
-from openllm.model import GPT
+from openllm.inference.generate import SamplingOptions, generate_ids, next_token_logits_filter
+from openllm.model.config import ModelConfig
+from openllm.model.gpt import GPT
 
 
 def full_recompute_greedy(model, ids, n):
@@ -10,7 +10,7 @@ def full_recompute_greedy(model, ids, n):
     out = []
     with torch.no_grad():
         for _ in range(n):
-            window = ids[-model.config.block_size:]
+            window = ids[-model.config.block_size :]
             logits, _ = model(torch.tensor([window]))
             token = int(logits[0, -1].argmax())
             if token == 3:
@@ -37,21 +37,28 @@ def test_sampling_is_seeded_and_filters_apply():
     opts = SamplingOptions(max_new_tokens=10, temperature=1.0, top_k=5, top_p=0.9, seed=7)
     assert list(generate_ids(model, [2], opts)) == list(generate_ids(model, [2], opts))
     logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0])
-    filtered = next_token_logits_filter(logits.clone(), SamplingOptions(temperature=1.0, top_k=2, top_p=None), torch.tensor([]))
+    filtered = next_token_logits_filter(
+        logits.clone(), SamplingOptions(temperature=1.0, top_k=2, top_p=None), torch.tensor([])
+    )
     assert torch.isinf(filtered[2:]).all() and torch.isfinite(filtered[:2]).all()
-    filtered = next_token_logits_filter(logits.clone(), SamplingOptions(temperature=1.0, top_k=None, top_p=0.5), torch.tensor([]))
+    filtered = next_token_logits_filter(
+        logits.clone(), SamplingOptions(temperature=1.0, top_k=None, top_p=0.5), torch.tensor([])
+    )
     assert torch.isfinite(filtered[0]) and torch.isinf(filtered[1:]).all()
-    penalised = next_token_logits_filter(logits.clone(), SamplingOptions(temperature=1.0, top_k=None, top_p=None,
-                                                                          repetition_penalty=2.0), torch.tensor([0]))
+    penalised = next_token_logits_filter(
+        logits.clone(),
+        SamplingOptions(temperature=1.0, top_k=None, top_p=None, repetition_penalty=2.0),
+        torch.tensor([0]),
+    )
     assert penalised[0] == 2.5
 
 
 def test_prompts_are_cut_only_when_longer_than_the_context(small_dataset):
-    from openllm.generate import prompt_ids
-    from openllm.tokenizer import load_tokenizer
+    from openllm.data.tokenizer import load_tokenizer
+    from openllm.inference.generate import prompt_ids
 
     tok = load_tokenizer(small_dataset.tokenizer_path)
-    ids, dropped = prompt_ids(tok, "ROMEO:", context=16, max_new_tokens=500)
+    ids, dropped = prompt_ids(tok, "ROMEO:", context=16)
     assert dropped == 0 and ids[0] == 2
     ids, dropped = prompt_ids(tok, "word " * 100, context=16)
     assert len(ids) == 16 and dropped > 0

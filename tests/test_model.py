@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from openllm.config import PRESETS, ModelConfig, model_config_for
-from openllm.errors import OpenLLMError
-from openllm.model import GPT
+from openllm.core.errors import OpenLLMError
+from openllm.model.config import PRESETS, ModelConfig, model_config_for
+from openllm.model.gpt import GPT
 
 
 @pytest.mark.parametrize("name,expected", [("small", 35_823_616), ("medium", 111_204_864), ("large", 337_176_576)])
@@ -70,12 +70,12 @@ def test_kv_cache_matches_full_forward():
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full, _ = model(x)
-        logits, _, cache = model(x[:, :7], use_cache=True)
+        logits, cache = model.forward_with_cache(x[:, :7])
         steps = [logits]
-        logits, _, cache = model(x[:, 7:12], past=cache, use_cache=True)  # a chunk after a cache
+        logits, cache = model.forward_with_cache(x[:, 7:12], cache)  # a chunk after a cache
         steps.append(logits)
         for t in range(12, 20):
-            logits, _, cache = model(x[:, t : t + 1], past=cache, use_cache=True)
+            logits, cache = model.forward_with_cache(x[:, t : t + 1], cache)
             steps.append(logits)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 

@@ -17,8 +17,12 @@ def test_openai_client_completion_and_stream(server):
     assert a.choices[0].text == b.choices[0].text  # seeded sampling is reproducible
     assert a.choices[0].finish_reason in ("stop", "length") and a.usage.prompt_tokens > 0
     greedy = client.completions.create(model="tiny-test", prompt="ROMEO:", max_tokens=12, temperature=0)
-    pieces = [c.choices[0].text for c in client.completions.create(model="tiny-test", prompt="ROMEO:", max_tokens=12,
-                                                                  temperature=0, stream=True)]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny-test", prompt="ROMEO:", max_tokens=12, temperature=0, stream=True
+        )
+    ]
     assert "".join(pieces) == greedy.choices[0].text
     assert len(pieces) >= 2  # it did stream
     two = client.completions.create(model="tiny-test", prompt="KING:", max_tokens=5, n=2, seed=1)
@@ -37,15 +41,26 @@ def test_stop_sequences_cut_the_text(server):
 
 
 MALFORMED = [
-    b"{not json", b"[1, 2]", b"\xff\xfe\x00garbage", json.dumps({"prompt": 5}).encode(),
-    json.dumps({"prompt": "x", "max_tokens": -1}).encode(), json.dumps({"prompt": "x", "max_tokens": 10**9}).encode(),
-    json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), json.dumps({"prompt": "x", "temperature": -2}).encode(),
-    json.dumps({"prompt": "x", "temperature": "hot"}).encode(), json.dumps({"prompt": "x", "top_p": 0}).encode(),
-    json.dumps({"prompt": "x", "n": 0}).encode(), json.dumps({"prompt": "x", "n": 1000}).encode(),
-    json.dumps({"prompt": "x", "stop": 7}).encode(), json.dumps({"prompt": "x", "stream": "yes"}).encode(),
-    json.dumps({"prompt": "x", "seed": -4}).encode(), json.dumps({"prompt": "x", "bogus": 1}).encode(),
-    json.dumps({"prompt": "x" * 50_000}).encode(), json.dumps({"prompt": "x", "max_tokens": True}).encode(),
-    json.dumps({"prompt": ["a", "b"]}).encode(), b"",
+    b"{not json",
+    b"[1, 2]",
+    b"\xff\xfe\x00garbage",
+    json.dumps({"prompt": 5}).encode(),
+    json.dumps({"prompt": "x", "max_tokens": -1}).encode(),
+    json.dumps({"prompt": "x", "max_tokens": 10**9}).encode(),
+    json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(),
+    json.dumps({"prompt": "x", "temperature": -2}).encode(),
+    json.dumps({"prompt": "x", "temperature": "hot"}).encode(),
+    json.dumps({"prompt": "x", "top_p": 0}).encode(),
+    json.dumps({"prompt": "x", "n": 0}).encode(),
+    json.dumps({"prompt": "x", "n": 1000}).encode(),
+    json.dumps({"prompt": "x", "stop": 7}).encode(),
+    json.dumps({"prompt": "x", "stream": "yes"}).encode(),
+    json.dumps({"prompt": "x", "seed": -4}).encode(),
+    json.dumps({"prompt": "x", "bogus": 1}).encode(),
+    json.dumps({"prompt": "x" * 50_000}).encode(),
+    json.dumps({"prompt": "x", "max_tokens": True}).encode(),
+    json.dumps({"prompt": ["a", "b"]}).encode(),
+    b"",
 ]
 
 
@@ -62,23 +77,36 @@ def test_malformed_requests_get_openai_shaped_4xx_and_server_stays_healthy(serve
 
 def test_fifty_concurrent_requests_are_each_answered_correctly(server):
     url, _ = server
-    greedy = {p: httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0}).json()
-              ["choices"][0]["text"] for p in ("ROMEO:", "JULIET:")}
+    greedy = {
+        p: httpx.post(url + "/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0}).json()["choices"][
+            0
+        ]["text"]
+        for p in ("ROMEO:", "JULIET:")
+    }
 
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
             prompts = ["ROMEO:" if i % 2 else "JULIET:" for i in range(50)]
-            rs = await asyncio.gather(*[client.post(url + "/v1/completions",
-                                                    json={"prompt": p, "max_tokens": 8, "temperature": 0,
-                                                          "stream": i % 5 == 0}) for i, p in enumerate(prompts)])
+            rs = await asyncio.gather(
+                *[
+                    client.post(
+                        url + "/v1/completions",
+                        json={"prompt": p, "max_tokens": 8, "temperature": 0, "stream": i % 5 == 0},
+                    )
+                    for i, p in enumerate(prompts)
+                ]
+            )
             return prompts, rs
 
     prompts, responses = asyncio.run(run())
-    for i, (p, r) in enumerate(zip(prompts, responses)):
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=False)):
         assert r.status_code == 200
         if i % 5 == 0:
-            text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.text.split("\n\n")
-                           if line.startswith("data: {"))
+            text = "".join(
+                json.loads(line[6:])["choices"][0]["text"]
+                for line in r.text.split("\n\n")
+                if line.startswith("data: {")
+            )
         else:
             text = r.json()["choices"][0]["text"]
         assert text == greedy[p]  # never another request's tokens
@@ -90,8 +118,12 @@ def test_client_disconnect_mid_stream_stops_generation(server):
     url, app = server
     engine = app.state.engine
     before = engine.served
-    with httpx.stream("POST", url + "/v1/completions", json={"prompt": "A", "max_tokens": 64, "n": 8, "stream": True,
-                                                             "temperature": 1.0}, timeout=30) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/completions",
+        json={"prompt": "A", "max_tokens": 64, "n": 8, "stream": True, "temperature": 1.0},
+        timeout=30,
+    ) as r:
         for _ in r.iter_lines():
             break  # read one event, then hang up
     deadline = time.time() + 20

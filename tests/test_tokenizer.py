@@ -1,8 +1,8 @@
 import pytest
 
-from openllm.data import read_text, split_documents
-from openllm.errors import OpenLLMError
-from openllm.tokenizer import load_tokenizer, read_tokenizer_config, train_tokenizer
+from openllm.core.errors import OpenLLMError
+from openllm.data.corpus import read_text, split_documents
+from openllm.data.tokenizer import load_tokenizer, read_tokenizer_config, train_tokenizer
 
 
 @pytest.fixture(scope="module")

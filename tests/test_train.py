@@ -10,29 +10,35 @@ import time
 import pytest
 import torch
 
-from openllm import checkpoint as ck
-from openllm.config import TrainConfig
-from openllm.errors import OpenLLMError
-from openllm.model import GPT
-from openllm.train import TrainingStopped, lr_at, train
+from openllm.checkpoint import format as ck
+from openllm.checkpoint import rundir
+from openllm.core.errors import OpenLLMError
+from openllm.model.gpt import GPT
+from openllm.training.config import TrainConfig
+from openllm.training.loop import TrainingStopped, lr_at, train
+from tests.conftest import cli, load, quiet
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def config(dataset, out, **kw):
-    base = dict(data=str(dataset.path), output_dir=str(out), model_size="tiny", batch_size=4, seq_len=32,
-                max_steps=12, eval_every=4, save_every=4, eval_batches=4, warmup_steps=2, log_every=100,
-                learning_rate=3e-3, min_lr=3e-4)
+    base = dict(
+        data=str(dataset.path),
+        output_dir=str(out),
+        model_size="tiny",
+        batch_size=4,
+        seq_len=32,
+        max_steps=12,
+        eval_every=4,
+        save_every=4,
+        eval_batches=4,
+        warmup_steps=2,
+        log_every=100,
+        learning_rate=3e-3,
+        min_lr=3e-4,
+    )
     base.update(kw)
     return TrainConfig(**base)
-
-
-def quiet(_msg):
-    pass
-
-
-def load(path):
-    return torch.load(path, weights_only=True)
 
 
 def same_weights(a, b):
@@ -42,9 +48,21 @@ def same_weights(a, b):
 def test_run_directory_layout_and_checkpoint_keys(small_dataset, tmp_path):
     out = tmp_path / "run"
     result = train(config(small_dataset, out), log=quiet)
-    for name in ("best_model.pt", "final_model.pt", "checkpoint_step_4.pt", "checkpoint_step_8.pt", "training_log.json",
-                 "validation_log.json", "training_config.json", "config.json", "tokenizer.model",
-                 "tokenizer_config.json", "generation_config.json", "README.md", "metrics.jsonl"):
+    for name in (
+        "best_model.pt",
+        "final_model.pt",
+        "checkpoint_step_4.pt",
+        "checkpoint_step_8.pt",
+        "training_log.json",
+        "validation_log.json",
+        "training_config.json",
+        "config.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "README.md",
+        "metrics.jsonl",
+    ):
         assert (out / name).is_file(), name
     final = load(out / "final_model.pt")
     assert set(ck.REQUIRED_KEYS) <= set(final)
@@ -71,7 +89,10 @@ def test_run_directory_layout_and_checkpoint_keys(small_dataset, tmp_path):
 def test_best_model_is_never_overwritten_by_a_worse_final(small_dataset, tmp_path):
     out = tmp_path / "run"
     # a learning rate this high makes the later evaluations worse than the first ones
-    train(config(small_dataset, out, learning_rate=0.5, min_lr=0.5, warmup_steps=0, grad_clip=0.0, max_bad_steps=50), log=quiet)
+    train(
+        config(small_dataset, out, learning_rate=0.5, min_lr=0.5, warmup_steps=0, grad_clip=0.0, max_bad_steps=50),
+        log=quiet,
+    )
     val = json.loads((out / "validation_log.json").read_text())
     best = load(out / "best_model.pt")
     final = load(out / "final_model.pt")
@@ -86,8 +107,15 @@ def test_exact_resume_is_bit_identical(small_dataset, tmp_path, small_corpus, ac
     paras = small_corpus.read_text().split("\n\n")
     val_file = tmp_path / "val.txt"
     val_file.write_text("\n\n".join(paras[:20]))
-    common = dict(gradient_accumulation_steps=accum, dropout=0.1, lr_decay_steps=16, data=None,
-                  data_file=str(small_corpus), validation_data=str(val_file), vocab_size=400)
+    common = dict(
+        gradient_accumulation_steps=accum,
+        dropout=0.1,
+        lr_decay_steps=16,
+        data=None,
+        data_file=str(small_corpus),
+        validation_data=str(val_file),
+        vocab_size=400,
+    )
     straight = train(config(small_dataset, tmp_path / "a", max_steps=16, **common), log=quiet)
     train(config(small_dataset, tmp_path / "b", max_steps=8, **common), log=quiet)
     resumed = train(config(small_dataset, tmp_path / "b", max_steps=16, resume="auto", **common), log=quiet)
@@ -108,14 +136,18 @@ def test_resume_from_mid_run_checkpoint_drops_later_metrics(small_dataset, tmp_p
     for name in ("final_model.pt", "best_model.pt", "checkpoint_step_12.pt"):
         (out / name).unlink(missing_ok=True)
     resumed = train(config(small_dataset, out, resume="auto"), log=quiet)
-    assert same_weights(load(straight.final_checkpoint)["model_state_dict"], load(resumed.final_checkpoint)["model_state_dict"])
+    assert same_weights(
+        load(straight.final_checkpoint)["model_state_dict"], load(resumed.final_checkpoint)["model_state_dict"]
+    )
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
 
 
 def test_early_stopping_with_zero_learning_rate(small_dataset, tmp_path):
     out = tmp_path / "run"
-    result = train(config(small_dataset, out, learning_rate=0.0, min_lr=0.0, max_steps=40, early_stopping_patience=2), log=quiet)
+    result = train(
+        config(small_dataset, out, learning_rate=0.0, min_lr=0.0, max_steps=40, early_stopping_patience=2), log=quiet
+    )
     val = json.loads((out / "validation_log.json").read_text())
     assert len(val) <= 3 and result.step < 40
     assert "early stopping" in result.stop_reason
@@ -123,8 +155,12 @@ def test_early_stopping_with_zero_learning_rate(small_dataset, tmp_path):
     assert final["training_stats"]["stop_reason"] == result.stop_reason
     assert final["resume_state"]["run_state"]["bad_evals"] == 2
     messages = []
-    again = train(config(small_dataset, out, learning_rate=0.0, min_lr=0.0, max_steps=40, early_stopping_patience=2,
-                         resume="auto"), log=messages.append)
+    again = train(
+        config(
+            small_dataset, out, learning_rate=0.0, min_lr=0.0, max_steps=40, early_stopping_patience=2, resume="auto"
+        ),
+        log=messages.append,
+    )
     assert again is None and any("already stopped" in m for m in messages)
 
 
@@ -140,9 +176,20 @@ def test_early_stopping_counter_survives_resume(small_dataset, tmp_path):
 def test_rotation_keeps_last_and_protects_best_and_resumed(small_dataset, tmp_path):
     out = tmp_path / "run"
     train(config(small_dataset, out, max_steps=8, save_every=1, eval_every=100, keep_last=2), log=quiet)
-    assert [s for s, _ in ck.step_checkpoints(out)] == [6, 7]
-    train(config(small_dataset, out, max_steps=12, save_every=1, eval_every=100, keep_last=2, resume=str(out / "checkpoint_step_6.pt")), log=quiet)
-    assert [s for s, _ in ck.step_checkpoints(out)] == [6, 10, 11]
+    assert [s for s, _ in rundir.step_checkpoints(out)] == [6, 7]
+    train(
+        config(
+            small_dataset,
+            out,
+            max_steps=12,
+            save_every=1,
+            eval_every=100,
+            keep_last=2,
+            resume=str(out / "checkpoint_step_6.pt"),
+        ),
+        log=quiet,
+    )
+    assert [s for s, _ in rundir.step_checkpoints(out)] == [6, 10, 11]
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint(small_dataset, tmp_path):
@@ -164,7 +211,8 @@ def test_resume_mismatches_are_refused_with_the_difference(small_dataset, small_
     train(config(small_dataset, out, max_steps=4), log=quiet)
     with pytest.raises(OpenLLMError, match="model config differs.*n_layer"):
         train(config(small_dataset, out, max_steps=8, model_size="small", resume="auto"), log=quiet)
-    from openllm.data import prepare_dataset
+    from openllm.data.prepare import prepare_dataset
+
     other = prepare_dataset([small_corpus], tmp_path / "other", tokenizer=small_dataset.tokenizer_path, seed=5)
     with pytest.raises(OpenLLMError, match="dataset differs"):
         train(config(other, out, max_steps=8, resume="auto"), log=quiet)
@@ -216,8 +264,9 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_weight_decay_only_on_matrices(small_dataset):
-    from openllm.launch import configure_optimizer
-    model = GPT(__import__("openllm.config", fromlist=["x"]).PRESETS["tiny"].model)
+    from openllm.training.optim import configure_optimizer
+
+    model = GPT(__import__("openllm.model.config", fromlist=["x"]).PRESETS["tiny"].model)
     opt = configure_optimizer(model, TrainConfig(model_size="tiny").resolved(), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
@@ -226,15 +275,32 @@ def test_weight_decay_only_on_matrices(small_dataset):
 
 # ------------------------------------------------------------------------------- processes
 
-def cli(*args, env=None, cwd=None, **kw):
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "openllm", *args], capture_output=True, text=True, env=e, cwd=cwd, **kw)
-
 
 def cli_args(dataset, out, *extra):
-    return ["train", "--data", str(dataset.path), "--output-dir", str(out), "--batch-size", "4", "--seq-len", "32",
-            "--max-steps", "12", "--eval-every", "4", "--save-every", "4", "--eval-batches", "4",
-            "--warmup-steps", "2", "--sample-tokens", "5", *extra]
+    return [
+        "train",
+        "--data",
+        str(dataset.path),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--max-steps",
+        "12",
+        "--eval-every",
+        "4",
+        "--save-every",
+        "4",
+        "--eval-batches",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--sample-tokens",
+        "5",
+        *extra,
+    ]
 
 
 def test_sigkill_in_mid_save_leaves_previous_checkpoints_and_resume_finishes(small_dataset, tmp_path):
@@ -248,7 +314,9 @@ def test_sigkill_in_mid_save_leaves_previous_checkpoints_and_resume_finishes(sma
     assert ck.verify_checkpoint(out / "checkpoint_step_4.pt").ok and ck.verify_checkpoint(out / "best_model.pt").ok
     r = cli(*cli_args(small_dataset, out, "--resume", "auto"))
     assert r.returncode == 0, r.stderr
-    assert same_weights(load(straight / "final_model.pt")["model_state_dict"], load(out / "final_model.pt")["model_state_dict"])
+    assert same_weights(
+        load(straight / "final_model.pt")["model_state_dict"], load(out / "final_model.pt")["model_state_dict"]
+    )
     # the killed writer may leave its temporary file, but every file under a final name is whole
     assert all(ck.verify_checkpoint(p).ok for p in out.glob("*.pt"))
 
@@ -256,9 +324,25 @@ def test_sigkill_in_mid_save_leaves_previous_checkpoints_and_resume_finishes(sma
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_and_says_how_to_resume(small_dataset, tmp_path, sig):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "openllm", *cli_args(small_dataset, out)[:-8], "--max-steps", "100000",
-                             "--save-every", "100000", "--eval-every", "100000", "--sample-tokens", "5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "openllm",
+            *cli_args(small_dataset, out)[:-8],
+            "--max-steps",
+            "100000",
+            "--save-every",
+            "100000",
+            "--eval-every",
+            "100000",
+            "--sample-tokens",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "metrics.jsonl").is_file():
         time.sleep(0.2)
@@ -267,15 +351,27 @@ def test_signal_saves_and_says_how_to_resume(small_dataset, tmp_path, sig):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "--resume auto" in stderr and "Traceback" not in stderr
-    saved = ck.step_checkpoints(out)
+    saved = rundir.step_checkpoints(out)
     assert len(saved) == 1 and ck.verify_checkpoint(saved[0][1]).ok
 
 
 def test_yaml_config_with_command_line_winning(small_dataset, tmp_path):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(f"data: {small_dataset.path}\nmax-steps: 50\nbatch_size: 4\nseq-len: 32\neval_every: 3\n"
-                        "save_every: 3\neval-batches: 2\n")
-    r = cli("train", "--config", str(cfg_file), "--max-steps", "3", "--output-dir", str(tmp_path / "run"), "--sample-tokens", "1")
+    cfg_file.write_text(
+        f"data: {small_dataset.path}\nmax-steps: 50\nbatch_size: 4\nseq-len: 32\neval_every: 3\n"
+        "save_every: 3\neval-batches: 2\n"
+    )
+    r = cli(
+        "train",
+        "--config",
+        str(cfg_file),
+        "--max-steps",
+        "3",
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--sample-tokens",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     tc = json.loads((tmp_path / "run" / "training_config.json").read_text())
     assert tc["max_steps"] == 3 and tc["batch_size"] == 4 and tc["eval_every"] == 3
@@ -284,17 +380,22 @@ def test_yaml_config_with_command_line_winning(small_dataset, tmp_path):
     assert r.returncode == 2 and "unknown option 'learning_rat'" in r.stderr
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
-    (["--learning-rate", "nan"], "--learning-rate must be a finite number"),
-    (["--seq-len", "4096"], "above the model's context"),
-    (["--dropout", "1.5"], "--dropout"),
-    (["--device", "tpu"], "invalid choice"),
-    (["--dtype", "float16", "--device", "cpu"], "float16 needs a CUDA GPU"),
-    (["--resume", "/nonexistent/ckpt.pt"], "checkpoint not found"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number"),
+        (["--seq-len", "4096"], "above the model's context"),
+        (["--dropout", "1.5"], "--dropout"),
+        (["--device", "tpu"], "invalid choice"),
+        (["--dtype", "float16", "--device", "cpu"], "float16 needs a CUDA GPU"),
+        (["--resume", "/nonexistent/ckpt.pt"], "checkpoint not found"),
+    ],
+)
 def test_bad_train_options_are_one_line_errors(small_dataset, tmp_path, args, match):
-    r = cli("train", "--data", str(small_dataset.path), "--output-dir", str(tmp_path / "run"), "--max-steps", "2", *args)
+    r = cli(
+        "train", "--data", str(small_dataset.path), "--output-dir", str(tmp_path / "run"), "--max-steps", "2", *args
+    )
     assert r.returncode == 2, r.stderr
     assert match in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not list((tmp_path / "run").glob("*.pt")) if (tmp_path / "run").exists() else True
@@ -308,9 +409,15 @@ def test_legacy_entry_point_and_defaults(small_corpus, tmp_path):
         sys.path.pop(0)
     argv = "--model-size small --max-steps 10000 --output-dir models/improved-10k --save-every 500 --early-stopping-patience 3 --validation-data data/clean/validation_data.txt".split()
     from openllm.cli import build_parser, train_config_from_args
+
     cfg = train_config_from_args(build_parser().parse_args(legacy.legacy_argv(argv)))
-    assert (cfg.model_size, cfg.max_steps, cfg.output_dir, cfg.save_every, cfg.early_stopping_patience) == \
-           ("small", 10000, "models/improved-10k", 500, 3)
+    assert (cfg.model_size, cfg.max_steps, cfg.output_dir, cfg.save_every, cfg.early_stopping_patience) == (
+        "small",
+        10000,
+        "models/improved-10k",
+        500,
+        3,
+    )
     assert cfg.data_file == "data/clean/training_data.txt"
     assert cfg.validation_data == "data/clean/validation_data.txt"
     # and the script runs as written (tiny and short here) in a legacy-layout directory
@@ -318,10 +425,69 @@ def test_legacy_entry_point_and_defaults(small_corpus, tmp_path):
     shutil.copy(small_corpus, tmp_path / "data" / "clean" / "training_data.txt")
     paras = small_corpus.read_text().split("\n\n")
     (tmp_path / "data" / "clean" / "validation_data.txt").write_text("\n\n".join(paras[:30]))
-    r = subprocess.run([sys.executable, str(ROOT / "core" / "src" / "train_model_improved.py"), "--model-size", "tiny",
-                        "--max-steps", "4", "--output-dir", "models/improved-10k", "--save-every", "2",
-                        "--early-stopping-patience", "3", "--validation-data", "data/clean/validation_data.txt",
-                        "--vocab-size", "400", "--batch-size", "4", "--seq-len", "32", "--eval-every", "2",
-                        "--sample-tokens", "3"], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "core" / "src" / "train_model_improved.py"),
+            "--model-size",
+            "tiny",
+            "--max-steps",
+            "4",
+            "--output-dir",
+            "models/improved-10k",
+            "--save-every",
+            "2",
+            "--early-stopping-patience",
+            "3",
+            "--validation-data",
+            "data/clean/validation_data.txt",
+            "--vocab-size",
+            "400",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--eval-every",
+            "2",
+            "--sample-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "models" / "improved-10k" / "best_model.pt").is_file()
+
+
+def test_min_lr_follows_a_learning_rate_the_user_gave(small_dataset, tmp_path):
+    cfg = TrainConfig(model_size="tiny", learning_rate=1e-4).resolved()
+    assert cfg.min_lr == pytest.approx(1e-5)  # a tenth, as the presets decay
+    assert TrainConfig(model_size="tiny").resolved().min_lr == pytest.approx(4e-4)
+    with pytest.raises(OpenLLMError, match="--min-lr"):  # an explicit contradiction is still an error
+        TrainConfig(model_size="tiny", learning_rate=1e-4, min_lr=1e-3).resolved()
+    r = cli(*cli_args(small_dataset, tmp_path / "run", "--model-size", "tiny", "--learning-rate", "1e-4"))
+    assert r.returncode == 0, r.stderr
+    assert load(tmp_path / "run" / "final_model.pt")["training_config"]["min_lr"] == pytest.approx(1e-5)
+
+
+def test_zero_learning_rate_without_warmup_measures_and_stops_early(small_dataset, tmp_path):
+    r = cli(
+        *cli_args(
+            small_dataset,
+            tmp_path / "run",
+            "--learning-rate",
+            "0",
+            "--warmup-steps",
+            "0",
+            "--early-stopping-patience",
+            "2",
+            "--max-steps",
+            "40",
+            "--eval-every",
+            "2",
+        )
+    )
+    assert r.returncode == 0, r.stderr
+    final = load(tmp_path / "run" / "final_model.pt")
+    assert final["step"] == 6 and "early stopping" in final["training_stats"]["stop_reason"]

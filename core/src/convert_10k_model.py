@@ -5,10 +5,9 @@ A thin shell over ``openllm convert``: it detects the input kind (legacy export,
 GPT-2, nanoGPT, openllm export) and writes a full, resumable run directory.
 """
 
+import importlib.util
 import sys
 from pathlib import Path
-
-import importlib.util
 
 if importlib.util.find_spec("openllm") is None:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))

@@ -6,10 +6,9 @@ training text ``data/clean/training_data.txt`` and, when present, the tokenizer 
 Every ``openllm train`` option is accepted.
 """
 
+import importlib.util
 import sys
 from pathlib import Path
-
-import importlib.util
 
 if importlib.util.find_spec("openllm") is None:  # running from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))

@@ -1,18 +1,27 @@
 """OpenLLM: train GPT language models from scratch with complete, crash-safe checkpoints.
 
-The library is organised one concept per module:
+The package is layered; each folder is one layer and imports only from the layers listed before it:
 
-- :mod:`openllm.config`      model presets and the training configuration
-- :mod:`openllm.model`       the GPT model
-- :mod:`openllm.tokenizer`   SentencePiece tokenizer training and loading
-- :mod:`openllm.data`        corpus cleaning, splitting, encoding and batching
-- :mod:`openllm.checkpoint`  the checkpoint format, atomic writes and verification
-- :mod:`openllm.train`       the training loop
-- :mod:`openllm.cli`         the ``openllm`` command line
+==================  ==========================================================================
+``core/``           errors, crash-safe files, fault injection, option declarations, device/dtype
+``data/``           tokenizer, documents from raw text, ``openllm prepare``, dataset dirs, batches
+``model/``          model config and presets, the GPT architecture, scoring text with a model
+``checkpoint/``     the checkpoint format (``checkpoint/format.py``, the only module that knows its
+                    keys), the run state it carries, run-directory files, training curves
+``interop/``        Hugging Face GPT-2 adapter, tokenizer.json, convert, export, inspect/verify
+``training/``       train options, run set-up, the loop, schedule, optimizer, metrics, torchrun
+``inference/``      loading a model for use, generation, ``openllm eval``, the HTTP server
+``cli.py``          the ``openllm`` command line, on top of everything
+==================  ==========================================================================
+
+The rule: ``core`` < ``data`` < ``model`` < ``checkpoint`` < ``interop`` < {``training``,
+``inference``} < ``cli``. ``interop`` and ``inference`` never import ``training``, ``training``
+never imports ``interop`` or ``inference``, and no module imports a module that imports it back.
+``tests/test_architecture.py`` checks this on every test run.
 """
 
 __version__ = "0.2.0"
 
-from openllm.errors import OpenLLMError  # noqa: E402
+from openllm.core.errors import OpenLLMError  # noqa: E402
 
 __all__ = ["OpenLLMError", "__version__"]

@@ -10,14 +10,14 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from openllm.errors import OpenLLMError
-from openllm.fileio import atomic_write_bytes, atomic_write_json, ensure_dir
+from openllm.core.errors import OpenLLMError
+from openllm.core.fileio import atomic_write_bytes, atomic_write_json, ensure_dir
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
@@ -98,8 +98,14 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int, num_threads: int 
             vocab_size=vocab_size,
             byte_fallback=True,
             character_coverage=0.9995,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_piece="<pad>",
+            unk_piece="<unk>",
+            bos_piece="<s>",
+            eos_piece="</s>",
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             split_digits=True,
@@ -117,7 +123,8 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int, num_threads: int 
             ) from None
         if "Vocabulary size" in msg or "vocab_size" in msg:
             raise OpenLLMError(
-                f"the corpus cannot support a vocabulary of {vocab_size} tokens ({msg.strip()}); use a smaller --vocab-size"
+                f"the corpus cannot support a vocabulary of {vocab_size} tokens ({msg.strip()}); "
+                "use a smaller --vocab-size"
             ) from None
         raise OpenLLMError(f"tokenizer training failed: {msg.strip()}") from None
     return _from_bytes(buf.getvalue(), "<trained>")

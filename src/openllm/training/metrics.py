@@ -11,9 +11,22 @@ from pathlib import Path
 
 import torch
 
+from openllm.core.errors import OpenLLMError
+from openllm.core.fileio import atomic_write_text
+
 # Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, for model FLOPs utilisation.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-              "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -40,15 +53,18 @@ def peak_flops_for(device: torch.device, override: float | None = None) -> float
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
 class MetricsLog:
     """Appends one JSON line per logged step to ``metrics.jsonl``; shows progress on a terminal."""
 
-    def __init__(self, path: Path, total_steps: int, start_step: int, enabled: bool = True, log_every: int = 10,
-                 tensorboard: bool = False):
+    def __init__(
+        self,
+        path: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool = True,
+        log_every: int = 10,
+        tensorboard: bool = False,
+    ):
         self.enabled = enabled
         self.tb = None
         self.log_every = log_every
@@ -65,8 +81,6 @@ class MetricsLog:
             try:
                 from tensorboardX import SummaryWriter
             except ImportError:
-                from openllm.errors import OpenLLMError
-
                 raise OpenLLMError("--tensorboard needs tensorboardX: pip install 'openllm[tensorboard]'") from None
             self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
         if sys.stderr.isatty():
@@ -87,13 +101,17 @@ class MetricsLog:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(
                 f"loss {record['loss']:.4f} ppl {record['perplexity']:.1f} lr {record['learning_rate']:.2e} "
-                f"{record['tokens_per_second']:,.0f} tok/s", refresh=False)
+                f"{record['tokens_per_second']:,.0f} tok/s",
+                refresh=False,
+            )
         elif step % self.log_every == 0 or step == self.total:
             done = step - self.start_step
             eta = (time.time() - self.started) / max(done, 1) * (self.total - step)
-            self.say(f"step {step}/{self.total} loss {record['loss']:.4f} ppl {record['perplexity']:.1f} "
-                     f"lr {record['learning_rate']:.2e} grad_norm {record['grad_norm']:.3f} "
-                     f"{record['tokens_per_second']:,.0f} tok/s mem {record['memory_mb']:.0f} MB eta {eta:.0f}s")
+            self.say(
+                f"step {step}/{self.total} loss {record['loss']:.4f} ppl {record['perplexity']:.1f} "
+                f"lr {record['learning_rate']:.2e} grad_norm {record['grad_norm']:.3f} "
+                f"{record['tokens_per_second']:,.0f} tok/s mem {record['memory_mb']:.0f} MB eta {eta:.0f}s"
+            )
 
     def validation(self, step: int, loss: float) -> None:
         if self.tb is not None and math.isfinite(loss):
@@ -126,8 +144,6 @@ def _truncate_after(path: Path, step: int) -> None:
     """Drop lines of steps after ``step`` (left by a run that died after its last checkpoint)."""
     if not path.is_file():
         return
-    from openllm.fileio import atomic_write_text
-
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Annotated
 
 import torch
 
-from openllm.model import GPT
-from openllm.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from openllm.core.options import Opt, fraction_incl, int_value, nonneg_float, nonneg_int, positive_float, positive_int
+from openllm.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from openllm.model.gpt import GPT
 
 
 @dataclass
 class SamplingOptions:
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 40
-    top_p: float | None = 0.95
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    max_new_tokens: Annotated[int, Opt("tokens to generate at most", parse=positive_int)] = 200
+    temperature: Annotated[float, Opt("0 means greedy decoding", parse=nonneg_float)] = 0.8
+    top_k: Annotated[int | None, Opt("keep the k most likely tokens (0 or None: off)", parse=nonneg_int)] = 40
+    top_p: Annotated[
+        float | None,
+        Opt("nucleus sampling: keep the smallest set of tokens with this much probability", parse=fraction_incl),
+    ] = 0.95
+    repetition_penalty: Annotated[
+        float, Opt("divide the logits of tokens already seen by this", parse=positive_float)
+    ] = 1.0
+    seed: Annotated[int | None, Opt("sampling seed (sample i of --num-samples uses seed + i)", parse=int_value)] = None
 
 
 def next_token_logits_filter(logits: torch.Tensor, opts: SamplingOptions, history: torch.Tensor) -> torch.Tensor:
@@ -40,7 +47,7 @@ def next_token_logits_filter(logits: torch.Tensor, opts: SamplingOptions, histor
     return logits
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: int = 0) -> tuple[list[int], int]:
+def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int) -> tuple[list[int], int]:
     """Encode a prompt as training encoded a document start (BOS + ids), keeping its last ``context`` tokens.
 
     Generation slides its window past the context, so only a prompt longer than the context itself is
@@ -52,7 +59,9 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int, max_new_tokens: 
 
 
 @torch.no_grad()
-def generate_ids(model: GPT, ids: list[int], opts: SamplingOptions, device: torch.device | str = "cpu") -> Iterator[int]:
+def generate_ids(
+    model: GPT, ids: list[int], opts: SamplingOptions, device: torch.device | str = "cpu"
+) -> Iterator[int]:
     """Yield new token ids one at a time until EOS or ``max_new_tokens`` (EOS is not yielded)."""
     model.eval()
     gen = torch.Generator(device="cpu")
@@ -60,7 +69,7 @@ def generate_ids(model: GPT, ids: list[int], opts: SamplingOptions, device: torc
     context = model.config.block_size
     x = torch.tensor([ids], dtype=torch.long, device=device)
     history = x[0]
-    logits, _, cache = model(x, use_cache=True)
+    logits, cache = model.forward_with_cache(x)
     for _ in range(opts.max_new_tokens):
         row = logits[0, -1]
         if opts.temperature <= 0:
@@ -73,13 +82,39 @@ def generate_ids(model: GPT, ids: list[int], opts: SamplingOptions, device: torc
         yield token
         history = torch.cat([history, torch.tensor([token], device=history.device)])
         if cache[0][0].size(2) >= context:  # context full: slide the window and recompute
-            window = history[-(context - 1):][None]
-            logits, _, cache = model(window, use_cache=True)
+            window = history[-(context - 1) :][None]
+            logits, cache = model.forward_with_cache(window)
         else:
-            logits, _, cache = model(torch.tensor([[token]], device=device), past=cache, use_cache=True)
+            logits, cache = model.forward_with_cache(torch.tensor([[token]], device=device), cache)
 
 
-def generate_text(model: GPT, tokenizer: Tokenizer, prompt: str, opts: SamplingOptions,
-                  device: torch.device | str = "cpu") -> str:
-    ids, _ = prompt_ids(tokenizer, prompt, model.config.block_size, opts.max_new_tokens)
+def generate_text(
+    model: GPT, tokenizer: Tokenizer, prompt: str, opts: SamplingOptions, device: torch.device | str = "cpu"
+) -> str:
+    ids, _ = prompt_ids(tokenizer, prompt, model.config.block_size)
     return tokenizer.decode(list(generate_ids(model, ids, opts, device)))
+
+
+class TextStream:
+    """Decodes generated ids as they come; :meth:`push` returns only text whose characters are complete
+    (a multi-byte character split over byte-fallback tokens waits for its last byte)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""  # everything returned so far
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        full = self.tokenizer.decode(self.ids)
+        if full.endswith("\ufffd"):
+            return ""
+        return self._advance(full)
+
+    def finish(self) -> str:
+        """Whatever is left, incomplete characters included (as replacement characters)."""
+        return self._advance(self.tokenizer.decode(self.ids))
+
+    def _advance(self, full: str) -> str:
+        new, self.text = full[len(self.text) :], full
+        return new

@@ -1,4 +1,4 @@
-"""Held-out evaluation: token-weighted loss, perplexity and bits per byte.
+"""Scoring text with a model: token-weighted loss, perplexity and bits per byte.
 
 Text is encoded the way training encoded it (documents as BOS + ids + EOS, packed) and scored
 with sliding windows: each window holds up to ``seq_len`` tokens, windows start every ``stride``
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from openllm.data import load_dataset, pack, read_text, split_documents, token_dtype
-from openllm.errors import OpenLLMError
-from openllm.model import GPT
-from openllm.tokenizer import Tokenizer
+from openllm.core.errors import OpenLLMError
+from openllm.data.corpus import read_text, split_documents
+from openllm.data.dataset import load_dataset, token_dtype
+from openllm.data.prepare import pack
+from openllm.data.tokenizer import Tokenizer
+from openllm.model.gpt import GPT
 
 
 @dataclass
@@ -57,8 +59,9 @@ def window_plan(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int
 
 
 @torch.no_grad()
-def stream_nll(model: GPT, tokens: np.ndarray, seq_len: int, stride: int, batch_size: int = 8,
-               device: torch.device | str = "cpu") -> tuple[float, int]:
+def stream_nll(
+    model: GPT, tokens: np.ndarray, seq_len: int, stride: int, batch_size: int = 8, device: torch.device | str = "cpu"
+) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and count of scored targets over a token stream."""
     model.eval()
     plan = window_plan(len(tokens), seq_len, stride)
@@ -67,13 +70,18 @@ def stream_nll(model: GPT, tokens: np.ndarray, seq_len: int, stride: int, batch_
     while i < len(plan):
         length = plan[i][1] - plan[i][0]
         group = [plan[i]]
-        while i + len(group) < len(plan) and len(group) < batch_size and \
-                plan[i + len(group)][1] - plan[i + len(group)][0] == length:
+        while (
+            i + len(group) < len(plan)
+            and len(group) < batch_size
+            and plan[i + len(group)][1] - plan[i + len(group)][0] == length
+        ):
             group.append(plan[i + len(group)])
         block = torch.from_numpy(np.stack([np.asarray(tokens[b : e + 1], dtype=np.int64) for b, e, _ in group]))
         x, y = block[:, :-1].to(device), block[:, 1:].to(device)
         logits, _ = model(x)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(
+            y.shape
+        )
         for row, (_, _, scored) in enumerate(group):
             total += float(nll[row, -scored:].double().sum())
             count += scored
@@ -95,35 +103,33 @@ def encode_file(tokenizer: Tokenizer, path: str | os.PathLike) -> tuple[np.ndarr
     return pack(tokenizer, docs, token_dtype(tokenizer.vocab_size)), len(raw), hashlib.sha256(raw).hexdigest()
 
 
-def evaluate_file(model: GPT, tokenizer: Tokenizer, path: str | os.PathLike, seq_len: int | None = None,
-                  stride: int | None = None, batch_size: int = 8, device="cpu") -> EvalResult:
+def evaluate_file(
+    model: GPT,
+    tokenizer: Tokenizer,
+    path: str | os.PathLike,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device="cpu",
+) -> EvalResult:
     seq_len = min(seq_len or model.config.block_size, model.config.block_size)
     tokens, n_bytes, _ = encode_file(tokenizer, path)
     total, count = stream_nll(model, tokens, seq_len, stride or max(1, seq_len // 2), batch_size, device)
     return _result(total, count, n_bytes, str(path))
 
 
-def evaluate_dataset(model: GPT, dataset_dir: str | os.PathLike, split: str = "val", seq_len: int | None = None,
-                     stride: int | None = None, batch_size: int = 8, device="cpu") -> EvalResult:
+def evaluate_dataset(
+    model: GPT,
+    dataset_dir: str | os.PathLike,
+    split: str = "val",
+    seq_len: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device="cpu",
+) -> EvalResult:
     ds = load_dataset(dataset_dir)
     seq_len = min(seq_len or model.config.block_size, model.config.block_size)
     tokens = ds.val if split == "val" else ds.train
     total, count = stream_nll(model, tokens, seq_len, stride or max(1, seq_len // 2), batch_size, device)
     n_bytes = ds.meta[f"{split}_text_bytes"] + ds.meta[f"{split}_documents"]
     return _result(total, count, n_bytes, f"{Path(dataset_dir)} ({split})")
-
-
-def training_sources(checkpoint_meta: dict | None) -> tuple[set[str], str | None]:
-    """sha256 of the files a checkpoint's run trained on, and its dataset fingerprint (when known)."""
-    import json
-
-    meta = checkpoint_meta or {}
-    hashes: set[str] = set()
-    ds_dir = (meta.get("training_config") or {}).get("dataset_dir")
-    if ds_dir and (Path(ds_dir) / "meta.json").is_file():
-        try:
-            ds_meta = json.loads((Path(ds_dir) / "meta.json").read_text())
-            hashes = {i["sha256"] for i in ds_meta.get("inputs", [])}
-        except (OSError, ValueError, KeyError):
-            pass
-    return hashes, meta.get("dataset_fingerprint")

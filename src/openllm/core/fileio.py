@@ -9,10 +9,11 @@ import contextlib
 import errno
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
-from openllm.errors import OpenLLMError
+from openllm.core.errors import OpenLLMError
 
 
 def fsync_dir(path: Path) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from openllm.errors import OpenLLMError
-from openllm.fileio import read_json
+from openllm.checkpoint.format import load_checkpoint, read_info
+from openllm.checkpoint.rundir import FINAL
+from openllm.core.errors import OpenLLMError
+from openllm.core.fileio import read_json
 
 
 def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
@@ -18,18 +20,20 @@ def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None
 
     run_dir = Path(run_dir)
     train = read_json(run_dir / "training_log.json", "training log")
-    val = read_json(run_dir / "validation_log.json", "validation log") if (run_dir / "validation_log.json").is_file() else []
+    val = (
+        read_json(run_dir / "validation_log.json", "validation log")
+        if (run_dir / "validation_log.json").is_file()
+        else []
+    )
     if not isinstance(train, list) or not isinstance(val, list):
         raise OpenLLMError(f"{run_dir}: training_log.json / validation_log.json must hold lists")
     if not train:
         raise OpenLLMError(f"{run_dir}: the training log is empty; nothing to plot")
     stop_reason = None
-    final = run_dir / "final_model.pt"
+    final = run_dir / FINAL
     if final.is_file():  # why the run stopped (max steps, early stopping) is in its final checkpoint
-        from openllm.checkpoint import load_checkpoint
-
         try:
-            stop_reason = (load_checkpoint(final, mmap=True).get("training_stats") or {}).get("stop_reason")
+            stop_reason = read_info(load_checkpoint(final, mmap=True)).stop_reason
         except OpenLLMError:
             stop_reason = None
 
@@ -41,8 +45,15 @@ def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None
         vl = [r["validation_loss"] for r in val]
         ax.plot(vs, vl, "o-", color="C1", label="validation loss")
         best = min(range(len(vl)), key=lambda i: vl[i])
-        ax.scatter([vs[best]], [vl[best]], s=160, marker="*", color="C3", zorder=5,
-                   label=f"best: {vl[best]:.4f} at step {vs[best]}")
+        ax.scatter(
+            [vs[best]],
+            [vl[best]],
+            s=160,
+            marker="*",
+            color="C3",
+            zorder=5,
+            label=f"best: {vl[best]:.4f} at step {vs[best]}",
+        )
     reason = f"\n{stop_reason[:90]}" if stop_reason else ""
     ax.axvline(steps[-1], color="grey", ls="--", lw=1, label=f"stopped at step {steps[-1]}{reason}")
     ax.set_ylabel("loss (nats/token)")

@@ -13,23 +13,26 @@ beside the weights, or empty with the provenance saying that none exists.
 
 from __future__ import annotations
 
-
+import io
 import os
-
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
 import torch
 
-from openllm import checkpoint as ck
-from openllm.config import PRESETS, ModelConfig
-from openllm.errors import OpenLLMError
-from openllm.export import config_from_hf, from_hf_state_dict, read_config_json, read_hf_dir
-from openllm.fileio import atomic_write_json, atomic_write_text, ensure_dir, read_json
-from openllm.metrics import perplexity
-from openllm.model import GPT
-from openllm.rundir import generation_config, model_card, model_config_json
-from openllm.tokenizer import Tokenizer, load_tokenizer
+from openllm.checkpoint import format as ck
+from openllm.checkpoint.rundir import BEST, generation_config, model_config_json, write_logs, write_model_card
+from openllm.checkpoint.state import RunState
+from openllm.core.errors import OpenLLMError
+from openllm.core.fileio import atomic_write_json, ensure_dir, read_json
+from openllm.core.numbers import perplexity
+from openllm.core.options import Opt, nonneg_int
+from openllm.data.tokenizer import Tokenizer, load_tokenizer
+from openllm.interop.gpt2 import config_from_hf, from_hf, read_config_json, read_hf_dir, tie_head, without_mask_buffers
+from openllm.model.config import PRESETS, ModelConfig
+from openllm.model.gpt import GPT
+from openllm.model.scoring import evaluate_file
 
 
 @dataclass
@@ -56,7 +59,9 @@ def detect(path: Path) -> str:
         return "openllm-export" if "openllm" in cfg else "hf-gpt2"
     if cfg.get("model_type") == "gpt" or "GPTModel" in (cfg.get("architectures") or []):
         return "legacy"
-    raise OpenLLMError(f"{cfg_file}: unknown model_type {cfg.get('model_type')!r} (expected gpt2 or legacy OpenLLM gpt)")
+    raise OpenLLMError(
+        f"{cfg_file}: unknown model_type {cfg.get('model_type')!r} (expected gpt2 or legacy OpenLLM gpt)"
+    )
 
 
 def _tokenizer_beside(path: Path, override: str | None) -> Tokenizer | None:
@@ -78,9 +83,15 @@ def _read_log(path: Path, name: str) -> list | None:
 def _nanogpt_style_config(d: dict, origin: str, default_dropout: float) -> ModelConfig:
     """ModelConfig from the nanoGPT-style keys the legacy config.json and nanoGPT's model_args share."""
     try:
-        return ModelConfig(vocab_size=int(d["vocab_size"]), n_layer=int(d["n_layer"]), n_head=int(d["n_head"]),
-                           n_embd=int(d["n_embd"]), block_size=int(d["block_size"]),
-                           dropout=float(d.get("dropout", default_dropout)), bias=bool(d.get("bias", True)))
+        return ModelConfig(
+            vocab_size=int(d["vocab_size"]),
+            n_layer=int(d["n_layer"]),
+            n_head=int(d["n_head"]),
+            n_embd=int(d["n_embd"]),
+            block_size=int(d["block_size"]),
+            dropout=float(d.get("dropout", default_dropout)),
+            bias=bool(d.get("bias", True)),
+        )
     except KeyError as exc:
         raise OpenLLMError(f"{origin} lacks {exc.args[0]}") from None
     except (TypeError, ValueError) as exc:
@@ -95,8 +106,7 @@ def import_legacy(path: Path, tokenizer: str | None) -> Imported:
     raw = ck.load_checkpoint(weights)
     if "model_state_dict" in raw:
         raw = raw["model_state_dict"]
-    state = {k: v for k, v in raw.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    state = tie_head(without_mask_buffers(raw))
     config = _nanogpt_style_config(cfg, f"{path / 'config.json'}", default_dropout=0.1)
     imp = Imported("legacy", config, state, _tokenizer_beside(path, tokenizer), step=cfg.get("training_steps"))
     gen = path / "generation_config.json"
@@ -111,7 +121,7 @@ def import_hf(path: Path, tokenizer: str | None, kind: str) -> Imported:
     cfg, state = read_hf_dir(path)
     config = config_from_hf(cfg, str(path))
     meta = cfg.get("openllm") or {}
-    imp = Imported(kind, config, from_hf_state_dict(state), _tokenizer_beside(path, tokenizer), step=meta.get("step"))
+    imp = Imported(kind, config, from_hf(state), _tokenizer_beside(path, tokenizer), step=meta.get("step"))
     if not config.bias:  # our export of a bias-free model writes zero biases: drop them again
         imp.state = {k: v for k, v in imp.state.items() if not k.endswith(".bias")}
     if meta.get("best_validation_loss") is not None:
@@ -126,9 +136,8 @@ def import_nanogpt(path: Path, tokenizer: str | None) -> Imported:
         raise OpenLLMError(f"{file} is not a nanoGPT checkpoint (no 'model' / 'model_args')")
     args = raw["model_args"]
     prefix = "_orig_mod."
-    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in raw["model"].items()}
-    state = {k: v for k, v in state.items() if not (k.endswith(".attn.bias") and v.dim() == 4)}
-    state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
+    state = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in raw["model"].items()}
+    state = tie_head(without_mask_buffers(state))
     config = _nanogpt_style_config(args, f"{file}: model_args", default_dropout=0.0)
     imp = Imported("nanogpt", config, state, _tokenizer_beside(file.parent, tokenizer), step=raw.get("iter_num"))
     if isinstance(raw.get("best_val_loss"), (int, float, torch.Tensor)):
@@ -148,50 +157,78 @@ class ConvertReport:
     notes: list[str]
 
 
-def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, training_steps: int | None = None,
-            eval_data: str | os.PathLike | None = None, tokenizer: str | None = None, force: bool = False,
-            eval_seq_len: int = 512) -> ConvertReport:
+def convert(
+    input_path: Annotated[str | os.PathLike, Opt("directory (or nanoGPT ckpt.pt file) to import", flag="--input-dir")],
+    output_dir: Annotated[str | os.PathLike, Opt("run directory to write")],
+    *,
+    training_steps: Annotated[
+        int | None,
+        Opt("steps the weights were trained for", parse=nonneg_int, default_text="what the source says, else 0"),
+    ] = None,
+    eval_data: Annotated[str | os.PathLike | None, Opt("text file to measure the real validation loss on")] = None,
+    tokenizer: Annotated[str | None, Opt("SentencePiece tokenizer.model to use when the input has none")] = None,
+    force: Annotated[bool, Opt("overwrite an existing best_model.pt in --output-dir")] = False,
+    eval_seq_len: int = 512,
+) -> ConvertReport:
     """Convert raw weights at ``input_path`` into a run directory at ``output_dir``."""
     src = Path(input_path)
     if not src.exists():
         raise OpenLLMError(f"input not found: {src}")
     kind = detect(src)
-    imp = import_nanogpt(src, tokenizer) if kind == "nanogpt" else \
-        import_legacy(src, tokenizer) if kind == "legacy" else import_hf(src, tokenizer, kind)
+    imp = (
+        import_nanogpt(src, tokenizer)
+        if kind == "nanogpt"
+        else import_legacy(src, tokenizer)
+        if kind == "legacy"
+        else import_hf(src, tokenizer, kind)
+    )
     problems = ck.shape_problems(imp.state, imp.config.to_dict())
     if problems:
         raise OpenLLMError(f"{src}: the weights do not match the config: {problems[0]}")
     if imp.tokenizer is not None and imp.tokenizer.vocab_size != imp.config.vocab_size:
-        raise OpenLLMError(f"the tokenizer has {imp.tokenizer.vocab_size} tokens but the embedding has "
-                           f"{imp.config.vocab_size} rows")
+        raise OpenLLMError(
+            f"the tokenizer has {imp.tokenizer.vocab_size} tokens but the embedding has {imp.config.vocab_size} rows"
+        )
     if imp.tokenizer is None:
-        imp.notes.append("no SentencePiece tokenizer.model found (give --tokenizer): the run cannot generate or "
-                         "train until one is added")
+        imp.notes.append(
+            "no SentencePiece tokenizer.model found (give --tokenizer): the run cannot generate or "
+            "train until one is added"
+        )
     out = Path(output_dir)
-    if (out / ck.BEST).exists() and not force:
-        raise OpenLLMError(f"{out} already holds {ck.BEST}; choose another --output-dir or pass --force")
+    if (out / BEST).exists() and not force:
+        raise OpenLLMError(f"{out} already holds {BEST}; choose another --output-dir or pass --force")
     model = GPT(imp.config.replace(dropout=0.0))
     model.load_state_dict(imp.state)
     model.eval()
     step = int(training_steps if training_steps is not None else (imp.step or 0))
 
-    training_log = imp.training_log if imp.training_log is not None else \
-        (_read_log(src, "training_log.json") if src.is_dir() else None)
+    training_log = (
+        imp.training_log
+        if imp.training_log is not None
+        else (_read_log(src, "training_log.json") if src.is_dir() else None)
+    )
     validation_log = _read_log(src, "validation_log.json") if src.is_dir() else None
-    history = "imported from training_log.json beside the weights" if training_log is not None else \
-        "no training history exists for these weights"
+    history = (
+        "imported from training_log.json beside the weights"
+        if training_log is not None
+        else "no training history exists for these weights"
+    )
     best = None
     if eval_data is not None:
         if imp.tokenizer is None:
             raise OpenLLMError("--eval-data needs a tokenizer (none found; give --tokenizer)")
-        from openllm.evaluate import evaluate_file
-
-        res = evaluate_file(model, imp.tokenizer, eval_data, seq_len=min(eval_seq_len, imp.config.block_size),
-                            stride=min(eval_seq_len, imp.config.block_size))
+        res = evaluate_file(
+            model,
+            imp.tokenizer,
+            eval_data,
+            seq_len=min(eval_seq_len, imp.config.block_size),
+            stride=min(eval_seq_len, imp.config.block_size),
+        )
         best = res.loss
-        validation_log = list(validation_log or []) + [{"step": step, "validation_loss": best,
-                                                         "validation_perplexity": perplexity(best)}]
-    provenance = {
+        validation_log = list(validation_log or []) + [
+            {"step": step, "validation_loss": best, "validation_perplexity": perplexity(best)}
+        ]
+    provenance: dict[str, Any] = {
         "source": f"converted from {kind} weights at {src}",
         "input_kind": kind,
         "optimizer_state": "fresh (the source had none that could be imported)",
@@ -200,46 +237,62 @@ def convert(input_path: str | os.PathLike, output_dir: str | os.PathLike, *, tra
         "source_reported": imp.source_reported,
         "notes": imp.notes,
     }
-    model_size = next((n for n, p in PRESETS.items() if p.model.replace(vocab_size=imp.config.vocab_size,
-                                                                         dropout=imp.config.dropout) == imp.config), "custom")
-    info = {"model_size": model_size, "architecture": "GPT-2 (pre-LayerNorm, learned positions, tied head)",
-            "parameters": model.num_parameters(), "parameters_without_positions": model.num_parameters(True),
-            "vocab_size": imp.config.vocab_size, "context": imp.config.block_size, "dtype": "float32",
-            "flops_per_token": model.flops_per_token(imp.config.block_size)}
-    stats = {"total_steps": step, "samples_seen": None, "tokens_seen": None, "epochs": None, "elapsed_seconds": None,
-             "average_tokens_per_second": None, "skipped_steps": 0, "best_step": step if best is not None else None,
-             "best_validation_loss": best, "stop_reason": "converted", "resumed_from": [], "device": "cpu",
-             "last_training_loss": training_log[-1].get("loss") if training_log else None}
-    tconfig = {"model_size": model_size if model_size != "custom" else None, "max_steps": step}
-    ckpt = {
-        "model_state_dict": model.state_dict(), "step": step, "epoch": 0,
-        "best_loss": best, "best_validation_loss": best,
-        "optimizer_state_dict": {}, "scheduler_state_dict": {"name": "warmup_cosine", "last_step": step},
-        "training_log": training_log or [], "validation_log": validation_log or [],
-        "config": imp.config.to_dict(), "training_config": {k: v for k, v in tconfig.items() if v is not None},
-        "model_info": info, "training_stats": stats,
-        "resume_state": {}, "tokenizer_sha256": imp.tokenizer.sha256 if imp.tokenizer else None,
-        "dataset_fingerprint": None, "library_versions": ck.library_versions(), "provenance": provenance,
+    model_size = next(
+        (
+            n
+            for n, p in PRESETS.items()
+            if p.model.replace(vocab_size=imp.config.vocab_size, dropout=imp.config.dropout) == imp.config
+        ),
+        "custom",
+    )
+    info = {"model_size": model_size, **model.summary(imp.config.block_size)}
+    state = RunState(
+        step=step,
+        best_validation_loss=best if best is not None else float("inf"),
+        best_step=step if best is not None else None,
+        stop_reason="converted",
+        training_log=training_log or [],
+        validation_log=validation_log or [],
+    )
+    stats = {
+        **state.stats(epochs=None, world_size=1, device="cpu"),
+        "samples_seen": None,
+        "tokens_seen": None,
+        "elapsed_seconds": None,
+        "lowest_training_loss": None,
+        "best_validation_loss": best,
     }
+    tconfig = {"model_size": model_size, "max_steps": step} if model_size != "custom" else {"max_steps": step}
+    ckpt = ck.build_checkpoint(
+        model_state=model.state_dict(),
+        optimizer_state={},
+        state=state,
+        model_config=imp.config,
+        training_config=tconfig,
+        model_info=info,
+        scheduler={"name": "warmup_cosine", "last_step": step},
+        training_stats=stats,
+        epoch=0,
+        tokenizer_sha256=imp.tokenizer.sha256 if imp.tokenizer else None,
+        dataset_fingerprint=None,
+        provenance=provenance,
+        resume=None,
+    )
     ensure_dir(out)
-    ck.save_checkpoint(ckpt, out / ck.BEST)
+    ck.save_checkpoint(ckpt, out / BEST)
     atomic_write_json(out / "config.json", model_config_json(imp.config.to_dict(), {"model_size": model_size}))
     atomic_write_json(out / "generation_config.json", generation_config(imp.config.block_size))
-    atomic_write_json(out / "training_config.json", ckpt["training_config"])
-    atomic_write_json(out / "training_log.json", ckpt["training_log"])
-    atomic_write_json(out / "validation_log.json", ckpt["validation_log"])
+    atomic_write_json(out / "training_config.json", tconfig)
+    write_logs(out, state.training_log, state.validation_log)
     atomic_write_json(out / "provenance.json", provenance)
     if imp.tokenizer is not None:
         imp.tokenizer.save(out, model_max_length=imp.config.block_size)
-    atomic_write_text(out / "README.md", model_card("OpenLLM converted model", info, stats, {}, provenance["source"]))
+    write_model_card(out, "OpenLLM converted model", info, stats, {}, provenance["source"])
 
     input_bytes = sum(p.stat().st_size for p in ([src] if src.is_file() else src.rglob("*")) if p.is_file())
-    import io
     comp = {}
     for key in ("model_state_dict", "optimizer_state_dict", "training_log", "validation_log"):
         buf = io.BytesIO()
         torch.save(ckpt[key], buf)
         comp[key] = buf.tell()
-    return ConvertReport(kind, out, step, input_bytes, comp, (out / ck.BEST).stat().st_size, best, imp.notes)
-
-
+    return ConvertReport(kind, out, step, input_bytes, comp, (out / BEST).stat().st_size, best, imp.notes)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from openllm.config import ModelConfig
+from openllm.model.config import ModelConfig
 
 # A per-layer (key, value) cache for incremental decoding: tensors of shape (B, n_head, T, head_dim).
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
@@ -80,6 +80,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    ARCHITECTURE = "GPT-2 (pre-LayerNorm, learned positions, tied head)"
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -116,16 +118,22 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if exclude_embeddings else n
 
     def forward(
-        self,
-        idx: torch.Tensor,
-        targets: torch.Tensor | None = None,
-        past: KVCache | None = None,
-        use_cache: bool = False,
-    ):
-        """Logits for ``idx`` (B, T); with ``targets`` also the mean cross-entropy loss.
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for ``idx`` (B, T) and, with ``targets``, the mean cross-entropy loss (else None)."""
+        x, _ = self._hidden(idx, None, keep_cache=False)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
 
-        With ``use_cache`` the call returns ``(logits, loss, cache)`` and continues from ``past``.
-        """
+    def forward_with_cache(self, idx: torch.Tensor, past: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Logits for ``idx`` continuing after the cached positions ``past``, and the extended cache."""
+        x, cache = self._hidden(idx, past, keep_cache=True)
+        return self.lm_head(x), cache
+
+    def _hidden(self, idx: torch.Tensor, past: KVCache | None, keep_cache: bool) -> tuple[torch.Tensor, KVCache]:
         B, T = idx.shape
         start = past[0][0].size(2) if past else 0
         if start + T > self.config.block_size:
@@ -134,19 +142,25 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         presents: KVCache = []
         for i, block in enumerate(self.transformer.h):
-            if self.activation_checkpointing and self.training and not use_cache:
+            if self.activation_checkpointing and self.training and not keep_cache:
                 x, present = checkpoint(block, x, use_reentrant=False)
             else:
                 x, present = block(x, past[i] if past else None)
-            if use_cache:
+            if keep_cache:
                 presents.append(present)
-        x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        else:
-            logits, loss = self.lm_head(x), None
-        return (logits, loss, presents) if use_cache else (logits, loss)
+        return self.transformer.ln_f(x), presents
+
+    def summary(self, seq_len: int) -> dict:
+        """The checkpoint's ``model_info``: what this model is, in numbers."""
+        return {
+            "architecture": self.ARCHITECTURE,
+            "parameters": self.num_parameters(),
+            "parameters_without_positions": self.num_parameters(exclude_embeddings=True),
+            "vocab_size": self.config.vocab_size,
+            "context": self.config.block_size,
+            "dtype": "float32",
+            "flops_per_token": self.flops_per_token(seq_len),
+        }
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6N for the matrices plus 12 * L * d * T for attention (PaLM, app. B)."""

@@ -8,33 +8,32 @@ queue (a full queue answers 429), so two requests never share a model call. A st
 that disconnects cancels its generation. Errors use the OpenAI error shape.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at run time
 
 import asyncio
 import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Annotated
 
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-
-from openllm.generate import SamplingOptions, generate_ids, prompt_ids
-from openllm.loading import LoadedModel
+from openllm.core.options import Opt, positive_int
+from openllm.inference.generate import SamplingOptions, TextStream, generate_ids, prompt_ids
+from openllm.inference.loading import LoadedModel, load_model
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 @dataclass
 class ServerLimits:
-    max_tokens: int = 1024
+    max_tokens: Annotated[int, Opt("largest max_tokens a request may ask for", parse=positive_int)] = 1024
     max_prompt_chars: int = 20_000
     max_n: int = 8
-    max_queue: int = 64
+    max_queue: Annotated[int, Opt("requests waiting before the server answers 429", parse=positive_int)] = 64
 
 
 class APIError(Exception):
@@ -75,9 +74,26 @@ def parse_request(body, limits: ServerLimits, model_id: str) -> CompletionReques
     """Validate a /v1/completions body; raises :class:`APIError` naming the bad field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    unknown_ok = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "stream", "user",
-                  "stream_options", "echo", "best_of", "frequency_penalty", "presence_penalty", "logprobs", "suffix",
-                  "logit_bias"}
+    unknown_ok = {
+        "model",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "n",
+        "seed",
+        "stream",
+        "user",
+        "stream_options",
+        "echo",
+        "best_of",
+        "frequency_penalty",
+        "presence_penalty",
+        "logprobs",
+        "suffix",
+        "logit_bias",
+    }
     extra = [k for k in body if k not in unknown_ok]
     if extra:
         raise APIError(400, f"unknown field '{extra[0]}'", extra[0])
@@ -105,9 +121,16 @@ def parse_request(body, limits: ServerLimits, model_id: str) -> CompletionReques
     if not isinstance(model, str):
         raise APIError(400, "'model' must be a string", "model")
     return CompletionRequest(
-        prompt=prompt, max_tokens=_number(body, "max_tokens", 16, 1, limits.max_tokens, integer=True),
-        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)), top_p=float(_number(body, "top_p", 1.0, 1e-9, 1.0)),
-        stop=stop, n=_number(body, "n", 1, 1, limits.max_n, integer=True), seed=seed, stream=stream, model=model)
+        prompt=prompt,
+        max_tokens=_number(body, "max_tokens", 16, 1, limits.max_tokens, integer=True),
+        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
+        top_p=float(_number(body, "top_p", 1.0, 1e-9, 1.0)),
+        stop=stop,
+        n=_number(body, "n", 1, 1, limits.max_n, integer=True),
+        seed=seed,
+        stream=stream,
+        model=model,
+    )
 
 
 class Engine:
@@ -137,31 +160,36 @@ class Engine:
         ``finish["reason"]`` is set to "length" when max_tokens ran out, else "stop"."""
         finish["reason"] = "stop"
         tok, model = self.loaded.tokenizer, self.loaded.model
-        opts = SamplingOptions(max_new_tokens=req.max_tokens, temperature=req.temperature, top_k=None,
-                               top_p=req.top_p, seed=None if req.seed is None else req.seed + index)
-        ids, _ = prompt_ids(tok, req.prompt, model.config.block_size, req.max_tokens)
-        out: list[int] = []
-        emitted = ""
+        opts = SamplingOptions(
+            max_new_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_k=None,
+            top_p=req.top_p,
+            seed=None if req.seed is None else req.seed + index,
+        )
+        ids, _ = prompt_ids(tok, req.prompt, model.config.block_size)
+        stream = TextStream(tok)
+        emitted = 0  # characters of stream.text already sent
+        hold = max((len(s) - 1 for s in req.stop), default=0)  # keep back a possible stop-string prefix
         for token in generate_ids(model, ids, opts, self.device):
             if cancel.is_set():
                 return
-            out.append(token)
-            text = tok.decode(out)
+            stream.push(token)
+            text = stream.text
             cut = min((text.find(s) for s in req.stop if s in text), default=-1)
             if cut >= 0:
-                if cut > len(emitted):
-                    yield text[len(emitted):cut]
+                if cut > emitted:
+                    yield text[emitted:cut]
                 return
-            if len(out) == req.max_tokens:
+            if len(stream.ids) == req.max_tokens:
                 finish["reason"] = "length"
-            hold = max((len(s) - 1 for s in req.stop), default=0)  # keep back a possible stop-string prefix
-            safe = len(text) - hold if not text.endswith("\ufffd") else len(text) - 1 - hold
-            if safe > len(emitted):
-                yield text[len(emitted):safe]
-                emitted = text[:safe]
-        text = tok.decode(out)
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
+            safe = len(text) - hold
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        stream.finish()
+        if len(stream.text) > emitted:
+            yield stream.text[emitted:]
 
     def complete(self, req: CompletionRequest, cancel: threading.Event) -> list[tuple[str, str]]:
         results = []
@@ -173,6 +201,9 @@ class Engine:
 
 
 def create_app(loaded: LoadedModel, model_id: str = "openllm", limits: ServerLimits | None = None, device="cpu"):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
     limits = limits or ServerLimits()
     engine = Engine(loaded, limits, device)
     app = FastAPI(title="OpenLLM", docs_url=None, redoc_url=None)
@@ -189,8 +220,18 @@ def create_app(loaded: LoadedModel, model_id: str = "openllm", limits: ServerLim
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "openllm",
-                                            "context_length": loaded.model.config.block_size}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "openllm",
+                    "context_length": loaded.model.config.block_size,
+                }
+            ],
+        }
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -202,7 +243,7 @@ def create_app(loaded: LoadedModel, model_id: str = "openllm", limits: ServerLim
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON: {exc}")
+            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
         req = parse_request(body, limits, model_id)
         engine.admit()
         cancel = threading.Event()
@@ -213,12 +254,21 @@ def create_app(loaded: LoadedModel, model_id: str = "openllm", limits: ServerLim
                 results = await loop.run_in_executor(engine.pool, engine.complete, req, cancel)
             finally:
                 engine.release()
-            return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                    "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": f}
-                                for i, (t, f) in enumerate(results)],
-                    "usage": _usage(loaded, req, [t for t, _ in results])}
-        return StreamingResponse(_stream(engine, req, cid, cancel, loop, model_id), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+            return {
+                "id": cid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_id,
+                "choices": [
+                    {"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(results)
+                ],
+                "usage": _usage(loaded, req, [t for t, _ in results]),
+            }
+        return StreamingResponse(
+            _stream(engine, req, cid, cancel, loop, model_id),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
 
     return app
 
@@ -253,19 +303,23 @@ async def _stream(engine: Engine, req: CompletionRequest, cid: str, cancel: thre
             if item is done:
                 break
             i, piece, finish = item
-            chunk = {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                     "choices": [{"text": piece, "index": i, "logprobs": None, "finish_reason": finish}]}
+            chunk = {
+                "id": cid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_id,
+                "choices": [{"text": piece, "index": i, "logprobs": None, "finish_reason": finish}],
+            }
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # the client went away (or we finished): the worker stops at its next token
 
 
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
-          device="cpu") -> None:
+def serve(
+    model_path: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None, device="cpu"
+) -> None:
     import uvicorn
-
-    from openllm.loading import load_model
 
     loaded = load_model(model_path, device)
     app = create_app(loaded, Path(model_path).name or "openllm", limits, device)

@@ -1,0 +1,432 @@
+"""The checkpoint format, in one place.
+
+A checkpoint is a ``torch.save``d dict of tensors and plain Python values only, so it loads with
+``torch.load(path, weights_only=True)``: no class is ever unpickled. It carries the legacy
+OpenLLM keys (:data:`LEGACY_KEYS`) and what exact resume and verification need:
+
+=======================  =====================================================================
+``format_version``       :data:`FORMAT_VERSION`
+``checksum``             sha256 over every other key, tensors by dtype, shape and bytes
+``resume_state``         data position (global sample counter), RNG states (Python, NumPy, torch
+                         CPU and CUDA), GradScaler, early-stopping state, world size
+``tokenizer_sha256``     hash of the tokenizer.model the run used
+``dataset_fingerprint``  hash of the packed token streams the run trained on
+``library_versions``     openllm, torch, numpy, sentencepiece, python
+``provenance``           how the weights came to be (trained here, converted from ...)
+=======================  =====================================================================
+
+This module is the only one that knows the keys: :func:`build_checkpoint` assembles a checkpoint
+(training and ``openllm convert`` both use it), :func:`restore_run_state` reads progress back for a
+resume, and :func:`read_info` gives every other reader (inspect, plot, export, loading) a typed view.
+
+``model_state_dict`` keeps the legacy key names including ``lm_head.weight``; it shares storage
+with ``transformer.wte.weight``, and ``torch.save`` stores shared storage once.
+
+Files are written with :func:`openllm.fileio.atomic_open` (temporary name, fsync, rename), so a
+crash at any moment leaves either the previous file or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from openllm import __version__
+from openllm.checkpoint.state import RunState
+from openllm.core import faults
+from openllm.core.errors import OpenLLMError
+from openllm.core.fileio import atomic_open
+from openllm.core.numbers import finite_or_none
+from openllm.model.config import ModelConfig
+
+FORMAT_VERSION = 2  # 1 was the legacy OpenLLM checkpoint, which had no version key
+LEGACY_KEYS = (
+    "model_state_dict",
+    "step",
+    "epoch",
+    "best_loss",
+    "best_validation_loss",
+    "optimizer_state_dict",
+    "scheduler_state_dict",
+    "training_log",
+    "validation_log",
+    "config",
+    "training_config",
+    "model_info",
+    "training_stats",
+)
+REQUIRED_KEYS = LEGACY_KEYS + (
+    "format_version",
+    "checksum",
+    "resume_state",
+    "tokenizer_sha256",
+    "dataset_fingerprint",
+    "library_versions",
+    "provenance",
+)
+
+
+def library_versions() -> dict[str, str]:
+    import sentencepiece
+
+    return {
+        "openllm": __version__,
+        "torch": str(torch.__version__),
+        "numpy": str(np.__version__),
+        "sentencepiece": str(sentencepiece.__version__),
+        "python": platform.python_version(),
+    }
+
+
+# ------------------------------------------------------------------------------------ checksum
+
+
+def _feed(h: hashlib._Hash, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, dict):
+        h.update(b"{%d" % len(obj))
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[%d" % len(obj))
+        for item in obj:
+            _feed(h, item)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def compute_checksum(ckpt: dict) -> str:
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in ckpt.items() if k != "checksum"})
+    return "sha256:" + h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ RNG state
+
+
+def capture_rng_state() -> dict:
+    import random
+
+    np_state: Any = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    import random
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch_cpu"])
+    if state.get("torch_cuda") and torch.cuda.is_available() and len(state["torch_cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+
+
+# ------------------------------------------------------------------------------ build / read
+
+
+def build_checkpoint(
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    state: RunState,
+    model_config: ModelConfig,
+    training_config: dict,
+    model_info: dict,
+    scheduler: dict,
+    training_stats: dict,
+    epoch: int,
+    tokenizer_sha256: str | None,
+    dataset_fingerprint: str | None,
+    provenance: dict,
+    resume: dict | None = None,
+) -> dict:
+    """A complete checkpoint dict. ``resume`` holds what exact resume needs beyond ``state``
+    (samples_seen, world_size, rng, grad_scaler); None for imported weights, which have no such state."""
+    resume_state: dict = {}
+    if resume is not None:
+        run_state = {k: v for k, v in state.__dict__.items() if k not in RunState.STORED_ELSEWHERE}
+        resume_state = {**resume, "run_state": run_state}
+    # a trained run records inf until its first evaluation; imported weights record None when unmeasured
+    best: float | None = state.best_validation_loss
+    if resume is None and not math.isfinite(state.best_validation_loss):
+        best = None
+    return {
+        "model_state_dict": model_state,
+        "step": state.step,
+        "epoch": epoch,
+        "best_loss": best,  # the legacy name of the same figure
+        "best_validation_loss": best,
+        "optimizer_state_dict": optimizer_state,
+        "scheduler_state_dict": scheduler,
+        "training_log": state.training_log,
+        "validation_log": state.validation_log,
+        "config": model_config.to_dict(),
+        "training_config": training_config,
+        "model_info": model_info,
+        "training_stats": training_stats,
+        "resume_state": resume_state,
+        "tokenizer_sha256": tokenizer_sha256,
+        "dataset_fingerprint": dataset_fingerprint,
+        "library_versions": library_versions(),
+        "provenance": provenance,
+    }
+
+
+def restore_run_state(ckpt: dict, samples_per_step: int) -> RunState:
+    """The :class:`RunState` a checkpoint was saved with (imported weights: step, logs and best loss only)."""
+    resume = ckpt.get("resume_state") or {}
+    saved = resume.get("run_state") or {}
+    st = RunState(
+        **{k: v for k, v in saved.items() if k in RunState.__dataclass_fields__ and k not in RunState.STORED_ELSEWHERE}
+    )
+    st.step = int(ckpt["step"])
+    st.samples_seen = int(resume.get("samples_seen", st.step * samples_per_step))
+    st.training_log = list(ckpt.get("training_log") or [])
+    st.validation_log = list(ckpt.get("validation_log") or [])
+    best = ckpt.get("best_validation_loss")
+    finite = finite_or_none(best)
+    st.best_validation_loss = float(finite) if finite is not None else math.inf
+    return st
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about itself, without its tensors: the typed view every reader uses."""
+
+    format_version: int | None
+    step: int | None
+    epoch: int | None
+    model_config: dict | None
+    training_config: dict
+    training_stats: dict
+    provenance: dict
+    best_validation_loss: float | None
+    training_log: list
+    validation_log: list
+    has_optimizer_state: bool
+    has_scheduler_state: bool
+    tokenizer_sha256: str | None
+    dataset_fingerprint: str | None
+    checksum: str | None
+    library_versions: dict | None
+
+    @property
+    def best_step(self) -> int | None:
+        return self.training_stats.get("best_step")
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.training_stats.get("stop_reason")
+
+    @property
+    def source(self) -> str:
+        return self.provenance.get("source", "unknown (legacy checkpoint)")
+
+    @property
+    def optimizer_note(self) -> str | None:
+        return self.provenance.get("optimizer_state")
+
+
+def read_info(ckpt: dict) -> CheckpointInfo:
+    def mapping(key: str) -> dict:
+        value = ckpt.get(key)
+        return value if isinstance(value, dict) else {}
+
+    def listing(key: str) -> list:
+        value = ckpt.get(key)
+        return value if isinstance(value, list) else []
+
+    step = ckpt.get("step")
+    epoch = ckpt.get("epoch")
+    return CheckpointInfo(
+        format_version=ckpt.get("format_version"),
+        step=step if isinstance(step, int) else None,
+        epoch=epoch if isinstance(epoch, int) else None,
+        model_config=ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None,
+        training_config=mapping("training_config"),
+        training_stats=mapping("training_stats"),
+        provenance=mapping("provenance"),
+        best_validation_loss=finite_or_none(ckpt.get("best_validation_loss")),
+        training_log=listing("training_log"),
+        validation_log=listing("validation_log"),
+        has_optimizer_state=bool(mapping("optimizer_state_dict").get("state")),
+        has_scheduler_state=bool(ckpt.get("scheduler_state_dict")),
+        tokenizer_sha256=ckpt.get("tokenizer_sha256"),
+        dataset_fingerprint=ckpt.get("dataset_fingerprint"),
+        checksum=ckpt.get("checksum"),
+        library_versions=ckpt.get("library_versions"),
+    )
+
+
+# ---------------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> str:
+    """Stamp format version and checksum onto ``ckpt`` and write it atomically; returns the checksum."""
+    ckpt["format_version"] = FORMAT_VERSION
+    ckpt["checksum"] = compute_checksum(ckpt)
+    with atomic_open(path) as f:
+        torch.save(ckpt, f)
+        f.flush()
+        faults.reached("save")  # tests: die with a complete temporary file not yet renamed
+    return ckpt["checksum"]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
+    """Load a checkpoint file safely (``weights_only``); any failure is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise OpenLLMError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if wanted:
+            raise OpenLLMError(
+                f"refused to load {path}: it contains pickled Python objects or code, which are never "
+                f"executed (it asks for {wanted.group(1)})"
+            ) from None
+        raise OpenLLMError(f"{path} is truncated, corrupt or not a checkpoint ({_first_line(exc)[:160]})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to decode an untrusted file means it is corrupt
+        raise OpenLLMError(f"{path} is truncated, corrupt or not a checkpoint ({_first_line(exc)[:160]})") from None
+    if not isinstance(obj, dict):
+        raise OpenLLMError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
+    return obj
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+# -------------------------------------------------------------------------------------- verify
+
+
+@dataclass
+class Verification:
+    path: Path
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    step: int | None = None
+    kind: str = "unknown"  # "openllm", "legacy", "state_dict"
+
+
+def verify_checkpoint(path: str | os.PathLike, ckpt: dict | None = None) -> Verification:
+    """Check a checkpoint: it loads safely, has every key, its checksum matches, shapes fit its config."""
+    path = Path(path)
+    v = Verification(path, ok=False)
+    try:
+        ckpt = ckpt if ckpt is not None else load_checkpoint(path)
+    except OpenLLMError as exc:
+        v.problems.append(str(exc))
+        return v
+    v.step = ckpt.get("step") if isinstance(ckpt.get("step"), int) else None
+    if "model_state_dict" not in ckpt and all(isinstance(t, torch.Tensor) for t in ckpt.values()):
+        v.kind = "state_dict"
+        v.problems.append("a bare state dict (raw weights): convert it with `openllm convert`")
+        return v
+    v.kind = "openllm" if "format_version" in ckpt else "legacy"
+    keys = REQUIRED_KEYS if v.kind == "openllm" else LEGACY_KEYS
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        v.problems.append(f"missing keys: {', '.join(missing)}")
+    version = ckpt.get("format_version")
+    if v.kind == "openllm" and (not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION):
+        v.problems.append(
+            f"unknown checkpoint format version {version!r} (this OpenLLM reads up to {FORMAT_VERSION}); "
+            "it was written by a newer OpenLLM or is damaged"
+        )
+        v.ok = False
+        return v
+    if v.kind == "openllm" and "checksum" in ckpt and ckpt["checksum"] != compute_checksum(ckpt):
+        v.problems.append("checksum mismatch: the file's contents changed after it was written")
+    if isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_state_dict"), dict):
+        v.problems.extend(shape_problems(ckpt["model_state_dict"], ckpt["config"]))
+    v.ok = not v.problems
+    return v
+
+
+def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of the GPT model for a config dict, with its shape."""
+    V, L, C, T = (int(config[k]) for k in ("vocab_size", "n_layer", "n_embd", "block_size"))
+    bias = bool(config.get("bias", True))
+    shapes = {
+        "transformer.wte.weight": (V, C),
+        "transformer.wpe.weight": (T, C),
+        "lm_head.weight": (V, C),
+        "transformer.ln_f.weight": (C,),
+    }
+    if bias:
+        shapes["transformer.ln_f.bias"] = (C,)
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        layer = {
+            "ln_1.weight": (C,),
+            "ln_2.weight": (C,),
+            "attn.c_attn.weight": (3 * C, C),
+            "attn.c_proj.weight": (C, C),
+            "mlp.c_fc.weight": (4 * C, C),
+            "mlp.c_proj.weight": (C, 4 * C),
+        }
+        if bias:
+            layer.update(
+                {
+                    "ln_1.bias": (C,),
+                    "ln_2.bias": (C,),
+                    "attn.c_attn.bias": (3 * C,),
+                    "attn.c_proj.bias": (C,),
+                    "mlp.c_fc.bias": (4 * C,),
+                    "mlp.c_proj.bias": (C,),
+                }
+            )
+        shapes.update({p + k: s for k, s in layer.items()})
+    return shapes
+
+
+def shape_problems(state: dict, config: dict) -> list[str]:
+    try:
+        want = expected_shapes(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"config is incomplete or invalid ({exc})"]
+    problems = []
+    missing = [k for k in want if k not in state]
+    if missing:
+        problems.append(f"model_state_dict lacks {len(missing)} tensors (first: {missing[0]})")
+    for k, shape in want.items():
+        t = state.get(k)
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
+            problems.append(f"{k} has shape {tuple(t.shape)}, the config needs {shape}")
+    extra = [k for k in state if k not in want]
+    if extra:
+        problems.append(f"model_state_dict has {len(extra)} unexpected tensors (first: {extra[0]})")
+    return problems

@@ -1,0 +1,68 @@
+"""Training and validation batches from a packed token stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from openllm.core.errors import OpenLLMError
+
+
+class BatchSampler:
+    """Deterministic training windows from a packed token stream.
+
+    The stream is cut into ``n`` windows of ``seq_len + 1`` tokens; every epoch uses a fresh
+    permutation of them and a fresh offset (both from ``seed`` and the epoch number). Sample
+    ``k`` of the run (a global counter) therefore always maps to the same window, so the data
+    position is one integer and resuming continues exactly, for any number of processes.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+        if len(tokens) < 2 * seq_len + 1:
+            raise OpenLLMError(
+                f"the training data holds {len(tokens)} tokens, too few for windows of {seq_len}; "
+                "use a smaller --seq-len or more text"
+            )
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.windows_per_epoch = (len(tokens) - seq_len) // seq_len
+        self._epoch, self._shift = -1, 0
+        self._perm: np.ndarray = np.empty(0, dtype=np.int64)
+
+    def _plan(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = rng.permutation(self.windows_per_epoch)
+            self._shift = int(rng.integers(self.seq_len)) if epoch else 0
+            self._epoch = epoch
+
+    def batch(self, first_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (int64, ``batch_size`` x ``seq_len``) for samples first..first+batch-1."""
+        rows = []
+        for k in range(first_sample, first_sample + batch_size):
+            epoch, i = divmod(k, self.windows_per_epoch)
+            self._plan(epoch)
+            start = self._shift + int(self._perm[i]) * self.seq_len
+            rows.append(self.tokens[start : start + self.seq_len + 1])
+        block = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return block[:, :-1], block[:, 1:]
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None):
+    """The fixed validation batches: consecutive windows from the start of the stream.
+
+    With ``max_batches`` None, or when the stream is small enough, every token is covered (the
+    remainder as one shorter window). Yields (inputs, targets) pairs, int64.
+    """
+    n = len(tokens) - 1
+    starts = list(range(0, n, seq_len))
+    if max_batches is not None:
+        starts = starts[: max_batches * batch_size]
+    full = [s for s in starts if s + seq_len <= n]
+    for i in range(0, len(full), batch_size):
+        block = np.stack([tokens[s : s + seq_len + 1] for s in full[i : i + batch_size]]).astype(np.int64)
+        t = torch.from_numpy(block)
+        yield t[:, :-1], t[:, 1:]
+    tail = [s for s in starts if s + seq_len > n]
+    for s in tail:
+        t = torch.from_numpy(np.asarray(tokens[s : n + 1], dtype=np.int64))[None]
+        yield t[:, :-1], t[:, 1:]

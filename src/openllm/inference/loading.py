@@ -1,0 +1,76 @@
+"""Load a model for use (generation, evaluation, serving) from whatever the user points at:
+a checkpoint file, a run directory, or an exported Hugging Face directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from openllm.checkpoint import format as ck
+from openllm.checkpoint.rundir import resolve_checkpoint_path
+from openllm.core.errors import OpenLLMError
+from openllm.data.tokenizer import Tokenizer, load_tokenizer
+from openllm.interop.gpt2 import is_export_dir, load_hf_model
+from openllm.model.config import ModelConfig
+from openllm.model.gpt import GPT
+
+
+@dataclass
+class LoadedModel:
+    model: GPT
+    tokenizer: Tokenizer
+    source: Path
+    checkpoint: dict | None = None  # the checkpoint's metadata (no tensors), when loaded from one
+
+    @property
+    def dataset_fingerprint(self) -> str | None:
+        return (self.checkpoint or {}).get("dataset_fingerprint")
+
+    @property
+    def info(self) -> ck.CheckpointInfo:
+        return ck.read_info(self.checkpoint or {})
+
+
+def model_from_checkpoint(ckpt: dict, origin: str) -> GPT:
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model_state_dict"), dict):
+        raise OpenLLMError(
+            f"{origin} is not a full checkpoint (no config/model_state_dict); convert raw weights with "
+            "`openllm convert`"
+        )
+    problems = ck.shape_problems(ckpt["model_state_dict"], ckpt["config"])
+    if problems:
+        raise OpenLLMError(f"{origin}: {problems[0]}")
+    model = GPT(ModelConfig.from_dict(ckpt["config"], dropout=0.0))
+    model.load_state_dict(ckpt["model_state_dict"])
+    return model.eval()
+
+
+def _checked_tokenizer(path: Path, model: GPT) -> Tokenizer:
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise OpenLLMError(
+            f"{path} has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.config.vocab_size}"
+        )
+    return tokenizer
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    path = Path(path)
+    if is_export_dir(path):
+        model, cfg = load_hf_model(path)
+        meta = cfg.get("openllm") or {}
+        return LoadedModel(
+            model.to(device),
+            _checked_tokenizer(path / "tokenizer.model", model),
+            path,
+            {"dataset_fingerprint": meta.get("dataset_fingerprint"), "step": meta.get("step")},
+        )
+    file = resolve_checkpoint_path(path)
+    ckpt = ck.load_checkpoint(file)
+    model = model_from_checkpoint(ckpt, str(file)).to(device)
+    tokenizer = _checked_tokenizer(file.parent / "tokenizer.model", model)
+    meta = {k: v for k, v in ckpt.items() if k not in ("model_state_dict", "optimizer_state_dict")}
+    return LoadedModel(model, tokenizer, file, meta)

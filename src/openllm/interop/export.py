@@ -1,0 +1,128 @@
+"""``openllm export``: a Hugging Face GPT-2 directory that stock ``transformers`` loads.
+
+Layout of an export directory::
+
+    config.json              a standard GPT2Config ("model_type": "gpt2"), plus an "openllm" block
+    model.safetensors        GPT-2 key names, Conv1D (in, out) weight layout, tied head stored once
+    tokenizer.json           the SentencePiece BPE as a `tokenizers` BPE with byte fallback (same ids)
+    tokenizer_config.json    PreTrainedTokenizerFast with <s> </s> <unk> <pad>
+    special_tokens_map.json
+    tokenizer.model          the original SentencePiece model (for OpenLLM itself)
+    generation_config.json   bos 2, eos 3, pad 0
+    README.md                model card with the training figures
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+from openllm import __version__
+from openllm.checkpoint import format as ck
+from openllm.checkpoint.rundir import generation_config, model_card, resolve_checkpoint_path
+from openllm.core.errors import OpenLLMError
+from openllm.core.fileio import atomic_write_json, atomic_write_text, fsync_dir
+from openllm.core.options import Opt
+from openllm.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from openllm.interop.gpt2 import EXPORT_WEIGHTS, config_to_hf, to_hf
+from openllm.interop.tokenizer_json import hf_tokenizer_json
+from openllm.model.config import ModelConfig
+
+
+@dataclass
+class ExportResult:
+    output_dir: Path
+    files: dict[str, int]
+
+
+def export_checkpoint(
+    checkpoint: Annotated[str | os.PathLike, Opt("checkpoint file or run directory")],
+    output_dir: Annotated[str | os.PathLike, Opt("directory to write")],
+    force: Annotated[bool, Opt("replace a non-empty --output-dir")] = False,
+) -> ExportResult:
+    """Write a Hugging Face GPT-2 directory for a checkpoint file (or a run directory's best model)."""
+    from safetensors.torch import save_file
+
+    src = resolve_checkpoint_path(checkpoint)
+    ckpt = ck.load_checkpoint(src)
+    v = ck.verify_checkpoint(src, ckpt)
+    if not v.ok:
+        raise OpenLLMError(f"cannot export {src}: {'; '.join(v.problems)}")
+    info = ck.read_info(ckpt)
+    config = ModelConfig.from_dict(ckpt["config"])
+    tok_path = src.parent / "tokenizer.model"
+    tok = load_tokenizer(tok_path)
+    if tok.vocab_size != config.vocab_size:
+        raise OpenLLMError(f"{tok_path} has {tok.vocab_size} tokens, the model's embedding {config.vocab_size}")
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OpenLLMError(f"output directory {out} is not empty; choose another or pass --force")
+    stats = info.training_stats
+    extra = {
+        "source_checkpoint": str(src),
+        "step": info.step,
+        "best_validation_loss": info.best_validation_loss,
+        "tokenizer_sha256": tok.sha256,
+        "dataset_fingerprint": info.dataset_fingerprint,
+        "provenance": info.provenance,
+        "training_stats": stats,
+    }
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_file(
+            to_hf(ckpt["model_state_dict"], config),
+            str(staging / EXPORT_WEIGHTS),
+            metadata={"format": "pt", "openllm_version": __version__},
+        )
+        atomic_write_json(staging / "config.json", config_to_hf(config, extra))
+        atomic_write_text(staging / "tokenizer.json", hf_tokenizer_json(tok))
+        atomic_write_json(
+            staging / "tokenizer_config.json",
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": config.block_size,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "clean_up_tokenization_spaces": False,
+            },
+        )
+        atomic_write_json(staging / "special_tokens_map.json", {k: v for k, v in SPECIAL_TOKENS.items()})
+        shutil.copyfile(tok_path, staging / "tokenizer.model")
+        atomic_write_json(
+            staging / "generation_config.json",
+            {**generation_config(config.block_size), "transformers_version": "4.40.0"},
+        )
+        model_info = dict(ckpt.get("model_info") or {})
+        model_info.setdefault(
+            "parameters", sum(t.numel() for k, t in ckpt["model_state_dict"].items() if k != "lm_head.weight")
+        )
+        model_info.setdefault("vocab_size", config.vocab_size)
+        model_info.setdefault("context", config.block_size)
+        atomic_write_text(
+            staging / "README.md",
+            model_card(
+                "OpenLLM model (Hugging Face export)",
+                model_info,
+                stats,
+                info.training_config,
+                info.provenance.get("source", "trained with openllm"),
+            )
+            + "\nLoad with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`.\n",
+        )
+        fsync_dir(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(out, {p.name: p.stat().st_size for p in sorted(out.iterdir())})

@@ -1,0 +1,190 @@
+"""The GPT-2 family adapter: our state dict and config to and from Hugging Face GPT-2, and the
+nanoGPT-layout checkpoints (legacy OpenLLM, nanoGPT) that share our key names.
+
+``to_hf`` / ``from_hf`` translate state dicts, ``config_to_hf`` / ``config_from_hf`` configs (as
+torchtitan's state-dict adapters do); :func:`read_hf_dir` reads a Hugging Face directory and
+:func:`load_hf_model` builds our model from one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from openllm import __version__
+from openllm.checkpoint import format as ck
+from openllm.core.errors import OpenLLMError
+from openllm.core.fileio import read_json
+from openllm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from openllm.model.config import ModelConfig
+from openllm.model.gpt import GPT
+
+EXPORT_WEIGHTS = "model.safetensors"
+
+
+def is_mask_buffer(key: str, tensor: torch.Tensor) -> bool:
+    """The causal-mask buffers that legacy OpenLLM, nanoGPT and old transformers GPT-2 saved with the weights."""
+    return key.endswith((".attn.bias", ".attn.masked_bias")) and tensor.dim() in (0, 4)
+
+
+def without_mask_buffers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not is_mask_buffer(k, v)}
+
+
+def tie_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add ``lm_head.weight`` as the token embedding when a source stored the tied head once."""
+    if "lm_head.weight" not in state and "transformer.wte.weight" in state:
+        state = {**state, "lm_head.weight": state["transformer.wte.weight"]}
+    return state
+
+
+def is_export_dir(path: Path) -> bool:
+    """A Hugging Face style directory (ours or another's) rather than a run directory."""
+    return path.is_dir() and (path / EXPORT_WEIGHTS).is_file() and not (path / "best_model.pt").is_file()
+
+
+# Linear layers that Hugging Face GPT-2 stores as Conv1D, i.e. transposed.
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict in GPT2LMHeadModel's names and layout (tied head omitted, zero biases if bias=False)."""
+    out = {}
+    for k, t in state.items():
+        if k == "lm_head.weight":
+            continue
+        t = t.detach().to(torch.float32)
+        out[k] = (t.t() if k.endswith(CONV1D) else t).contiguous().clone()
+    if not config.bias:
+        C = config.n_embd
+        sizes = {
+            "ln_1.bias": C,
+            "ln_2.bias": C,
+            "attn.c_attn.bias": 3 * C,
+            "attn.c_proj.bias": C,
+            "mlp.c_fc.bias": 4 * C,
+            "mlp.c_proj.bias": C,
+        }
+        for i in range(config.n_layer):
+            for name, n in sizes.items():
+                out[f"transformer.h.{i}.{name}"] = torch.zeros(n)
+        out["transformer.ln_f.bias"] = torch.zeros(C)
+    return out
+
+
+def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GPT-2 (Conv1D layout, with or without the ``transformer.`` prefix) to our layout; mask buffers dropped."""
+    out = {}
+    for k, t in without_mask_buffers(state).items():
+        name = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
+        out[name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
+    return tie_head(out)
+
+
+def config_to_hf(config: ModelConfig, extra: dict | None = None) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new" if config.activation == "gelu_tanh" else "gelu",
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "use_cache": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "dtype": "float32",
+        "openllm": {"version": __version__, "bias": config.bias, "activation": config.activation, **(extra or {})},
+    }
+
+
+def read_config_json(path: Path, missing_hint: str = "") -> dict:
+    """A model directory's config.json as a dict, or one clear error."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise OpenLLMError(f"{path} has no config.json{missing_hint}")
+    cfg = read_json(cfg_file, "model config")
+    if not isinstance(cfg, dict):
+        raise OpenLLMError(f"{cfg_file} must hold a JSON object")
+    return cfg
+
+
+def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and the weights (safetensors preferred, else pytorch_model.bin loaded weights-only)."""
+    from safetensors.torch import load_file
+
+    cfg = read_config_json(path)
+    if (path / EXPORT_WEIGHTS).is_file():
+        try:
+            state = load_file(str(path / EXPORT_WEIGHTS))
+        except Exception as exc:  # safetensors raises its own error types
+            raise OpenLLMError(f"{path / 'model.safetensors'} is corrupt: {exc}") from None
+    elif (path / "pytorch_model.bin").is_file():
+        state = ck.load_checkpoint(path / "pytorch_model.bin")
+    else:
+        raise OpenLLMError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    return cfg, state
+
+
+def config_from_hf(cfg: dict, origin: str) -> ModelConfig:
+    """Our ModelConfig for a GPT2Config dict, refusing variants this model cannot reproduce."""
+    act = cfg.get("activation_function", "gelu_new")
+    acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+    problems = []
+    if act not in acts:
+        problems.append(f"activation_function {act!r}")
+    if cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 0)):
+        problems.append(f"n_inner {cfg.get('n_inner')}")
+    if abs(float(cfg.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
+        problems.append(f"layer_norm_epsilon {cfg.get('layer_norm_epsilon')}")
+    if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
+        problems.append("non-standard attention scaling")
+    if cfg.get("tie_word_embeddings") is False:
+        problems.append("untied output head")
+    if problems:
+        raise OpenLLMError(f"{origin}: unsupported GPT-2 variant ({', '.join(problems)})")
+    extra = cfg.get("openllm") or {}
+    try:
+        return ModelConfig(
+            vocab_size=int(cfg["vocab_size"]),
+            n_layer=int(cfg["n_layer"]),
+            n_head=int(cfg["n_head"]),
+            n_embd=int(cfg["n_embd"]),
+            block_size=int(cfg.get("n_positions") or cfg["n_ctx"]),
+            dropout=float(cfg.get("resid_pdrop", 0.0)),
+            bias=bool(extra.get("bias", True)),
+            activation=extra.get("activation", acts[act]),
+        )
+    except KeyError as exc:
+        raise OpenLLMError(f"{origin}: config.json lacks {exc.args[0]}") from None
+
+
+def load_hf_model(path: str | os.PathLike) -> tuple[GPT, dict]:
+    """Our model (eval mode, CPU, no dropout) from a GPT-2 directory, and the directory's config.json."""
+    path = Path(path)
+    cfg, state = read_hf_dir(path)
+    config = config_from_hf(cfg, str(path)).replace(dropout=0.0)
+    state = from_hf(state)
+    if not config.bias:  # our export of a bias-free model writes zero biases: drop them again
+        state = {k: v for k, v in state.items() if not k.endswith(".bias")}
+    problems = ck.shape_problems(state, config.to_dict())
+    if problems:
+        raise OpenLLMError(f"{path}: {problems[0]}")
+    model = GPT(config)
+    model.load_state_dict(state)
+    return model.eval(), cfg

@@ -1,0 +1,203 @@
+"""What a checkpoint file, run directory or export holds: ``openllm inspect / compare / verify``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from openllm.checkpoint import format as ck
+from openllm.checkpoint.rundir import BEST, resolve_checkpoint_path, step_checkpoints
+from openllm.core.errors import OpenLLMError
+from openllm.core.numbers import finite_or_none
+from openllm.interop.gpt2 import is_export_dir, is_mask_buffer, read_hf_dir
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _params(state: dict) -> int:
+    """Parameters, counting tied (storage-sharing) tensors once and skipping legacy mask buffers."""
+    seen, n = set(), 0
+    for k, t in state.items():
+        if not isinstance(t, torch.Tensor) or is_mask_buffer(k, t):
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            n += t.numel()
+    return n
+
+
+def describe(path: str | os.PathLike) -> dict:
+    """A summary dict of what ``path`` holds (see :func:`format_description`)."""
+    path = Path(path)
+    if not path.exists():
+        raise OpenLLMError(f"not found: {path}")
+    if is_export_dir(path):
+        return _describe_export(path)
+    if path.is_dir() and (path / "pytorch_model.bin").is_file() and not (path / BEST).is_file():
+        return _describe_file(path / "pytorch_model.bin", size=_dir_size(path), label=str(path))
+    if path.is_dir():
+        info = _describe_file(resolve_checkpoint_path(path), size=_dir_size(path), label=str(path))
+        info["files"] = sorted(p.name for p in path.iterdir())
+        info["step_checkpoints"] = [s for s, _ in step_checkpoints(path)]
+        return info
+    return _describe_file(path, path.stat().st_size, str(path))
+
+
+def _describe_file(file: Path, size: int, label: str) -> dict:
+    obj = ck.load_checkpoint(file, mmap=True)
+    info = {"path": label, "file": str(file), "size_bytes": size}
+    if "model_state_dict" not in obj:
+        state = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        info.update(
+            {
+                "format": "nanoGPT ckpt.pt" if "model_args" in obj else "raw state dict (weights only)",
+                "parameters": _params(tensors),
+                "tensors": len(tensors),
+                "mask_buffers": sum(1 for k, v in tensors.items() if is_mask_buffer(k, v)),
+                "optimizer_state": "optimizer" in obj,
+                "scheduler_state": False,
+                "training_log_entries": 0,
+                "validation_log_entries": 0,
+                "step": obj.get("iter_num"),
+                "best_step": None,
+                "best_validation_loss": finite_or_none(float(obj["best_val_loss"])) if "best_val_loss" in obj else None,
+                "provenance": "no metadata (weights only)",
+            }
+        )
+        return info
+    ci = ck.read_info(obj)
+    tlog, vlog = ci.training_log, ci.validation_log
+    info.update(
+        {
+            "format": f"openllm checkpoint v{ci.format_version}" if ci.format_version else "legacy openllm checkpoint",
+            "parameters": _params(obj["model_state_dict"]),
+            "optimizer_state": ci.has_optimizer_state,
+            "optimizer_note": ci.optimizer_note,
+            "scheduler_state": ci.has_scheduler_state,
+            "step": ci.step,
+            "epoch": ci.epoch,
+            "training_log_entries": len(tlog),
+            "training_log_last_step": tlog[-1].get("step") if tlog else None,
+            "validation_log_entries": len(vlog),
+            "validation_log_last_step": vlog[-1].get("step") if vlog else None,
+            "best_step": ci.best_step,
+            "best_validation_loss": ci.best_validation_loss,
+            "last_training_loss": tlog[-1].get("loss") if tlog else None,
+            "config": ci.model_config,
+            "training_config": ci.training_config,
+            "stop_reason": ci.stop_reason,
+            "provenance": ci.source,
+            "checksum": ci.checksum,
+            "library_versions": ci.library_versions,
+        }
+    )
+    return info
+
+
+def _describe_export(path: Path) -> dict:
+    cfg, state = read_hf_dir(path)
+    meta = cfg.get("openllm") or {}
+    return {
+        "path": str(path),
+        "format": "Hugging Face GPT-2 directory" + (" (openllm export)" if meta else ""),
+        "size_bytes": _dir_size(path),
+        "parameters": _params(state),
+        "optimizer_state": False,
+        "scheduler_state": False,
+        "step": meta.get("step"),
+        "training_log_entries": 0,
+        "validation_log_entries": 0,
+        "best_step": (meta.get("training_stats") or {}).get("best_step"),
+        "best_validation_loss": meta.get("best_validation_loss"),
+        "config": {
+            k: cfg.get(k) for k in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "activation_function")
+        },
+        "provenance": (meta.get("provenance") or {}).get("source", "unknown") if meta else "Hugging Face",
+        "files": sorted(p.name for p in path.iterdir()),
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _log_line(label: str, info: dict, key: str) -> str:
+    return f"  {label}   {_fmt(info.get(key + '_entries'))} entries (last step {_fmt(info.get(key + '_last_step'))})"
+
+
+def format_description(info: dict) -> str:
+    size = info["size_bytes"] / 1e6
+    lines = [
+        f"{info['path']}",
+        f"  format:            {info['format']}",
+        f"  size on disk:      {size:,.1f} MB",
+        f"  parameters:        {_fmt(info.get('parameters'))}",
+        f"  step:              {_fmt(info.get('step'))}",
+        f"  optimizer state:   {_fmt(info.get('optimizer_state'))}"
+        + (f" ({info['optimizer_note']})" if info.get("optimizer_note") else ""),
+        f"  scheduler state:   {_fmt(info.get('scheduler_state'))}",
+        _log_line("training log:   ", info, "training_log"),
+        _log_line("validation log: ", info, "validation_log"),
+        f"  best checkpoint:   step {_fmt(info.get('best_step'))}, "
+        f"validation loss {_fmt(info.get('best_validation_loss'))}",
+        f"  provenance:        {info.get('provenance')}",
+    ]
+    if info.get("mask_buffers"):
+        lines.append(f"  mask buffers:      {info['mask_buffers']} (legacy causal masks, dropped on conversion)")
+    if info.get("stop_reason"):
+        lines.append(f"  stop reason:       {info['stop_reason']}")
+    if info.get("config"):
+        lines.append(f"  model config:      {json.dumps(info['config'])}")
+    if info.get("step_checkpoints"):
+        lines.append(f"  step checkpoints:  {info['step_checkpoints']}")
+    return "\n".join(lines)
+
+
+COMPARE_ROWS = [
+    ("format", "format"),
+    ("size (MB)", "size_bytes"),
+    ("parameters", "parameters"),
+    ("step", "step"),
+    ("optimizer state", "optimizer_state"),
+    ("scheduler state", "scheduler_state"),
+    ("training log entries", "training_log_entries"),
+    ("validation log entries", "validation_log_entries"),
+    ("best step", "best_step"),
+    ("best validation loss", "best_validation_loss"),
+    ("provenance", "provenance"),
+]
+
+
+def format_comparison(infos: list[dict]) -> str:
+    header = ["", *[Path(i["path"]).name or i["path"] for i in infos]]
+    rows = [header]
+    for label, key in COMPARE_ROWS:
+        rows.append([label, *[f"{i[key] / 1e6:,.1f}" if key == "size_bytes" else _fmt(i.get(key)) for i in infos]])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=False)).rstrip() for r in rows)
+
+
+def verify_path(path: str | os.PathLike) -> list[ck.Verification]:
+    """Verify a checkpoint file, or every checkpoint of a run directory."""
+    path = Path(path)
+    if not path.exists():
+        raise OpenLLMError(f"not found: {path}")
+    files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+    if not files:
+        raise OpenLLMError(f"{path} holds no .pt checkpoint")
+    return [ck.verify_checkpoint(f) for f in files]

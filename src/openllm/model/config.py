@@ -1,0 +1,138 @@
+"""The model configuration and the preset registry.
+
+Every preset lives in :data:`PRESETS`; ``small``/``medium``/``large`` are the legacy OpenLLM
+shapes (vocab 32,000), ``tiny`` is sized to train well on two CPU cores in a couple of minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from openllm.core.errors import OpenLLMError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 32000
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    block_size: int = 1024
+    dropout: float = 0.1
+    bias: bool = True
+    activation: str = "gelu"  # exact GELU; "gelu_tanh" for imported Hugging Face GPT-2 weights
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise OpenLLMError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise OpenLLMError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation not in ("gelu", "gelu_tanh"):
+            raise OpenLLMError(f"model config: activation must be gelu or gelu_tanh, got {self.activation!r}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise OpenLLMError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **changes: Any) -> ModelConfig:
+        """A config from a checkpoint's or config.json's dict (unknown keys ignored), with ``changes`` applied."""
+        if not isinstance(data, dict):
+            raise OpenLLMError(f"model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in known}, **changes})
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelConfig
+    # Defaults a run of this size should start from; `openllm train` options override them.
+    batch_size: int
+    seq_len: int
+    learning_rate: float
+    warmup_steps: int
+    max_steps: int
+    eval_every: int
+    save_every: int
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.1
+    # Autocast dtype on a CPU with native bf16 (AVX512-BF16 or AMX) when --dtype is not given; other CPUs
+    # always train in float32. Every preset keeps float32: bf16 CPU kernels are faster but were measured to
+    # give different weights in identical runs on a busy machine (docs/reliability.md), float32 never did.
+    cpu_dtype: str = "float32"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+
+PRESETS: dict[str, Preset] = {
+    # Tuned for quality per CPU-second on tiny Shakespeare (docs/benchmarks.md): with ~1M training tokens
+    # in a minute of CPU, a shallow model that sees more text beats a deeper one that sees less.
+    "tiny": Preset(
+        model=ModelConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=128, block_size=128, dropout=0.0),
+        batch_size=16,
+        seq_len=128,
+        learning_rate=4e-3,
+        warmup_steps=30,
+        max_steps=850,
+        eval_every=425,
+        save_every=425,
+        weight_decay=0.1,
+    ),
+    "small": Preset(
+        model=ModelConfig(vocab_size=32000, n_layer=6, n_head=8, n_embd=512, block_size=1024, dropout=0.1),
+        batch_size=8,
+        seq_len=512,
+        learning_rate=6e-4,
+        warmup_steps=500,
+        max_steps=10000,
+        eval_every=500,
+        save_every=500,
+    ),
+    "medium": Preset(
+        model=ModelConfig(vocab_size=32000, n_layer=12, n_head=12, n_embd=768, block_size=2048, dropout=0.1),
+        batch_size=8,
+        seq_len=1024,
+        learning_rate=3e-4,
+        warmup_steps=1000,
+        max_steps=20000,
+        eval_every=1000,
+        save_every=1000,
+        gradient_accumulation_steps=4,
+    ),
+    "large": Preset(
+        model=ModelConfig(vocab_size=32000, n_layer=24, n_head=16, n_embd=1024, block_size=2048, dropout=0.1),
+        batch_size=4,
+        seq_len=1024,
+        learning_rate=2e-4,
+        warmup_steps=2000,
+        max_steps=50000,
+        eval_every=1000,
+        save_every=1000,
+        gradient_accumulation_steps=8,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise OpenLLMError(f"unknown model size {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def model_config_for(name: str, vocab_size: int | None = None, **overrides: Any) -> ModelConfig:
+    """The preset's model config with the vocabulary size and any other field replaced."""
+    config = get_preset(name).model
+    if vocab_size is not None:
+        config = config.replace(vocab_size=vocab_size)
+    return config.replace(**{k: v for k, v in overrides.items() if v is not None})

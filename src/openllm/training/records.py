@@ -1,0 +1,106 @@
+"""What a training run writes besides its weights: the checkpoint's records and the run directory's files.
+
+Everything here reads a :class:`~openllm.training.run.Run`; the formats themselves live in
+:mod:`openllm.checkpoint.format` (the checkpoint) and :mod:`openllm.checkpoint.rundir` (the files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from openllm.checkpoint import format as ck
+from openllm.checkpoint import rundir
+from openllm.core.fileio import atomic_write_json
+from openllm.data.tokenizer import Tokenizer
+from openllm.training.run import Run
+from openllm.training.schedule import scheduler_state
+
+
+def training_config(run: Run) -> dict:
+    cfg = run.cfg.to_dict()
+    cfg.update(
+        {
+            "world_size": run.dist.world_size,
+            "global_batch_size": run.global_batch,
+            "tokens_per_step": run.global_batch * run.cfg.seq_len,
+            "device_type": run.device.type,
+            "autocast_dtype": str(run.autocast_dtype).replace("torch.", ""),
+            "dataset_dir": str(run.dataset.path),
+            "vocab_size": run.model_config.vocab_size,  # what the model has, whatever was asked for
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
+    return cfg
+
+
+def model_info(run: Run) -> dict:
+    return {"model_size": run.cfg.model_size, **run.raw_model.summary(run.cfg.seq_len)}  # type: ignore[arg-type]
+
+
+def training_stats(run: Run) -> dict:
+    return run.state.stats(
+        epochs=run.state.samples_seen / run.sampler.windows_per_epoch,
+        world_size=run.dist.world_size,
+        device=str(run.device),
+    )
+
+
+def build_checkpoint(run: Run) -> dict:
+    st = run.state
+    return ck.build_checkpoint(
+        model_state=run.raw_model.state_dict(),
+        optimizer_state=run.optimizer.state_dict(),
+        state=st,
+        model_config=run.model_config,
+        training_config=training_config(run),
+        model_info=model_info(run),
+        scheduler=scheduler_state(st.step, run.cfg),
+        training_stats=training_stats(run),
+        epoch=st.samples_seen // run.sampler.windows_per_epoch,
+        tokenizer_sha256=run.tokenizer_sha256,
+        dataset_fingerprint=run.dataset.fingerprint,
+        provenance={"source": "trained with openllm", "optimizer_state": "trained"},
+        resume={
+            "samples_seen": st.samples_seen,
+            "global_token_offset": st.samples_seen * run.cfg.seq_len,  # type: ignore[operator]
+            "world_size": run.dist.world_size,
+            "rng": ck.capture_rng_state(),
+            "grad_scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
+        },
+    )
+
+
+def write_run_files(run: Run, tokenizer: Tokenizer) -> None:
+    d = run.run_dir
+    atomic_write_json(
+        d / "config.json", rundir.model_config_json(run.model_config.to_dict(), {"model_size": run.cfg.model_size})
+    )
+    atomic_write_json(d / "training_config.json", training_config(run))
+    atomic_write_json(d / "generation_config.json", rundir.generation_config(run.model_config.block_size))
+    tokenizer.save(d, model_max_length=run.model_config.block_size)
+
+
+def write_logs(run: Run) -> None:
+    rundir.write_logs(run.run_dir, run.state.training_log, run.state.validation_log)
+
+
+def write_model_card(run: Run) -> None:
+    rundir.write_model_card(
+        run.run_dir,
+        f"OpenLLM {run.cfg.model_size} model",
+        model_info(run),
+        training_stats(run),
+        training_config(run),
+        "trained from scratch with openllm",
+    )
+
+
+def write_plot(run: Run) -> Path | None:
+    try:
+        from openllm.checkpoint.plot import plot_run
+
+        return plot_run(run.run_dir)
+    except ImportError:  # matplotlib is optional
+        return None

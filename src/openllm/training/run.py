@@ -1,0 +1,71 @@
+"""A training run in memory (:class:`Run`), its outcome (:class:`TrainResult`) and how it can stop early."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from openllm.checkpoint.state import RunState
+from openllm.core.errors import OpenLLMError
+from openllm.data.batches import BatchSampler
+from openllm.data.dataset import PreparedDataset
+from openllm.model.config import ModelConfig
+from openllm.model.gpt import GPT
+from openllm.training.config import TrainConfig
+from openllm.training.distributed import DistInfo
+
+
+class TrainingStopped(OpenLLMError):
+    """The run stopped before its planned end (a signal, or a diverged loss); the message says why."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    run_dir: Path
+    dataset: PreparedDataset
+    model_config: ModelConfig
+    raw_model: GPT
+    model: torch.nn.Module  # raw_model, possibly compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BatchSampler
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    device: torch.device
+    autocast_dtype: torch.dtype
+    dist: DistInfo
+    state: RunState
+    tokenizer_sha256: str
+    resumed_path: Path | None = None
+    last_checkpoint: Path | None = None
+    log: Callable[[str], None] = print
+    peak_flops: float | None = None
+    eval_seconds: float = 0.0  # wall and CPU time spent in validation passes (benchmarks report them apart)
+    eval_cpu_seconds: float = 0.0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.dist.world_size  # type: ignore[operator]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_step: int | None
+    best_validation_loss: float
+    stop_reason: str | None
+    final_checkpoint: Path | None

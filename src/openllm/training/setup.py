@@ -1,0 +1,288 @@
+"""Turn a :class:`TrainConfig` into a ready :class:`~openllm.training.run.Run`: find what to resume,
+prepare or open the data, build the model and optimizer, and refuse mismatched resumes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from openllm.checkpoint import format as ck
+from openllm.checkpoint import rundir
+from openllm.checkpoint.state import RunState
+from openllm.core.device import resolve_device, resolve_dtype
+from openllm.core.errors import OpenLLMError
+from openllm.core.fileio import ensure_dir
+from openllm.data.batches import BatchSampler, eval_batches
+from openllm.data.dataset import PreparedDataset, load_dataset
+from openllm.data.prepare import prepare_dataset, prepared_request_key
+from openllm.data.tokenizer import load_tokenizer
+from openllm.model.config import ModelConfig, get_preset, model_config_for
+from openllm.model.gpt import GPT
+from openllm.training import records
+from openllm.training.config import TrainConfig
+from openllm.training.distributed import DistInfo, barrier, init_distributed
+from openllm.training.metrics import peak_flops_for
+from openllm.training.optim import configure_optimizer, seed_everything
+from openllm.training.run import Run
+
+BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "tinyshakespeare.txt"
+
+
+def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
+    """The run ``cfg`` describes, ready to train; None when a resumed run has nothing left to do."""
+    given = cfg.given()
+    run_dir = Path(given.get("output_dir") or "runs/openllm")
+    resumed_path, ckpt = find_resume(cfg.resume, run_dir, log)
+    cfg = cfg.resolved(ckpt.get("training_config") if ckpt else None)
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    say = log if dist.is_main else (lambda _m: None)
+    if ckpt and (reason := already_done(ckpt, cfg)) and (run_dir / rundir.FINAL).is_file():
+        say(reason)
+        return None  # (without final_model.pt the run died while finishing: go on and finish it)
+
+    context = (
+        ckpt["config"]["block_size"]
+        if ckpt and not given.get("model_size")
+        else get_preset(cfg.model_size).model.block_size
+    )
+    if cfg.seq_len > context:  # checked before anything is written
+        raise OpenLLMError(f"--seq-len {cfg.seq_len} is above the model's context of {context} tokens")
+    if dist.is_main:
+        ensure_dir(run_dir)
+    dataset = resolve_data(cfg, run_dir, dist, resuming=ckpt is not None, log=say)
+    tokenizer = load_tokenizer(dataset.tokenizer_path)
+    if ckpt and not given.get("model_size"):  # a resumed model keeps its own shape (converted ones need no preset)
+        model_config = ModelConfig.from_dict(ckpt["config"], dropout=cfg.dropout)
+        if model_config.vocab_size != tokenizer.vocab_size:
+            raise OpenLLMError(
+                f"cannot resume: the model's vocabulary is {model_config.vocab_size} tokens but the "
+                f"dataset's tokenizer has {tokenizer.vocab_size}"
+            )
+    else:
+        model_config = model_config_for(cfg.model_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout)
+    if ckpt:
+        check_compatible(ckpt, model_config, tokenizer.sha256, dataset.fingerprint, cfg, say)
+
+    use_recorded_threads(ckpt, say)
+    seed_everything(cfg.seed + dist.rank)
+    dtype = resolve_dtype(cfg.dtype, device, get_preset(cfg.model_size).cpu_dtype)
+    raw = GPT(model_config).to(device)
+    raw.activation_checkpointing = bool(cfg.activation_checkpointing)
+    model = torch.compile(raw) if cfg.compile else raw
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    optimizer = configure_optimizer(raw, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
+    sampler = BatchSampler(dataset.train, cfg.seq_len, cfg.seed)
+    if not dataset.meta.get("validation_file"):
+        say(
+            f"no --validation-data given: validating on the {dataset.meta['val_documents']:,} documents "
+            f"({dataset.meta['val_tokens']:,} tokens) held out from the training text ({dataset.meta['split']})"
+        )
+    # the same validation windows for any number of processes: eval_batches global batches' worth
+    val = [
+        (x.to(device), y.to(device))
+        for x, y in eval_batches(dataset.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size)
+    ]
+    if not val:
+        raise OpenLLMError("the validation split holds no tokens")
+
+    run = Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        dataset=dataset,
+        model_config=model_config,
+        raw_model=raw,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        sampler=sampler,
+        val_batches=val,
+        device=device,
+        autocast_dtype=dtype,
+        dist=dist,
+        state=RunState(),
+        tokenizer_sha256=tokenizer.sha256,
+        resumed_path=resumed_path,
+        log=say,
+        peak_flops=peak_flops_for(device, cfg.peak_flops),
+    )
+    if ckpt:
+        restore(run, ckpt)
+        run.last_checkpoint = resumed_path
+        run.state.resumed_from.append(f"{resumed_path} (step {run.state.step})")
+        if ckpt.get("resume_state", {}).get("world_size", 1) != dist.world_size:
+            say(
+                f"warning: resuming with {dist.world_size} processes, the checkpoint was written by "
+                f"{ckpt['resume_state'].get('world_size')}: the data position carries over as a global "
+                "token offset, but the run will not be bit-identical to an uninterrupted one"
+            )
+        say(f"resumed from {resumed_path} at step {run.state.step}")
+    if dist.is_main:
+        records.write_run_files(run, tokenizer)
+    barrier(dist)
+    n = raw.num_parameters()
+    say(
+        f"training {cfg.model_size} ({n / 1e6:.2f}M parameters) on {device} ({str(dtype).replace('torch.', '')}), "
+        f"{dist.world_size} process(es), {run.global_batch * cfg.seq_len:,} tokens/step, steps "
+        f"{run.state.step + 1}..{cfg.max_steps}, output {run_dir}"
+    )
+    return run
+
+
+def find_resume(resume: str | None, run_dir: Path, log) -> tuple[Path | None, dict | None]:
+    if resume is None:
+        existing = rundir.resume_candidates(run_dir) if run_dir.is_dir() else []
+        if existing:
+            raise OpenLLMError(
+                f"{run_dir} already holds a training run ({existing[0].name}); continue it with "
+                "--resume auto, or choose another --output-dir"
+            )
+        return None, None
+    if resume == "auto":
+        found = rundir.find_resumable(run_dir, warn=log)
+        if found is None:
+            if rundir.resume_candidates(run_dir):
+                raise OpenLLMError(f"no checkpoint in {run_dir} verifies; nothing to resume from")
+            log(f"--resume auto: no checkpoint in {run_dir} yet; starting a new run")
+            return None, None
+        return found
+    path = Path(resume)
+    if path.is_dir():
+        found = rundir.find_resumable(path, warn=log)
+        if found is None:
+            raise OpenLLMError(f"no checkpoint in {path} verifies; nothing to resume from")
+        return found
+    ckpt = ck.load_checkpoint(path)
+    v = ck.verify_checkpoint(path, ckpt)
+    if not v.ok:
+        raise OpenLLMError(f"cannot resume from {path}: {'; '.join(v.problems)}")
+    return path, ckpt
+
+
+def already_done(ckpt: dict, cfg: TrainConfig) -> str | None:
+    saved = (ckpt.get("resume_state") or {}).get("run_state", {})
+    if saved.get("stopped") and not cfg.reset_early_stopping:
+        return (
+            f"this run already stopped: {saved.get('stop_reason')}. Nothing to do; pass --reset-early-stopping "
+            "to train on anyway."
+        )
+    if int(ckpt["step"]) >= cfg.max_steps:
+        return (
+            f"the checkpoint is at step {ckpt['step']}, already at --max-steps {cfg.max_steps}; "
+            "raise --max-steps to train on"
+        )
+    return None
+
+
+def check_compatible(ckpt: dict, model_config, tokenizer_sha: str, dataset_fp: str, cfg: TrainConfig, say) -> None:
+    old = ckpt.get("config") or {}
+    diffs = [
+        f"{k} {old.get(k)!r} -> {v!r}" for k, v in model_config.to_dict().items() if k != "dropout" and old.get(k) != v
+    ]
+    if diffs:
+        raise OpenLLMError(f"cannot resume: the model config differs from the checkpoint's ({', '.join(diffs)})")
+    old_tok = ckpt.get("tokenizer_sha256")
+    if old_tok and old_tok != tokenizer_sha:
+        raise OpenLLMError(
+            f"cannot resume: the tokenizer differs from the checkpoint's (sha256 {old_tok[:12]}... -> "
+            f"{tokenizer_sha[:12]}...)"
+        )
+    old_fp = ckpt.get("dataset_fingerprint")
+    if old_fp and old_fp != dataset_fp:
+        if not cfg.allow_data_change:
+            raise OpenLLMError(
+                f"cannot resume: the dataset differs from the one the checkpoint trained on (fingerprint "
+                f"{old_fp[:12]}... -> {dataset_fp[:12]}...); pass --allow-data-change to continue on new data"
+            )
+        say("warning: training continues on a different dataset (--allow-data-change)")
+    old_tc = ckpt.get("training_config") or {}
+    changed = [
+        k
+        for k in ("batch_size", "seq_len", "gradient_accumulation_steps", "seed")
+        if k in old_tc and old_tc[k] != getattr(cfg, k)
+    ]
+    if changed:
+        say(
+            f"warning: {', '.join(changed)} changed since the checkpoint; the run continues but is not bit-identical "
+            "to an uninterrupted one"
+        )
+
+
+def resolve_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, resuming: bool, log) -> PreparedDataset:
+    """A prepared dataset: ``--data``, or ``--data-file`` (or the bundled corpus) prepared into RUN/dataset."""
+    if cfg.data:
+        return load_dataset(cfg.data)
+    source = Path(cfg.data_file) if cfg.data_file else BUNDLED_CORPUS
+    if not cfg.data_file:
+        log(f"no --data or --data-file given: using the bundled corpus {source.name}")
+    tokenizer = None
+    if cfg.tokenizer_dir:
+        tokenizer = Path(cfg.tokenizer_dir) / "tokenizer.model"
+        if not tokenizer.is_file():
+            raise OpenLLMError(f"no tokenizer.model in --tokenizer-dir {cfg.tokenizer_dir}")
+    cache = run_dir / "dataset"
+    if dist.is_main:
+        key = prepared_request_key([source], cfg.validation_data, cfg.vocab_size, tokenizer, 0.1, cfg.seed, "paragraph")
+        meta = cache / "meta.json"
+        old_key = None
+        if meta.is_file():
+            try:
+                old_key = load_dataset(cache).meta.get("source_fingerprint")
+            except OpenLLMError:
+                old_key = None
+        if old_key != key:
+            if old_key is not None and resuming and not cfg.allow_data_change:
+                raise OpenLLMError(
+                    f"cannot resume: {source} (or its settings) differs from the text this run was "
+                    "prepared from; pass --allow-data-change to continue on new data"
+                )
+            log(f"preparing {source} into {cache}")
+            prepare_dataset(
+                [source],
+                cache,
+                vocab_size=cfg.vocab_size,
+                validation_file=cfg.validation_data,
+                tokenizer=tokenizer,
+                seed=cfg.seed,
+                force=True,
+            )
+    barrier(dist)
+    return load_dataset(cache)
+
+
+def restore(run: Run, ckpt: dict) -> None:
+    """Load model, optimizer, scaler, RNG and progress from a checkpoint into ``run``."""
+    run.raw_model.load_state_dict(ckpt["model_state_dict"])
+    opt_state = ckpt.get("optimizer_state_dict") or {}
+    if opt_state.get("state"):
+        try:
+            run.optimizer.load_state_dict(opt_state)
+        except (ValueError, KeyError) as exc:
+            raise OpenLLMError(f"the checkpoint's optimizer state does not fit this model ({exc})") from None
+    elif run.dist.is_main:
+        run.log("note: the checkpoint has no optimizer state; starting with a fresh AdamW state")
+    run.state = ck.restore_run_state(ckpt, run.global_batch)
+    if not run.state.stopped:
+        run.state.stop_reason = None  # "reached --max-steps" of the earlier invocation no longer holds
+    resume = ckpt.get("resume_state") or {}
+    if resume.get("grad_scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(resume["grad_scaler"])
+    if "rng" in resume and resume.get("world_size", 1) == run.dist.world_size and not run.dist.enabled:
+        ck.restore_rng_state(resume["rng"])
+
+
+def use_recorded_threads(ckpt: dict | None, say: Callable[[str], None]) -> None:
+    """Resume with the CPU thread count the run was recorded with: CPU kernels split their sums by thread,
+    so the same count is part of what makes a resumed run bit-identical to an uninterrupted one."""
+    recorded = ((ckpt or {}).get("training_config") or {}).get("torch_threads")
+    if isinstance(recorded, int) and recorded > 0 and recorded != torch.get_num_threads():
+        say(f"using {recorded} CPU threads as the run recorded (this process had {torch.get_num_threads()})")
+        torch.set_num_threads(recorded)
