@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -36,6 +37,32 @@ def load(path):
     import torch
 
     return torch.load(path, weights_only=True)
+
+
+# A run small enough for a test: the same settings as a TrainConfig and as `openllm train` options.
+SMALL_RUN = {
+    "batch_size": 4,
+    "seq_len": 32,
+    "max_steps": 6,
+    "eval_every": 3,
+    "save_every": 3,
+    "eval_batches": 2,
+    "warmup_steps": 1,
+}
+
+
+def small_config(dataset, out, **changes):
+    """A TrainConfig for a small run on ``dataset`` into ``out`` (``changes`` override SMALL_RUN)."""
+    from openllm.training.config import TrainConfig
+
+    base = {"data": str(dataset.path), "output_dir": str(out), "log_every": 100, **SMALL_RUN}
+    return TrainConfig(**{**base, **changes})
+
+
+def small_args(dataset, out, *extra: str) -> list[str]:
+    """`openllm train` arguments for the same small run; ``extra`` options come last (and win)."""
+    flags = [x for k, v in SMALL_RUN.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    return ["train", "--data", str(dataset.path), "--output-dir", str(out), *flags, "--sample-tokens", "0", *extra]
 
 
 def shared_file(name: str) -> Path:
@@ -80,15 +107,35 @@ def rng() -> random.Random:
     return random.Random(0)
 
 
-@pytest.fixture(scope="module")
-def server(small_dataset):
-    """A live OpenLLM server (tiny random model) on a free loopback port: (base url, app)."""
+@contextlib.contextmanager
+def live_server(app):
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
     import socket
     import threading
     import time
 
-    import torch
     import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+def random_model_app(dataset, max_tokens: int = 64, **shape):
+    """An OpenLLM server app around a randomly initialised model with the dataset's tokenizer."""
+    import torch
 
     from openllm.data.tokenizer import load_tokenizer
     from openllm.inference.loading import LoadedModel
@@ -96,25 +143,18 @@ def server(small_dataset):
     from openllm.model.config import ModelConfig
     from openllm.model.gpt import GPT
 
-    tok = load_tokenizer(small_dataset.tokenizer_path)
+    tok = load_tokenizer(dataset.tokenizer_path)
     torch.manual_seed(0)
-    model = GPT(
-        ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=0.0)
-    ).eval()
-    app = create_app(
-        LoadedModel(model, tok, small_dataset.path), "tiny-test", ServerLimits(max_tokens=64, max_queue=80)
+    config = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, **shape}
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, dropout=0.0, **config)).eval()
+    return create_app(
+        LoadedModel(model, tok, dataset.path), "tiny-test", ServerLimits(max_tokens=max_tokens, max_queue=80)
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(small_dataset):
+    """A live OpenLLM server (tiny random model) on a free loopback port: (base url, app)."""
+    app = random_model_app(small_dataset)
+    with live_server(app) as url:
+        yield url, app

@@ -356,3 +356,18 @@ def test_inspect_and_compare(trained_run, tmp_path, small_dataset):
     assert full["optimizer_state"] and full["training_log_entries"] == 6
     r = cli("compare", str(tmp_path / "legacy"), str(trained_run / "final_model.pt"))
     assert "optimizer state" in r.stdout and "validation log entries" in r.stdout
+
+
+def test_exported_generation_defaults_never_run_past_the_context(trained_run, tmp_path):
+    import transformers
+
+    out = tmp_path / "hf"
+    assert cli("export", "--checkpoint", str(trained_run), "--output-dir", str(out)).returncode == 0
+    gen = json.loads((out / "generation_config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert gen.get("max_new_tokens") is None and gen["max_length"] <= config["n_positions"]
+    pipe = transformers.pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
+    transformers.set_seed(0)
+    for i in range(20):  # sampled with the exported defaults: must stop at the context, never crash
+        text = pipe("ROMEO:" * (1 + i % 3))[0]["generated_text"]
+        assert text.startswith("ROMEO:")

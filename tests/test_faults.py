@@ -16,9 +16,8 @@ import torch
 from openllm.checkpoint import format as ck
 from openllm.checkpoint import rundir
 from openllm.core.errors import OpenLLMError
-from openllm.training.config import TrainConfig
 from openllm.training.loop import train
-from tests.conftest import quiet
+from tests.conftest import quiet, small_config
 
 
 def args(dataset, out, steps=24):
@@ -118,19 +117,7 @@ def test_sigkill_twenty_times_resumes_bit_identically(small_dataset, tmp_path):
 
 
 def config(dataset, out, **kw):
-    base = dict(
-        data=str(dataset.path),
-        output_dir=str(out),
-        batch_size=4,
-        seq_len=32,
-        max_steps=12,
-        eval_every=3,
-        save_every=3,
-        eval_batches=2,
-        warmup_steps=1,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return small_config(dataset, out, **{"max_steps": 12, **kw})
 
 
 def test_disk_full_while_saving_keeps_previous_checkpoints(small_dataset, tmp_path, monkeypatch):

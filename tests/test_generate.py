@@ -62,3 +62,19 @@ def test_prompts_are_cut_only_when_longer_than_the_context(small_dataset):
     assert dropped == 0 and ids[0] == 2
     ids, dropped = prompt_ids(tok, "word " * 100, context=16)
     assert len(ids) == 16 and dropped > 0
+
+
+def test_continuations_are_decoded_in_context_of_the_prompt(small_dataset):
+    from openllm.data.tokenizer import load_tokenizer
+    from openllm.inference.generate import TextStream
+
+    tok = load_tokenizer(small_dataset.tokenizer_path)
+    text = "Thou art the king"
+    full = tok.encode(text)
+    # cut where a piece starts with the word-boundary marker: the continuation's first token carries the space
+    k = next(i for i in range(1, len(full)) if tok.id_to_piece(full[i]).startswith("\u2581"))
+    prompt = tok.decode(full[:k])
+    stream = TextStream(tok, [2, *full[:k]])
+    pieces = [stream.push(t) for t in full[k:]]
+    assert prompt + "".join(pieces) + stream.finish() == text
+    assert not tok.decode(full[k:]).startswith(" ")  # decoded alone, the space would be lost

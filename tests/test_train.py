@@ -353,6 +353,9 @@ def test_signal_saves_and_says_how_to_resume(small_dataset, tmp_path, sig):
     assert "--resume auto" in stderr and "Traceback" not in stderr
     saved = rundir.step_checkpoints(out)
     assert len(saved) == 1 and ck.verify_checkpoint(saved[0][1]).ok
+    card = (out / "README.md").read_text()  # the records say what happened, not "still running"
+    assert f"stopped because: stopped by {sig.name}" in card and "still running" not in card
+    assert f"stopped by {sig.name}" in (out / "train.log").read_text()
 
 
 def test_yaml_config_with_command_line_winning(small_dataset, tmp_path):

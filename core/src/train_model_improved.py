@@ -29,5 +29,22 @@ def legacy_argv(argv: list[str]) -> list[str]:
     return args
 
 
+def missing_legacy_data(args: list[str]) -> str | None:
+    """The one-line explanation when the legacy default training text is asked for but absent."""
+    if "--data-file" in args and args[args.index("--data-file") + 1] == LEGACY_TRAINING_DATA:
+        if not Path(LEGACY_TRAINING_DATA).is_file():
+            return (
+                f"train_model_improved.py: error: the legacy training text {LEGACY_TRAINING_DATA} is not here "
+                "(run from the directory that holds data/clean/, or give your own text with --data-file FILE "
+                "and --validation-data FILE); nothing was written"
+            )
+    return None
+
+
 if __name__ == "__main__":
-    sys.exit(main(legacy_argv(sys.argv[1:])))
+    argv = legacy_argv(sys.argv[1:])
+    problem = missing_legacy_data(argv)
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(argv))

@@ -160,7 +160,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(args.prompt)
-        stream = TextStream(loaded.tokenizer)
+        stream = TextStream(loaded.tokenizer, ids)
         for token in generate_ids(loaded.model, ids, opts, device):
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
@@ -338,7 +338,7 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: Any) -> None:
-    from openllm.inference.server import ServerLimits
+    from openllm.inference.server import ServerLimits, ServerSecurity
 
     p = sub.add_parser(
         "serve",
@@ -351,6 +351,7 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--port", type=port, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="auto, cpu or cuda (default: auto)")
     add_options(p, ServerLimits)
+    add_options(p, ServerSecurity)
     p.set_defaults(func=_run_serve)
 
 
@@ -363,10 +364,16 @@ def _run_serve(args: argparse.Namespace) -> int:
             f"serving needs FastAPI and uvicorn ({exc.name or exc} is missing): pip install 'openllm[serve]'"
         ) from None
     from openllm.core.device import resolve_device
-    from openllm.inference.server import ServerLimits, serve
+    from openllm.inference.server import ServerLimits, ServerSecurity, serve
 
+    security = ServerSecurity(**option_values(args, ServerSecurity))
     serve(
-        args.model, args.host, args.port, ServerLimits(**option_values(args, ServerLimits)), resolve_device(args.device)
+        args.model,
+        args.host,
+        args.port,
+        ServerLimits(**option_values(args, ServerLimits)),
+        resolve_device(args.device),
+        security,
     )
     return 0
 

@@ -34,6 +34,7 @@ import os
 import pickle
 import platform
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,9 +214,11 @@ def restore_run_state(ckpt: dict, samples_per_step: int) -> RunState:
     st.samples_seen = int(resume.get("samples_seen", st.step * samples_per_step))
     st.training_log = list(ckpt.get("training_log") or [])
     st.validation_log = list(ckpt.get("validation_log") or [])
-    best = ckpt.get("best_validation_loss")
-    finite = finite_or_none(best)
-    st.best_validation_loss = float(finite) if finite is not None else math.inf
+    best = finite_or_none(ckpt.get("best_validation_loss"))
+    st.best_validation_loss = float(best) if best is not None else math.inf
+    if st.best_step is None and best is not None:  # imported weights record where their loss was measured
+        stats = ckpt.get("training_stats")
+        st.best_step = stats.get("best_step") if isinstance(stats, dict) else None
     return st
 
 
@@ -296,10 +299,23 @@ def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> str:
     ckpt["format_version"] = FORMAT_VERSION
     ckpt["checksum"] = compute_checksum(ckpt)
     with atomic_open(path) as f:
-        torch.save(ckpt, f)
+        try:
+            torch.save(ckpt, f)
+        except RuntimeError:  # torch's zip writer reports a failed write (ENOSPC, EIO) as RuntimeError
+            raise OpenLLMError(_write_failure(Path(path))) from None
         f.flush()
         faults.reached("save")  # tests: die with a complete temporary file not yet renamed
     return ckpt["checksum"]
+
+
+def _write_failure(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2**20:
+        return f"disk full while writing {path} ({free / 2**20:.1f} MB free); the previous files are intact"
+    return f"could not write {path} (the write failed); the previous files are intact"
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
@@ -316,17 +332,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 f"refused to load {path}: it contains pickled Python objects or code, which are never "
                 f"executed (it asks for {wanted.group(1)})"
             ) from None
-        raise OpenLLMError(f"{path} is truncated, corrupt or not a checkpoint ({_first_line(exc)[:160]})") from None
-    except Exception as exc:  # noqa: BLE001 - any failure to decode an untrusted file means it is corrupt
-        raise OpenLLMError(f"{path} is truncated, corrupt or not a checkpoint ({_first_line(exc)[:160]})") from None
+        raise OpenLLMError(
+            f"{path} is truncated, corrupt or not a checkpoint (it is not a readable tensor file)"
+        ) from None
+    except RecursionError:
+        raise OpenLLMError(f"{path} is not a checkpoint: its structure is nested too deeply") from None
+    except Exception:  # noqa: BLE001 - any failure to decode an untrusted file means it is corrupt
+        raise OpenLLMError(
+            f"{path} is truncated, corrupt or not a checkpoint (it is not a readable tensor file)"
+        ) from None
     if not isinstance(obj, dict):
         raise OpenLLMError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
     return obj
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 # -------------------------------------------------------------------------------------- verify
@@ -368,8 +385,12 @@ def verify_checkpoint(path: str | os.PathLike, ckpt: dict | None = None) -> Veri
         )
         v.ok = False
         return v
-    if v.kind == "openllm" and "checksum" in ckpt and ckpt["checksum"] != compute_checksum(ckpt):
-        v.problems.append("checksum mismatch: the file's contents changed after it was written")
+    try:
+        if v.kind == "openllm" and "checksum" in ckpt and ckpt["checksum"] != compute_checksum(ckpt):
+            v.problems.append("checksum mismatch: the file's contents changed after it was written")
+    except RecursionError:
+        v.problems.append("its structure is nested too deeply to be a checkpoint")
+        return v
     if isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_state_dict"), dict):
         v.problems.extend(shape_problems(ckpt["model_state_dict"], ckpt["config"]))
     v.ok = not v.problems
@@ -414,7 +435,25 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def shape_problems(state: dict, config: dict) -> list[str]:
+    """What keeps ``state`` from being the weights of a model with ``config`` (empty: they fit).
+
+    The config's sizes are checked against the tensors actually present before anything is built from
+    them, so an absurd config (a billion layers, an enormous vocabulary) is one problem, not a memory bomb.
+    """
     try:
+        wte = state.get("transformer.wte.weight")
+        n_layer = int(config["n_layer"])
+        layers_present = {k.split(".")[2] for k in state if k.startswith("transformer.h.")}
+        if n_layer > len(layers_present) + 1:
+            return [
+                f"model_state_dict lacks the tensors of {n_layer - len(layers_present):,} of the config's "
+                f"{n_layer:,} layers (it holds {len(layers_present)})"
+            ]
+        if isinstance(wte, torch.Tensor) and tuple(wte.shape) != (int(config["vocab_size"]), int(config["n_embd"])):
+            return [
+                f"transformer.wte.weight has shape {tuple(wte.shape)}, the config needs "
+                f"{(int(config['vocab_size']), int(config['n_embd']))}"
+            ]
         want = expected_shapes(config)
     except (KeyError, TypeError, ValueError) as exc:
         return [f"config is incomplete or invalid ({exc})"]

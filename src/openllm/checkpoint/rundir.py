@@ -34,9 +34,10 @@ def step_file(step: int) -> str:
 
 
 def generation_config(max_length: int) -> dict:
+    """Sampling defaults for the run and its export. Only ``max_length`` (prompt + new tokens) bounds the
+    length, at the model's context, so a default `transformers` generation never runs past the positions."""
     return {
         "max_length": max_length,
-        "max_new_tokens": 256,
         "temperature": 0.8,
         "top_k": 40,
         "top_p": 0.95,

@@ -19,6 +19,7 @@ import numpy as np
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_open, atomic_write_json, ensure_dir
 from openllm.core.options import Opt, fraction, int_value, positive_int
+from openllm.core.progress import Progress
 from openllm.data.corpus import DOC_MODES, deduplicate, read_text, split_documents, split_train_val
 from openllm.data.dataset import FORMAT, META_FILE, PreparedDataset, token_dtype
 from openllm.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, load_tokenizer, train_tokenizer
@@ -26,7 +27,12 @@ from openllm.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, load_tokenizer, tr
 
 def pack(tokenizer: Tokenizer, docs: Sequence[str], dtype: np.dtype) -> np.ndarray:
     """Encode documents as BOS + ids + EOS, concatenated without padding."""
-    encoded = tokenizer.encode_batch(docs)
+    encoded: list[list[int]] = []
+    with Progress(len(docs), "encoding", "documents") as progress:
+        for start in range(0, len(docs), 4096):
+            chunk = docs[start : start + 4096]
+            encoded.extend(tokenizer.encode_batch(chunk))
+            progress.update(len(chunk))
     total = sum(len(ids) + 2 for ids in encoded)
     out = np.empty(total, dtype=dtype)
     pos = 0

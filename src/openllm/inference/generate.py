@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -12,11 +13,14 @@ from openllm.core.options import Opt, fraction_incl, int_value, nonneg_float, no
 from openllm.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from openllm.model.gpt import GPT
 
+# Temperatures below this sample so sharply that float32 overflows; they are greedy decoding in effect.
+GREEDY_BELOW = 1e-4
+
 
 @dataclass
 class SamplingOptions:
     max_new_tokens: Annotated[int, Opt("tokens to generate at most", parse=positive_int)] = 200
-    temperature: Annotated[float, Opt("0 means greedy decoding", parse=nonneg_float)] = 0.8
+    temperature: Annotated[float, Opt("0 (or anything below 1e-4) means greedy decoding", parse=nonneg_float)] = 0.8
     top_k: Annotated[int | None, Opt("keep the k most likely tokens (0 or None: off)", parse=nonneg_int)] = 40
     top_p: Annotated[
         float | None,
@@ -72,11 +76,15 @@ def generate_ids(
     logits, cache = model.forward_with_cache(x)
     for _ in range(opts.max_new_tokens):
         row = logits[0, -1]
-        if opts.temperature <= 0:
+        if opts.temperature < GREEDY_BELOW:
             token = int(torch.argmax(row))
         else:
-            probs = torch.softmax(next_token_logits_filter(row, opts, history), dim=-1).cpu()
-            token = int(torch.multinomial(probs, 1, generator=gen))
+            filtered = next_token_logits_filter(row, opts, history)
+            probs = torch.softmax(filtered, dim=-1).cpu()
+            if torch.isfinite(probs).all() and float(probs.sum()) > 0:
+                token = int(torch.multinomial(probs, 1, generator=gen))
+            else:  # extreme settings overflowed the logits: the distribution is a point mass on the top token
+                token = int(torch.argmax(torch.nan_to_num(filtered, nan=-math.inf)))
         if token == EOS_ID:
             return
         yield token
@@ -92,28 +100,41 @@ def generate_text(
     model: GPT, tokenizer: Tokenizer, prompt: str, opts: SamplingOptions, device: torch.device | str = "cpu"
 ) -> str:
     ids, _ = prompt_ids(tokenizer, prompt, model.config.block_size)
-    return tokenizer.decode(list(generate_ids(model, ids, opts, device)))
+    stream = TextStream(tokenizer, ids)
+    for token in generate_ids(model, ids, opts, device):
+        stream.push(token)
+    stream.finish()
+    return stream.text
 
 
 class TextStream:
-    """Decodes generated ids as they come; :meth:`push` returns only text whose characters are complete
-    (a multi-byte character split over byte-fallback tokens waits for its last byte)."""
+    """Decodes generated ids as they come, in the context of the prompt's last tokens (``context``), so that
+    a space or character joining prompt and continuation is kept (a tokenizer that drops a leading space,
+    as SentencePiece does, would otherwise lose it). :meth:`push` returns only text whose characters are
+    complete (a multi-byte character split over byte-fallback tokens waits for its last byte)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    CONTEXT_TOKENS = 8
+
+    def __init__(self, tokenizer: Tokenizer, context: list[int] | None = None):
         self.tokenizer = tokenizer
+        self.context = list(context or [])[-self.CONTEXT_TOKENS :]
+        self.skip = len(tokenizer.decode(self.context))
         self.ids: list[int] = []
         self.text = ""  # everything returned so far
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        full = self.tokenizer.decode(self.ids)
+        full = self._decode()
         if full.endswith("\ufffd"):
             return ""
         return self._advance(full)
 
     def finish(self) -> str:
         """Whatever is left, incomplete characters included (as replacement characters)."""
-        return self._advance(self.tokenizer.decode(self.ids))
+        return self._advance(self._decode())
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.context + self.ids)[self.skip :]
 
     def _advance(self, full: str) -> str:
         new, self.text = full[len(self.text) :], full

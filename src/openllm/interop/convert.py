@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +26,7 @@ from openllm.checkpoint import format as ck
 from openllm.checkpoint.rundir import BEST, generation_config, model_config_json, write_logs, write_model_card
 from openllm.checkpoint.state import RunState
 from openllm.core.errors import OpenLLMError
-from openllm.core.fileio import atomic_write_json, ensure_dir, read_json
+from openllm.core.fileio import atomic_write_json, commit_directory, directory_lock, read_json, staging_dir
 from openllm.core.numbers import perplexity
 from openllm.core.options import Opt, nonneg_int
 from openllm.data.tokenizer import Tokenizer, load_tokenizer
@@ -197,6 +198,8 @@ def convert(
     out = Path(output_dir)
     if (out / BEST).exists() and not force:
         raise OpenLLMError(f"{out} already holds {BEST}; choose another --output-dir or pass --force")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OpenLLMError(f"{out} is not empty; choose another --output-dir or pass --force (which replaces it)")
     model = GPT(imp.config.replace(dropout=0.0))
     model.load_state_dict(imp.state)
     model.eval()
@@ -278,16 +281,14 @@ def convert(
         provenance=provenance,
         resume=None,
     )
-    ensure_dir(out)
-    ck.save_checkpoint(ckpt, out / BEST)
-    atomic_write_json(out / "config.json", model_config_json(imp.config.to_dict(), {"model_size": model_size}))
-    atomic_write_json(out / "generation_config.json", generation_config(imp.config.block_size))
-    atomic_write_json(out / "training_config.json", tconfig)
-    write_logs(out, state.training_log, state.validation_log)
-    atomic_write_json(out / "provenance.json", provenance)
-    if imp.tokenizer is not None:
-        imp.tokenizer.save(out, model_max_length=imp.config.block_size)
-    write_model_card(out, "OpenLLM converted model", info, stats, {}, provenance["source"])
+    with directory_lock(out, "output directory"):  # written whole in a staging directory, then put in place
+        staging = staging_dir(out)
+        try:
+            _write_run(staging, ckpt, imp, model_size, tconfig, state, provenance, info, stats)
+            commit_directory(staging, out)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     input_bytes = sum(p.stat().st_size for p in ([src] if src.is_file() else src.rglob("*")) if p.is_file())
     comp = {}
@@ -296,3 +297,25 @@ def convert(
         torch.save(ckpt[key], buf)
         comp[key] = buf.tell()
     return ConvertReport(kind, out, step, input_bytes, comp, (out / BEST).stat().st_size, best, imp.notes)
+
+
+def _write_run(
+    d: Path,
+    ckpt: dict,
+    imp: Imported,
+    model_size: str,
+    tconfig: dict,
+    state: RunState,
+    provenance: dict,
+    info: dict,
+    stats: dict,
+) -> None:
+    ck.save_checkpoint(ckpt, d / BEST)
+    atomic_write_json(d / "config.json", model_config_json(imp.config.to_dict(), {"model_size": model_size}))
+    atomic_write_json(d / "generation_config.json", generation_config(imp.config.block_size))
+    atomic_write_json(d / "training_config.json", tconfig)
+    write_logs(d, state.training_log, state.validation_log)
+    atomic_write_json(d / "provenance.json", provenance)
+    if imp.tokenizer is not None:
+        imp.tokenizer.save(d, model_max_length=imp.config.block_size)
+    write_model_card(d, "OpenLLM converted model", info, stats, {}, provenance["source"])

@@ -24,9 +24,15 @@ from openllm import __version__
 from openllm.checkpoint import format as ck
 from openllm.checkpoint.rundir import generation_config, model_card, resolve_checkpoint_path
 from openllm.core.errors import OpenLLMError
-from openllm.core.fileio import atomic_write_json, atomic_write_text, fsync_dir
+from openllm.core.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    commit_directory,
+    directory_lock,
+    staging_dir,
+)
 from openllm.core.options import Opt
-from openllm.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from openllm.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
 from openllm.interop.gpt2 import EXPORT_WEIGHTS, config_to_hf, to_hf
 from openllm.interop.tokenizer_json import hf_tokenizer_json
 from openllm.model.config import ModelConfig
@@ -44,7 +50,6 @@ def export_checkpoint(
     force: Annotated[bool, Opt("replace a non-empty --output-dir")] = False,
 ) -> ExportResult:
     """Write a Hugging Face GPT-2 directory for a checkpoint file (or a run directory's best model)."""
-    from safetensors.torch import save_file
 
     src = resolve_checkpoint_path(checkpoint)
     ckpt = ck.load_checkpoint(src)
@@ -70,9 +75,25 @@ def export_checkpoint(
         "provenance": info.provenance,
         "training_stats": stats,
     }
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with directory_lock(out, "export directory"):
+        staging = staging_dir(out)
+        _write_export(staging, ckpt, src, config, tok, tok_path, info, extra)
+        commit_directory(staging, out)
+    return ExportResult(out, {p.name: p.stat().st_size for p in sorted(out.iterdir())})
+
+
+def _write_export(
+    staging: Path,
+    ckpt: dict,
+    src: Path,
+    config: ModelConfig,
+    tok: Tokenizer,
+    tok_path: Path,
+    info: ck.CheckpointInfo,
+    extra: dict,
+) -> None:
+    from safetensors.torch import save_file
+
     try:
         save_file(
             to_hf(ckpt["model_state_dict"], config),
@@ -112,17 +133,12 @@ def export_checkpoint(
             model_card(
                 "OpenLLM model (Hugging Face export)",
                 model_info,
-                stats,
+                info.training_stats,
                 info.training_config,
                 info.provenance.get("source", "trained with openllm"),
             )
             + "\nLoad with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`.\n",
         )
-        fsync_dir(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ExportResult(out, {p.name: p.stat().st_size for p in sorted(out.iterdir())})

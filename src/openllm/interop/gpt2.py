@@ -17,6 +17,7 @@ from openllm import __version__
 from openllm.checkpoint import format as ck
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import read_json
+from openllm.core.progress import Progress
 from openllm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from openllm.model.config import ModelConfig
 from openllm.model.gpt import GPT
@@ -52,7 +53,9 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 def to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict in GPT2LMHeadModel's names and layout (tied head omitted, zero biases if bias=False)."""
     out = {}
+    progress = Progress(len(state), "converting weights", "tensors")
     for k, t in state.items():
+        progress.update()
         if k == "lm_head.weight":
             continue
         t = t.detach().to(torch.float32)
@@ -71,6 +74,7 @@ def to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torc
             for name, n in sizes.items():
                 out[f"transformer.h.{i}.{name}"] = torch.zeros(n)
         out["transformer.ln_f.bias"] = torch.zeros(C)
+    progress.close()
     return out
 
 
@@ -132,8 +136,8 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if (path / EXPORT_WEIGHTS).is_file():
         try:
             state = load_file(str(path / EXPORT_WEIGHTS))
-        except Exception as exc:  # safetensors raises its own error types
-            raise OpenLLMError(f"{path / 'model.safetensors'} is corrupt: {exc}") from None
+        except Exception:  # safetensors raises its own error types
+            raise OpenLLMError(f"{path / EXPORT_WEIGHTS} is truncated or not a safetensors file") from None
     elif (path / "pytorch_model.bin").is_file():
         state = ck.load_checkpoint(path / "pytorch_model.bin")
     else:
@@ -143,6 +147,13 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def config_from_hf(cfg: dict, origin: str) -> ModelConfig:
     """Our ModelConfig for a GPT2Config dict, refusing variants this model cannot reproduce."""
+    try:
+        return _config_from_hf(cfg, origin)
+    except (TypeError, ValueError) as exc:
+        raise OpenLLMError(f"{origin}: config.json has a value of the wrong kind ({exc})") from None
+
+
+def _config_from_hf(cfg: dict, origin: str) -> ModelConfig:
     act = cfg.get("activation_function", "gelu_new")
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
     problems = []

@@ -12,6 +12,9 @@ from typing import Any
 
 from openllm.core.errors import OpenLLMError
 
+# Sanity bounds checked before any model is built from a config (an untrusted file may ask for anything).
+LIMITS = {"vocab_size": 2**24, "n_layer": 1024, "n_head": 1024, "n_embd": 65536, "block_size": 2**20}
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -25,15 +28,21 @@ class ModelConfig:
     activation: str = "gelu"  # exact GELU; "gelu_tanh" for imported Hugging Face GPT-2 weights
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+        for name, limit in LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise OpenLLMError(f"model config: {name} must be a positive integer, got {value!r}")
+            if value > limit:
+                raise OpenLLMError(f"model config: {name} {value:,} is beyond what OpenLLM builds (at most {limit:,})")
         if self.n_embd % self.n_head:
             raise OpenLLMError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.activation not in ("gelu", "gelu_tanh"):
             raise OpenLLMError(f"model config: activation must be gelu or gelu_tanh, got {self.activation!r}")
-        if not (0.0 <= float(self.dropout) < 1.0):
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
             raise OpenLLMError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict[str, Any]:

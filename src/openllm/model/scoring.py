@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from openllm.core.errors import OpenLLMError
+from openllm.core.progress import Progress
 from openllm.data.corpus import read_text, split_documents
 from openllm.data.dataset import load_dataset, token_dtype
 from openllm.data.prepare import pack
@@ -67,6 +68,7 @@ def stream_nll(
     plan = window_plan(len(tokens), seq_len, stride)
     total, count = 0.0, 0
     i = 0
+    progress = Progress(len(plan), "scoring", "windows")
     while i < len(plan):
         length = plan[i][1] - plan[i][0]
         group = [plan[i]]
@@ -86,6 +88,8 @@ def stream_nll(
             total += float(nll[row, -scored:].double().sum())
             count += scored
         i += len(group)
+        progress.update(len(group))
+    progress.close()
     return total, count
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,9 +59,21 @@ class TrainConfig:
     )
     learning_rate: Annotated[float | None, Opt("peak learning rate", default_text=PRESET)] = None
     min_lr: Annotated[
-        float | None, Opt("learning rate at the end of the cosine decay", default_text="a tenth of --learning-rate")
+        float | None, Opt("learning rate at the end of the schedule", default_text="a tenth of --learning-rate")
     ] = None
     warmup_steps: Annotated[int | None, Opt("linear warmup steps", default_text=PRESET)] = None
+    lr_schedule: Annotated[
+        str | None,
+        Opt(
+            "learning-rate schedule after warmup: cosine decay, or wsd (constant, then a linear cooldown; "
+            "extends without disturbing the learning rate)",
+            choices=("cosine", "wsd"),
+            default="cosine",
+        ),
+    ] = None
+    cooldown_fraction: Annotated[
+        float | None, Opt("wsd: share of the steps after warmup spent cooling down to --min-lr", default=0.2)
+    ] = None
     lr_decay_steps: Annotated[
         int | None, Opt("step at which the cosine decay reaches --min-lr", default_text="--max-steps")
     ] = None
@@ -110,6 +123,9 @@ class TrainConfig:
         """A complete, checked config: given values, then ``inherited``, then preset and defaults."""
         merged = {k: v for k, v in (inherited or {}).items() if k in TRAIN_OPTION_NAMES and k not in NOT_INHERITED}
         given = self.given()
+        if "data" in given or "data_file" in given:  # new data given on resume replaces the recorded source
+            merged.pop("data", None)
+            merged.pop("data_file", None)
         merged.update(given)
         out = TrainConfig(**merged)
         for name, value in DEFAULTS.items():
@@ -138,8 +154,10 @@ class TrainConfig:
 
         def integer(name: str, minimum: int) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum or value > 2**63 - 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise bad(name, "a positive integer" if minimum else "a non-negative integer", value)
+            if value > 2**63 - 1:
+                raise bad(name, "below 2**63", value)
 
         def number(name: str) -> None:
             value = getattr(self, name)
@@ -164,6 +182,11 @@ class TrainConfig:
             integer(name, 0)
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "early_stopping_min_delta"):
             number(name)
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise bad("lr_schedule", "cosine or wsd", self.lr_schedule)
+        number("cooldown_fraction")
+        if self.cooldown_fraction > 1:  # type: ignore[operator]
+            raise bad("cooldown_fraction", "a number in [0, 1]", self.cooldown_fraction)
         if self.peak_flops is not None:
             number("peak_flops")
         if self.lr_decay_steps is not None:
@@ -217,13 +240,25 @@ def load_yaml_options(path: str | Path) -> dict[str, Any]:
     """Options from a YAML file, keys normalised to field names; unknown keys are an error."""
     import yaml
 
+    class NoAliases(yaml.SafeLoader):
+        """Refuses anchors and aliases: an options file never needs them, and expanding them can blow up."""
+
+        def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+            if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+                raise yaml.YAMLError("anchors and aliases (& and *) are not allowed in an options file")
+            return super().compose_node(parent, index)
+
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
+            if os.fstat(f.fileno()).st_size > 1 << 20:
+                raise OpenLLMError(f"config file {path} is larger than 1 MB; an options file is a few lines")
+            data = yaml.load(f, Loader=NoAliases) or {}  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise OpenLLMError(f"config file not found: {path}") from None
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
-        first = (str(exc).strip().splitlines() or ["too deeply nested"])[0]
+    except RecursionError:
+        raise OpenLLMError(f"config file {path} is not valid YAML: it is nested too deeply") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or ["unreadable"])[0]
         raise OpenLLMError(f"config file {path} is not valid YAML: {first}") from None
     if not isinstance(data, dict):
         raise OpenLLMError(f"config file {path} must hold a mapping of option: value")

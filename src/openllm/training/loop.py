@@ -10,24 +10,27 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
 from openllm.checkpoint import format as ck
 from openllm.checkpoint import rundir
 from openllm.core import faults
+from openllm.core.fileio import directory_lock, remove_stale_temporaries
 from openllm.core.numbers import perplexity
 from openllm.training import records
-from openllm.training.config import TrainConfig
+from openllm.training.config import DEFAULTS, TrainConfig
 from openllm.training.distributed import DistInfo, barrier, broadcast_flag, mean_across, shutdown
 from openllm.training.metrics import MetricsLog, memory_mb
 from openllm.training.run import Run, TrainingStopped, TrainResult
 from openllm.training.schedule import lr_at
-from openllm.training.setup import restore, setup
+from openllm.training.setup import check_before_writing, restore, setup
 
 __all__ = ["TrainingStopped", "lr_at", "train", "train_loop", "train_step"]
 
@@ -37,18 +40,74 @@ __all__ = ["TrainingStopped", "lr_at", "train", "train_loop", "train_step"]
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult | None:
     """Run (or resume) a training job described by ``cfg`` (see ``openllm train --help``); None when a
-    resumed run has nothing left to do."""
-    run = setup(cfg, log)
-    try:
-        return train_loop(run) if run is not None else None
-    finally:
-        shutdown(run.dist if run else DistInfo())
+    resumed run has nothing left to do. The run directory is locked for the whole job (rank 0 only)."""
+    check_before_writing(cfg)
+    run_dir = Path(cfg.given().get("output_dir") or DEFAULTS["output_dir"])
+    is_main = os.environ.get("RANK", "0") == "0"
+    lock = directory_lock(run_dir, "run directory") if is_main else contextlib.nullcontext()
+    console = ConsoleLog(log)
+    with lock, console:
+        if is_main:
+            remove_stale_temporaries(run_dir)
+        run = setup(cfg, console)
+        if run is not None and is_main:
+            console.keep_in(run.run_dir / "train.log")
+        try:
+            return train_loop(run) if run is not None else None
+        except TrainingStopped as exc:
+            console.keep(f"stopped: {exc}")
+            raise
+        finally:
+            shutdown(run.dist if run else DistInfo())
+
+
+class ConsoleLog:
+    """The run's console messages: shown through ``show`` and, once the run directory is known, also
+    appended to ``train.log`` there (messages from before that are written first)."""
+
+    def __init__(self, show: Callable[[str], None]):
+        self.show = show
+        self.pending: list[str] = []
+        self.file: TextIO | None = None
+
+    def __call__(self, message: str) -> None:
+        self.show(message)
+        self.keep(message)
+
+    def keep(self, message: str) -> None:
+        """Record a message in train.log without showing it."""
+        if self.file is None:
+            self.pending.append(message)
+        else:
+            self.file.write(message + "\n")
+            self.file.flush()
+
+    def keep_in(self, path: Path) -> None:
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by __exit__
+        self.file.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} openllm train (pid {os.getpid()})\n")
+        for message in self.pending:
+            self.keep(message)
+        self.pending.clear()
+
+    def __enter__(self) -> ConsoleLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 def train_loop(run: Run) -> TrainResult:
     cfg, st = run.cfg, run.state
     metrics = MetricsLog(
-        run.run_dir / "metrics.jsonl", cfg.max_steps, st.step, run.dist.is_main, cfg.log_every, cfg.tensorboard
+        run.run_dir / "metrics.jsonl",
+        cfg.max_steps,
+        st.step,
+        run.dist.is_main,
+        cfg.log_every,
+        cfg.tensorboard,
+        keep=getattr(run.log, "keep", None),
     )
     signals = StopSignals()
     started = time.perf_counter() - st.elapsed_seconds
@@ -62,16 +121,14 @@ def train_loop(run: Run) -> TrainResult:
                     f"step {st.step}: loss {record['loss']} / grad norm {record['grad_norm']} not finite; step skipped"
                 )
                 if st.consecutive_bad >= cfg.max_bad_steps:
-                    metrics.flush()
                     roll_back(run)
             if st.step % cfg.eval_every == 0 or st.step == cfg.max_steps:
                 validate(run, metrics.say)
                 metrics.validation(st.step, st.validation_log[-1]["validation_loss"])
             if st.step % cfg.save_every == 0 and not st.stopped and st.step < cfg.max_steps:
-                metrics.flush()
                 save_step_checkpoint(run)
             if broadcast_flag(run.dist, signals.received is not None):
-                metrics.flush()
+                st.stop_reason = f"stopped by {signals.received} at step {st.step} (resumable with --resume auto)"
                 path = save_step_checkpoint(run)
                 records.write_model_card(run)
                 raise TrainingStopped(
@@ -187,12 +244,12 @@ def validate(run: Run, say: Callable[[str], None]) -> None:
                 f"{cfg.early_stopping_min_delta:g} for {st.bad_evals} evaluations "
                 f"(best {st.best_validation_loss:.4f} at step {st.best_step})"
             )
+    if improved:
+        save(run, rundir.BEST)  # said only once it is on disk
     say(
         f"step {st.step}: validation loss {loss:.4f} (ppl {perplexity(loss):.1f})"
         + (" - new best, saved best_model.pt" if improved else f", no improvement ({st.bad_evals})")
     )
-    if improved:
-        save(run, rundir.BEST)
 
 
 def save(run: Run, name: str) -> Path:

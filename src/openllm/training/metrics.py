@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,8 +65,10 @@ class MetricsLog:
         enabled: bool = True,
         log_every: int = 10,
         tensorboard: bool = False,
+        keep: Callable[[str], None] | None = None,
     ):
         self.enabled = enabled
+        self.keep = keep or (lambda _message: None)  # also record messages (train.log) besides showing them
         self.tb = None
         self.log_every = log_every
         self.path = path
@@ -92,6 +95,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
+        self.file.flush()  # every line reaches the OS at once: a kill after any later save loses no step
         step = record["step"]
         if self.tb is not None:
             for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "memory_mb", "mfu"):
@@ -104,14 +108,18 @@ class MetricsLog:
                 f"{record['tokens_per_second']:,.0f} tok/s",
                 refresh=False,
             )
-        elif step % self.log_every == 0 or step == self.total:
+        if step % self.log_every == 0 or step == self.total:
             done = step - self.start_step
             eta = (time.time() - self.started) / max(done, 1) * (self.total - step)
-            self.say(
+            line = (
                 f"step {step}/{self.total} loss {record['loss']:.4f} ppl {record['perplexity']:.1f} "
                 f"lr {record['learning_rate']:.2e} grad_norm {record['grad_norm']:.3f} "
                 f"{record['tokens_per_second']:,.0f} tok/s mem {record['memory_mb']:.0f} MB eta {eta:.0f}s"
             )
+            if self.bar is None:
+                self.say(line)
+            else:
+                self.keep(line)  # the bar shows progress on the terminal; the log keeps the line
 
     def validation(self, step: int, loss: float) -> None:
         if self.tb is not None and math.isfinite(loss):
@@ -124,6 +132,7 @@ class MetricsLog:
             self.bar.write(message)
         else:
             print(message, flush=True)
+        self.keep(message)
 
     def flush(self) -> None:
         if self.file:

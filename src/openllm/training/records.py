@@ -30,6 +30,7 @@ def training_config(run: Run) -> dict:
             "dataset_dir": str(run.dataset.path),
             "vocab_size": run.model_config.vocab_size,  # what the model has, whatever was asked for
             "torch_threads": torch.get_num_threads(),
+            "validation_fingerprint": run.validation_fingerprint,
         }
     )
     return cfg
@@ -104,3 +105,30 @@ def write_plot(run: Run) -> Path | None:
         return plot_run(run.run_dir)
     except ImportError:  # matplotlib is optional
         return None
+
+
+def complete_finished_run(run_dir: Path) -> bool:
+    """Write the card and curves of a run killed after final_model.pt was in place; True if any was missing."""
+    card, curves = run_dir / "README.md", run_dir / "training_curves.png"
+    if card.is_file() and curves.is_file():
+        return False
+    final = ck.load_checkpoint(run_dir / rundir.FINAL)
+    info = ck.read_info(final)
+    if not card.is_file():
+        model_info = final.get("model_info") if isinstance(final.get("model_info"), dict) else {}
+        rundir.write_model_card(
+            run_dir,
+            f"OpenLLM {model_info.get('model_size')} model",
+            model_info,
+            info.training_stats,
+            info.training_config,
+            info.source,
+        )
+    if not curves.is_file():
+        try:
+            from openllm.checkpoint.plot import plot_run
+
+            plot_run(run_dir)
+        except ImportError:
+            pass
+    return True

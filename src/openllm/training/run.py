@@ -50,6 +50,7 @@ class Run:
     peak_flops: float | None = None
     eval_seconds: float = 0.0  # wall and CPU time spent in validation passes (benchmarks report them apart)
     eval_cpu_seconds: float = 0.0
+    validation_fingerprint: str = ""  # sha256 of the validation tokens (a resume on other text resets the best)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype == torch.float32:

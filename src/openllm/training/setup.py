@@ -3,9 +3,13 @@ prepare or open the data, build the model and optimizer, and refuse mismatched r
 
 from __future__ import annotations
 
+import hashlib
+import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from openllm.checkpoint import format as ck
@@ -17,15 +21,17 @@ from openllm.core.fileio import ensure_dir
 from openllm.data.batches import BatchSampler, eval_batches
 from openllm.data.dataset import PreparedDataset, load_dataset
 from openllm.data.prepare import prepare_dataset, prepared_request_key
-from openllm.data.tokenizer import load_tokenizer
+from openllm.data.tokenizer import Tokenizer, load_tokenizer
 from openllm.model.config import ModelConfig, get_preset, model_config_for
 from openllm.model.gpt import GPT
+from openllm.model.scoring import encode_file
 from openllm.training import records
 from openllm.training.config import TrainConfig
 from openllm.training.distributed import DistInfo, barrier, init_distributed
 from openllm.training.metrics import peak_flops_for
 from openllm.training.optim import configure_optimizer, seed_everything
 from openllm.training.run import Run
+from openllm.training.schedule import describe_schedule, lr_at
 
 BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "tinyshakespeare.txt"
 
@@ -42,6 +48,8 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
         device = torch.device("cuda", dist.local_rank)
     say = log if dist.is_main else (lambda _m: None)
     if ckpt and (reason := already_done(ckpt, cfg)) and (run_dir / rundir.FINAL).is_file():
+        if dist.is_main and records.complete_finished_run(run_dir):
+            say("wrote the model card and training curves that the finished run had not written yet")
         say(reason)
         return None  # (without final_model.pt the run died while finishing: go on and finish it)
 
@@ -52,21 +60,32 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
     )
     if cfg.seq_len > context:  # checked before anything is written
         raise OpenLLMError(f"--seq-len {cfg.seq_len} is above the model's context of {context} tokens")
+    check_memory(cfg, ckpt["config"] if ckpt and not given.get("model_size") else None, device)
+    if cfg.data and cfg.validation_data and not Path(cfg.validation_data).is_file():
+        raise OpenLLMError(f"--validation-data file not found: {cfg.validation_data}")
+    new_dir, new_cache = not run_dir.exists(), not (run_dir / "dataset").exists()
     if dist.is_main:
         ensure_dir(run_dir)
-    dataset = resolve_data(cfg, run_dir, dist, resuming=ckpt is not None, log=say)
-    tokenizer = load_tokenizer(dataset.tokenizer_path)
-    if ckpt and not given.get("model_size"):  # a resumed model keeps its own shape (converted ones need no preset)
-        model_config = ModelConfig.from_dict(ckpt["config"], dropout=cfg.dropout)
-        if model_config.vocab_size != tokenizer.vocab_size:
-            raise OpenLLMError(
-                f"cannot resume: the model's vocabulary is {model_config.vocab_size} tokens but the "
-                f"dataset's tokenizer has {tokenizer.vocab_size}"
-            )
-    else:
-        model_config = model_config_for(cfg.model_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout)
-    if ckpt:
-        check_compatible(ckpt, model_config, tokenizer.sha256, dataset.fingerprint, cfg, say)
+    try:  # a refused resume leaves nothing behind: what this call created is removed again
+        dataset = resolve_data(cfg, run_dir, dist, ckpt, resumed_path, log=say)
+        tokenizer = load_tokenizer(dataset.tokenizer_path)
+        if ckpt and not given.get("model_size"):  # a resumed model keeps its own shape (converted ones need no preset)
+            model_config = ModelConfig.from_dict(ckpt["config"], dropout=cfg.dropout)
+            if model_config.vocab_size != tokenizer.vocab_size:
+                raise OpenLLMError(
+                    f"cannot resume: the model's vocabulary is {model_config.vocab_size} tokens but the "
+                    f"dataset's tokenizer has {tokenizer.vocab_size}"
+                )
+        else:
+            model_config = model_config_for(cfg.model_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout)
+        if ckpt:
+            check_compatible(ckpt, model_config, tokenizer.sha256, dataset.fingerprint, cfg, say)
+    except OpenLLMError:
+        if dist.is_main and new_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        elif dist.is_main and new_cache:
+            shutil.rmtree(run_dir / "dataset", ignore_errors=True)
+        raise
 
     use_recorded_threads(ckpt, say)
     seed_everything(cfg.seed + dist.rank)
@@ -81,15 +100,16 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
     optimizer = configure_optimizer(raw, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     sampler = BatchSampler(dataset.train, cfg.seq_len, cfg.seed)
-    if not dataset.meta.get("validation_file"):
+    if not dataset.meta.get("validation_file") and not cfg.validation_data:
         say(
             f"no --validation-data given: validating on the {dataset.meta['val_documents']:,} documents "
             f"({dataset.meta['val_tokens']:,} tokens) held out from the training text ({dataset.meta['split']})"
         )
+    val_tokens = validation_tokens(cfg, dataset, tokenizer)
     # the same validation windows for any number of processes: eval_batches global batches' worth
     val = [
         (x.to(device), y.to(device))
-        for x, y in eval_batches(dataset.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size)
+        for x, y in eval_batches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size)
     ]
     if not val:
         raise OpenLLMError("the validation split holds no tokens")
@@ -113,9 +133,12 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
         resumed_path=resumed_path,
         log=say,
         peak_flops=peak_flops_for(device, cfg.peak_flops),
+        validation_fingerprint=hashlib.sha256(np.ascontiguousarray(val_tokens).tobytes()).hexdigest(),
     )
     if ckpt:
         restore(run, ckpt)
+        note_validation_change(run, ckpt, say)
+        note_schedule_change(run, ckpt, say)
         run.last_checkpoint = resumed_path
         run.state.resumed_from.append(f"{resumed_path} (step {run.state.step})")
         if ckpt.get("resume_state", {}).get("world_size", 1) != dist.world_size:
@@ -216,8 +239,14 @@ def check_compatible(ckpt: dict, model_config, tokenizer_sha: str, dataset_fp: s
         )
 
 
-def resolve_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, resuming: bool, log) -> PreparedDataset:
-    """A prepared dataset: ``--data``, or ``--data-file`` (or the bundled corpus) prepared into RUN/dataset."""
+def resolve_data(
+    cfg: TrainConfig, run_dir: Path, dist: DistInfo, ckpt: dict | None, resumed_path: Path | None, log
+) -> PreparedDataset:
+    """A prepared dataset: ``--data``, or ``--data-file`` (or the bundled corpus) prepared into RUN/dataset.
+
+    New text for a resumed model is encoded with the model's own tokenizer (the one beside the checkpoint)
+    unless ``--tokenizer-dir`` names another; a tokenizer is trained only for a new model."""
+    resuming = ckpt is not None
     if cfg.data:
         return load_dataset(cfg.data)
     source = Path(cfg.data_file) if cfg.data_file else BUNDLED_CORPUS
@@ -228,9 +257,14 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, resuming: bool
         tokenizer = Path(cfg.tokenizer_dir) / "tokenizer.model"
         if not tokenizer.is_file():
             raise OpenLLMError(f"no tokenizer.model in --tokenizer-dir {cfg.tokenizer_dir}")
+    own = resumed_path.parent / "tokenizer.model" if resumed_path is not None else None
+    if ckpt is not None and tokenizer is None and not (own and own.is_file()) and not ckpt.get("tokenizer_sha256"):
+        raise OpenLLMError(
+            f"cannot resume {resumed_path}: it has no tokenizer (converted without one), and training a new one "
+            "would not match its embeddings; give the model's tokenizer with --tokenizer-dir DIR"
+        )
     cache = run_dir / "dataset"
     if dist.is_main:
-        key = prepared_request_key([source], cfg.validation_data, cfg.vocab_size, tokenizer, 0.1, cfg.seed, "paragraph")
         meta = cache / "meta.json"
         old_key = None
         if meta.is_file():
@@ -238,6 +272,14 @@ def resolve_data(cfg: TrainConfig, run_dir: Path, dist: DistInfo, resuming: bool
                 old_key = load_dataset(cache).meta.get("source_fingerprint")
             except OpenLLMError:
                 old_key = None
+        key = prepared_request_key([source], cfg.validation_data, cfg.vocab_size, tokenizer, 0.1, cfg.seed, "paragraph")
+        if key != old_key and tokenizer is None and own is not None and own.is_file():
+            # not the cached preparation of this very run: encode the text with the resumed model's tokenizer
+            tokenizer = own
+            log(f"encoding {source} with the resumed model's tokenizer ({own})")
+            key = prepared_request_key(
+                [source], cfg.validation_data, cfg.vocab_size, tokenizer, 0.1, cfg.seed, "paragraph"
+            )
         if old_key != key:
             if old_key is not None and resuming and not cfg.allow_data_change:
                 raise OpenLLMError(
@@ -286,3 +328,93 @@ def use_recorded_threads(ckpt: dict | None, say: Callable[[str], None]) -> None:
     if isinstance(recorded, int) and recorded > 0 and recorded != torch.get_num_threads():
         say(f"using {recorded} CPU threads as the run recorded (this process had {torch.get_num_threads()})")
         torch.set_num_threads(recorded)
+
+
+def validation_tokens(cfg: TrainConfig, dataset: PreparedDataset, tokenizer: Tokenizer) -> np.ndarray:
+    """The token stream validation runs on: ``--validation-data`` encoded with the dataset's tokenizer
+    when it is given beside ``--data`` (with ``--data-file`` it was prepared into the dataset), else the
+    dataset's held-out split."""
+    if cfg.data and cfg.validation_data:
+        tokens, _, _ = encode_file(tokenizer, cfg.validation_data)
+        return tokens
+    return dataset.val
+
+
+def note_validation_change(run: Run, ckpt: dict, say: Callable[[str], None]) -> None:
+    """Losses on different validation text are not comparable: start the best-model record afresh."""
+    old = (ckpt.get("training_config") or {}).get("validation_fingerprint")
+    st = run.state
+    if old and old != run.validation_fingerprint and math.isfinite(st.best_validation_loss):
+        say(
+            f"the validation text differs from the one this run was validated on: its best loss "
+            f"{st.best_validation_loss:.4f} (step {st.best_step}) is not comparable, so the best model is chosen "
+            "afresh from the next evaluation"
+        )
+        st.best_validation_loss, st.best_step, st.bad_evals = math.inf, None, 0
+
+
+def note_schedule_change(run: Run, ckpt: dict, say: Callable[[str], None]) -> None:
+    """Say when a resume changes the learning-rate schedule (e.g. --max-steps raised after the run ended)."""
+    old = ckpt.get("scheduler_state_dict") or {}
+    if "max_lr" not in old:
+        return  # imported weights: no schedule to compare with
+    was = TrainConfig(
+        learning_rate=old["max_lr"],
+        min_lr=old["min_lr"],
+        warmup_steps=old["warmup_steps"],
+        max_steps=old["max_steps"],
+        lr_decay_steps=old.get("decay_steps"),
+        lr_schedule=old.get("schedule", "cosine"),
+        cooldown_fraction=old.get("cooldown_fraction", 0.2),
+    )
+    step = run.state.step + 1
+    before, after = lr_at(step, was), lr_at(step, run.cfg)
+    if not math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
+        say(
+            f"note: the learning-rate schedule changes with this resume: step {step} gets lr {after:.3g} "
+            f"where the recorded schedule gave {before:.3g} ({describe_schedule(run.cfg)})"
+        )
+
+
+def check_memory(cfg: TrainConfig, resumed_config: dict | None, device: torch.device) -> None:
+    """Refuse, before writing anything, a batch whose activations alone would not fit in memory."""
+    shape = ModelConfig.from_dict(resumed_config) if resumed_config else get_preset(cfg.model_size).model
+    vocab = shape.vocab_size if resumed_config else cfg.vocab_size
+    tokens = cfg.batch_size * cfg.seq_len
+    # float32 bytes kept for the backward pass per token: ~16 values of width C per layer, and the logits
+    # (with their gradient and the softmax) over the vocabulary
+    need = tokens * 4 * (shape.n_layer * 16 * shape.n_embd + 3 * vocab)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_memory()
+    if free and need > free:
+        raise OpenLLMError(
+            f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} needs about {need / 2**30:.1f} GiB for "
+            f"activations, more than the {free / 2**30:.1f} GiB available; lower --batch-size (and raise "
+            "--gradient-accumulation-steps to keep the tokens per step)"
+        )
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def check_before_writing(cfg: TrainConfig) -> None:
+    """The checks that need no checkpoint, done before the run directory (or its lock) is touched: option
+    values, and every input file or directory named, all missing ones reported together."""
+    if not cfg.resume:
+        cfg.resolved()
+    wanted = [
+        ("--data", cfg.data, Path.is_dir),
+        ("--data-file", cfg.data_file, Path.is_file),
+        ("--validation-data", cfg.validation_data, Path.is_file),
+        ("--tokenizer-dir", cfg.tokenizer_dir, Path.is_dir),
+    ]
+    missing = [f"{flag} {path}" for flag, path, exists in wanted if isinstance(path, str) and not exists(Path(path))]
+    if missing:
+        raise OpenLLMError(f"not found: {'; '.join(missing)}")
