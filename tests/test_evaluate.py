@@ -8,29 +8,14 @@ import torch
 from openllm.model.config import ModelConfig
 from openllm.model.gpt import GPT
 from openllm.model.scoring import stream_nll, window_plan
-from openllm.training.config import TrainConfig
 from openllm.training.loop import train
-from tests.conftest import cli, quiet
+from tests.conftest import cli, quiet, small_config
 
 
 @pytest.fixture(scope="module")
 def run(small_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("r") / "run"
-    train(
-        TrainConfig(
-            data=str(small_dataset.path),
-            output_dir=str(out),
-            batch_size=4,
-            seq_len=32,
-            max_steps=6,
-            eval_every=3,
-            save_every=3,
-            eval_batches=100000,
-            warmup_steps=1,
-            tensorboard=True,
-        ),
-        log=quiet,
-    )
+    train(small_config(small_dataset, out, eval_batches=100000, tensorboard=True), log=quiet)
     return out
 
 

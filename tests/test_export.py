@@ -15,7 +15,7 @@ from openllm.model.config import ModelConfig
 from openllm.model.gpt import GPT
 from openllm.training.config import TrainConfig
 from openllm.training.loop import train
-from tests.conftest import cli, quiet
+from tests.conftest import cli, quiet, small_config
 
 transformers = pytest.importorskip("transformers")  # a test dependency: scripts/test.sh installs it
 
@@ -27,20 +27,7 @@ SAMPLE = (
 @pytest.fixture(scope="module")
 def trained_run(small_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    train(
-        TrainConfig(
-            data=str(small_dataset.path),
-            output_dir=str(out),
-            batch_size=4,
-            seq_len=32,
-            max_steps=6,
-            eval_every=3,
-            save_every=3,
-            eval_batches=2,
-            warmup_steps=1,
-        ),
-        log=quiet,
-    )
+    train(small_config(small_dataset, out), log=quiet)
     return out
 
 

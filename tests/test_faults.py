@@ -17,37 +17,13 @@ from openllm.checkpoint import format as ck
 from openllm.checkpoint import rundir
 from openllm.core.errors import OpenLLMError
 from openllm.training.loop import train
-from tests.conftest import quiet, small_config
+from tests.conftest import quiet, small_args, small_config
 
 
 def args(dataset, out, steps=24):
-    return [
-        "train",
-        "--data",
-        str(dataset.path),
-        "--output-dir",
-        str(out),
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "32",
-        "--max-steps",
-        str(steps),
-        "--eval-every",
-        "3",
-        "--save-every",
-        "3",
-        "--eval-batches",
-        "2",
-        "--warmup-steps",
-        "2",
-        "--keep-last",
-        "2",
-        "--sample-tokens",
-        "0",
-        "--resume",
-        "auto",
-    ]
+    return small_args(
+        dataset, out, "--max-steps", str(steps), "--warmup-steps", "2", "--keep-last", "2", "--resume", "auto"
+    )
 
 
 def launch(cmd, env=None):
