@@ -143,7 +143,7 @@ def random_model_app(dataset, max_tokens: int = 64, **shape):
     from openllm.model.config import ModelConfig
     from openllm.model.gpt import GPT
 
-    tok = load_tokenizer(dataset.tokenizer_path)
+    tok = load_tokenizer(dataset.path)
     torch.manual_seed(0)
     config = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, **shape}
     model = GPT(ModelConfig(vocab_size=tok.vocab_size, dropout=0.0, **config)).eval()

@@ -5,7 +5,7 @@ import pytest
 
 from openllm.core.errors import OpenLLMError
 from openllm.data.batches import BatchSampler, eval_batches
-from openllm.data.corpus import deduplicate, split_documents, split_train_val
+from openllm.data.corpus import split_documents
 from openllm.data.dataset import load_dataset
 from openllm.data.prepare import prepare_dataset
 from openllm.data.tokenizer import load_tokenizer
@@ -16,17 +16,6 @@ def test_paragraph_and_line_rules():
     docs = split_documents(text)
     assert docs == ["First doc line one\nline two", "Second doc", "First doc line one\nline two"]
     assert split_documents("a\n b \n\nc\n", "line") == ["a", "b", "c"]
-    unique, dropped = deduplicate(docs)
-    assert unique == docs[:2] and dropped == 1
-
-
-def test_split_is_seeded_and_disjoint():
-    docs = [f"doc {i}" for i in range(100)]
-    a_train, a_val = split_train_val(docs, 0.1, seed=7)
-    b_train, b_val = split_train_val(docs, 0.1, seed=7)
-    c_train, c_val = split_train_val(docs, 0.1, seed=8)
-    assert a_val == b_val and a_val != c_val
-    assert len(a_val) == 10 and not set(a_val) & set(a_train)
 
 
 def test_squad_counts_and_no_leak(squad_path, tmp_path):
@@ -35,7 +24,7 @@ def test_squad_counts_and_no_leak(squad_path, tmp_path):
     assert meta["documents_read"] == 4121 and meta["duplicates_dropped"] == 197
     assert meta["train_documents"] + meta["val_documents"] == 3924
     assert meta["vocab_size"] == 4000 and meta["dtype"] == "uint16"
-    tok = load_tokenizer(ds.tokenizer_path)
+    tok = load_tokenizer(ds.path)
 
     # decode the packed streams back into documents: the two sides share none
     def docs(stream):
@@ -60,7 +49,7 @@ def test_explicit_validation_file_removes_overlap_from_training(small_corpus, tm
 
 
 def test_existing_tokenizer_is_reused(small_dataset, small_corpus, tmp_path):
-    ds = prepare_dataset([small_corpus], tmp_path / "again", tokenizer=small_dataset.tokenizer_path)
+    ds = prepare_dataset([small_corpus], tmp_path / "again", tokenizer=small_dataset.path)
     assert ds.meta["tokenizer_sha256"] == small_dataset.meta["tokenizer_sha256"]
     assert ds.fingerprint == small_dataset.fingerprint
 

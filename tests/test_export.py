@@ -95,9 +95,7 @@ def make_hf_gpt2_dir(path, vocab, safetensors=True):
 def test_hf_gpt2_converts_matches_and_resumes(small_dataset, tmp_path, safetensors):
     vocab = small_dataset.meta["vocab_size"]
     hf_model = make_hf_gpt2_dir(tmp_path / "gpt2", vocab, safetensors)
-    report = convert(
-        tmp_path / "gpt2", tmp_path / "run", training_steps=100, tokenizer=str(small_dataset.tokenizer_path)
-    )
+    report = convert(tmp_path / "gpt2", tmp_path / "run", training_steps=100, tokenizer=str(small_dataset.path))
     assert report.kind == "hf-gpt2"
     ours = load_model(tmp_path / "run")
     assert ours.model.config.activation == "gelu_tanh"
@@ -186,7 +184,7 @@ def make_legacy_dir(path, tokenizer_path, with_log=False):
 
 def test_legacy_export_converts_and_resumes_via_the_legacy_command(small_dataset, small_corpus, tmp_path):
     src = tmp_path / "exports" / "huggingface-10k" / "huggingface"
-    model = make_legacy_dir(src, small_dataset.tokenizer_path)
+    model = make_legacy_dir(src, small_dataset.path)
     script = os.path.join(os.path.dirname(__file__), "..", "core", "src", "convert_10k_model.py")
     val = tmp_path / "val.txt"
     val.write_text("\n\n".join(small_corpus.read_text().split("\n\n")[:20]))
@@ -247,7 +245,7 @@ def test_legacy_export_converts_and_resumes_via_the_legacy_command(small_dataset
 
 
 def test_legacy_history_beside_weights_is_imported(small_dataset, tmp_path):
-    make_legacy_dir(tmp_path / "legacy", small_dataset.tokenizer_path, with_log=True)
+    make_legacy_dir(tmp_path / "legacy", small_dataset.path, with_log=True)
     convert(tmp_path / "legacy", tmp_path / "run")
     best = torch.load(tmp_path / "run" / "best_model.pt", weights_only=True)
     assert [r["step"] for r in best["training_log"]] == [9999, 10000]
@@ -270,7 +268,7 @@ def test_nanogpt_checkpoint_with_compile_prefixes(small_dataset, tmp_path):
         },
         tmp_path / "out" / "ckpt.pt",
     )
-    report = convert(tmp_path / "out", tmp_path / "run", tokenizer=str(small_dataset.tokenizer_path))
+    report = convert(tmp_path / "out", tmp_path / "run", tokenizer=str(small_dataset.path))
     assert report.kind == "nanogpt" and report.step == 2000
     loaded = load_model(tmp_path / "run")
     x = torch.randint(0, vocab, (1, 16))
@@ -287,7 +285,7 @@ class Evil:
 
 def test_pickle_that_runs_code_is_refused_not_executed(small_dataset, tmp_path):
     src = tmp_path / "legacy"
-    make_legacy_dir(src, small_dataset.tokenizer_path)
+    make_legacy_dir(src, small_dataset.path)
     if os.path.exists("/tmp/openllm-pwned"):
         os.remove("/tmp/openllm-pwned")
     torch.save({"transformer.wte.weight": torch.zeros(2), "payload": Evil()}, src / "pytorch_model.bin")
@@ -299,7 +297,7 @@ def test_pickle_that_runs_code_is_refused_not_executed(small_dataset, tmp_path):
 
 def test_inconsistent_inputs_are_refused(small_dataset, tmp_path):
     src = tmp_path / "legacy"
-    make_legacy_dir(src, small_dataset.tokenizer_path)
+    make_legacy_dir(src, small_dataset.path)
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
     with pytest.raises(OpenLLMError, match="do not match the config"):
@@ -335,7 +333,7 @@ def test_verify_catches_truncated_and_bit_flipped(trained_run, tmp_path):
 def test_inspect_and_compare(trained_run, tmp_path, small_dataset):
     r = cli("inspect", str(trained_run))
     assert r.returncode == 0 and "openllm checkpoint v2" in r.stdout and "best checkpoint:   step" in r.stdout
-    make_legacy_dir(tmp_path / "legacy", small_dataset.tokenizer_path)
+    make_legacy_dir(tmp_path / "legacy", small_dataset.path)
     r = cli("compare", str(tmp_path / "legacy"), str(trained_run / "final_model.pt"), "--json")
     assert r.returncode == 0, r.stderr
     raw, full = json.loads(r.stdout)

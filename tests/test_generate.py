@@ -57,7 +57,7 @@ def test_prompts_are_cut_only_when_longer_than_the_context(small_dataset):
     from openllm.data.tokenizer import load_tokenizer
     from openllm.inference.generate import prompt_ids
 
-    tok = load_tokenizer(small_dataset.tokenizer_path)
+    tok = load_tokenizer(small_dataset.path)
     ids, dropped = prompt_ids(tok, "ROMEO:", context=16)
     assert dropped == 0 and ids[0] == 2
     ids, dropped = prompt_ids(tok, "word " * 100, context=16)
@@ -68,7 +68,7 @@ def test_continuations_are_decoded_in_context_of_the_prompt(small_dataset):
     from openllm.data.tokenizer import load_tokenizer
     from openllm.inference.generate import TextStream
 
-    tok = load_tokenizer(small_dataset.tokenizer_path)
+    tok = load_tokenizer(small_dataset.path)
     text = "Thou art the king"
     full = tok.encode(text)
     # cut where a piece starts with the word-boundary marker: the continuation's first token carries the space

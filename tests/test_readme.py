@@ -19,3 +19,38 @@ def test_the_python_example_runs(small_corpus, tmp_path):
     r = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "runs" / "mine" / "best_model.pt").is_file() and r.stdout.strip()
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """Every `openllm ...` command line in the bash blocks of README.md and docs/*.md, as argv lists."""
+    import shlex
+
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words[:1] == ["openllm"]:
+                    found.append((f"{doc.name}: {line.strip()}", words[1:]))
+    return found
+
+
+def test_every_documented_command_line_parses():
+    """Each documented command names a real subcommand with real options and valid choices (the
+    commands that can run here run in the tests of their modules)."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from openllm.cli import build_parser
+
+    commands = documented_commands()
+    assert len(commands) > 15  # the extraction found the examples
+    parser = build_parser()
+    for where, argv in commands:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+            parser.parse_args(argv)
+            continue
+        pytest.fail(f"{where}\n{err.getvalue()}")

@@ -45,3 +45,96 @@ def test_missing_or_invalid_tokenizer_file(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(OpenLLMError, match="not a valid SentencePiece"):
         load_tokenizer(bad)
+
+
+# --- the interface over every backend --------------------------------------------------------------
+
+TEXT = "KING RICHARD:\nA horse! 42 — ünïcødé 漢字 🙂  two  spaces\tand a tab"
+
+
+@pytest.fixture(scope="module")
+def bpe(small_corpus):
+    return train_tokenizer(split_documents(read_text(small_corpus)[0]), vocab_size=400, kind="bytelevel-bpe")
+
+
+def test_bytelevel_bpe_is_gpt2_style_and_lossless(bpe):
+    assert bpe.kind == "huggingface" and bpe.vocab_size == 400
+    assert bpe.id_to_piece(bpe.eos_id) == "<|endoftext|>" and bpe.pad_id is None and bpe.unk_id is None
+    assert not bpe.special.add_bos and bpe.prompt_ids("hi") == bpe.encode("hi")
+    ids = bpe.encode(TEXT)
+    assert bpe.decode(ids) == TEXT  # every byte has a token: nothing unknown, nothing lost
+    assert bpe.encode_document("hello") == [*bpe.encode("hello"), bpe.eos_id]
+    assert bpe.decode(bpe.encode_document("hello")) == "hello"  # markup is not text
+
+
+def test_bytelevel_bpe_training_is_deterministic(small_corpus, bpe):
+    again = train_tokenizer(split_documents(read_text(small_corpus)[0]), vocab_size=400, kind="bytelevel-bpe")
+    assert again.sha256 == bpe.sha256
+
+
+def test_each_kind_saves_its_own_files_and_loads_back_identical(tok, bpe, tmp_path):
+    for t in (tok, bpe, tok):  # the same directory, kinds alternating: no stale file of the other kind wins
+        t.save(tmp_path, model_max_length=64)
+        again = load_tokenizer(tmp_path)
+        assert (again.kind, again.sha256, again.special) == (t.kind, t.sha256, t.special)
+        assert again.encode(TEXT) == t.encode(TEXT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
+    bpe.save(tmp_path)
+    assert load_tokenizer(tmp_path / "tokenizer.json").sha256 == bpe.sha256  # the file itself, too
+
+
+def test_gpt2_vocab_and_merges_pair_is_the_same_tokenizer(bpe, tmp_path):
+    bpe.raw.model.save(str(tmp_path))  # writes vocab.json + merges.txt, as GPT-2 ships them
+    pair = load_tokenizer(tmp_path / "vocab.json")
+    assert pair.vocab_size == bpe.vocab_size and pair.eos_id == bpe.eos_id
+    assert pair.encode(TEXT) == bpe.encode(TEXT) and pair.decode(bpe.encode(TEXT)) == TEXT
+    (tmp_path / "merges.txt").unlink()
+    with pytest.raises(OpenLLMError, match="needs merges.txt"):
+        load_tokenizer(tmp_path / "vocab.json")
+
+
+def test_special_ids_come_from_the_tokenizer_not_constants(small_corpus, tmp_path):
+    """A Llama-style SentencePiece model (unk 0, bos 1, eos 2, no pad) keeps its own ids everywhere."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(split_documents(read_text(small_corpus)[0])),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    llama = load_tokenizer(tmp_path)
+    assert (llama.bos_id, llama.eos_id, llama.pad_id, llama.unk_id) == (1, 2, None, 0)
+    assert llama.encode_document("hi") == [1, *llama.encode("hi"), 2]
+    assert llama.config()["eos_token"] == "</s>" and llama.config()["pad_token_id"] is None
+
+
+def test_a_character_vocabulary_refuses_what_it_cannot_encode():
+    from openllm.data.tokenizer.hf import character_tokenizer
+
+    chars = character_tokenizer({c: i for i, c in enumerate("\n !abc")})
+    assert (chars.bos_id, chars.eos_id, chars.pad_id) == (None, None, None)
+    assert chars.encode("abc ba!\n") == [3, 4, 5, 1, 4, 3, 2, 0]
+    assert chars.decode([3, 4, 5, 1]) == "abc "
+    assert chars.encode_document("ab") == [3, 4, 0, 0]  # no eos: the document ends with its separator
+    with pytest.raises(OpenLLMError, match=r"'z' \(U\+007A\) is not in the tokenizer's vocabulary"):
+        chars.encode("abz")  # a BPE without unk or byte fallback would drop it silently
+
+
+def test_broken_tokenizer_files_are_one_clear_error(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(OpenLLMError, match="not a valid tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OpenLLMError, match="no tokenizer in"):
+        load_tokenizer(tmp_path / "empty")

@@ -213,7 +213,7 @@ def test_resume_mismatches_are_refused_with_the_difference(small_dataset, small_
         train(config(small_dataset, out, max_steps=8, model_size="small", resume="auto"), log=quiet)
     from openllm.data.prepare import prepare_dataset
 
-    other = prepare_dataset([small_corpus], tmp_path / "other", tokenizer=small_dataset.tokenizer_path, seed=5)
+    other = prepare_dataset([small_corpus], tmp_path / "other", tokenizer=small_dataset.path, seed=5)
     with pytest.raises(OpenLLMError, match="dataset differs"):
         train(config(other, out, max_steps=8, resume="auto"), log=quiet)
     retok = prepare_dataset([small_corpus], tmp_path / "retok", vocab_size=420, doc_mode="line")

@@ -54,10 +54,15 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
     ds = prepare_dataset(**option_values(args, prepare_dataset))
     m = ds.meta
+    read_mb = sum(i["bytes"] for i in m["inputs"]) / 1e6
+    skipped = sum((m.get("bad_records_skipped") or {}).values())
     print(
         f"prepared {ds.path}: {m['documents_read']:,} documents read, {m['duplicates_dropped']:,} duplicates dropped, "
-        f"{m['train_documents']:,} train / {m['val_documents']:,} validation documents, "
-        f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens, vocab {m['vocab_size']:,}, {m['seconds']:.2f} s"
+        + (f"{skipped:,} bad records skipped, " if skipped else "")
+        + f"{m['train_documents']:,} train / {m['val_documents']:,} validation documents, "
+        f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens, vocab {m['vocab_size']:,}; {read_mb:,.1f} MB in "
+        f"{m['seconds']:.2f} s ({read_mb / max(m['seconds'], 1e-9):,.1f} MB/s), peak memory "
+        f"{m['timing']['peak_rss_mb']:,.0f} MB"
     )
     return 0
 
@@ -161,7 +166,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(args.prompt)
         stream = TextStream(loaded.tokenizer, ids)
-        for token in generate_ids(loaded.model, ids, opts, device):
+        for token in generate_ids(loaded.model, ids, opts, device, loaded.tokenizer.eos_id):
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
         sys.stdout.write(stream.finish() + "\n")

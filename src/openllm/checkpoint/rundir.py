@@ -23,7 +23,7 @@ from openllm.checkpoint.format import load_checkpoint, verify_checkpoint
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_write_json, atomic_write_text
 from openllm.core.numbers import finite_or_none
-from openllm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from openllm.data.tokenizer import SpecialTokens
 
 BEST, FINAL = "best_model.pt", "final_model.pt"
 _STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
@@ -33,18 +33,17 @@ def step_file(step: int) -> str:
     return f"checkpoint_step_{step}.pt"
 
 
-def generation_config(max_length: int) -> dict:
+def generation_config(max_length: int, special: SpecialTokens) -> dict:
     """Sampling defaults for the run and its export. Only ``max_length`` (prompt + new tokens) bounds the
-    length, at the model's context, so a default `transformers` generation never runs past the positions."""
+    length, at the model's context, so a default `transformers` generation never runs past the positions.
+    The token ids are the tokenizer's own (null where its vocabulary has no such token)."""
     return {
         "max_length": max_length,
         "temperature": 0.8,
         "top_k": 40,
         "top_p": 0.95,
         "do_sample": True,
-        "pad_token_id": PAD_ID,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
+        **special.as_config_ids(),
     }
 
 
@@ -80,7 +79,8 @@ def model_card(title: str, info: dict, stats: dict, tcfg: dict, provenance: str)
         "",
         f"- architecture: {info.get('architecture', 'GPT-2')}",
         f"- parameters: {_fmt(info.get('parameters'))}",
-        f"- vocabulary: {_fmt(info.get('vocab_size'))} SentencePiece BPE tokens; context {_fmt(info.get('context'))}",
+        f"- vocabulary: {_fmt(info.get('vocab_size'))} tokens ({info.get('tokenizer') or 'tokenizer not recorded'}); "
+        f"context {_fmt(info.get('context'))}",
         "",
         "## Training",
         "",

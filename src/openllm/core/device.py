@@ -6,12 +6,13 @@ training set-up.
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import torch
+from typing import TYPE_CHECKING, Annotated
 
 from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved, so that the CLI starts without it
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -19,6 +20,8 @@ DeviceOption = Annotated[str, Opt("auto, cpu or cuda", choices=DEVICES)]
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name not in DEVICES:
@@ -41,6 +44,8 @@ def cpu_has_native_bf16() -> bool:
 def resolve_dtype(name: str | None, device: torch.device, cpu_default: str = "float32") -> torch.dtype:
     """The autocast dtype: as asked, else bf16 on CUDA GPUs that have it, else the preset's CPU default
     where the CPU has native bf16, else float32."""
+    import torch
+
     if name is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32

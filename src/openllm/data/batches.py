@@ -54,7 +54,7 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
     remainder as one shorter window). Yields (inputs, targets) pairs, int64.
     """
     n = len(tokens) - 1
-    starts = list(range(0, n, seq_len))
+    starts = range(0, n, seq_len)
     if max_batches is not None:
         starts = starts[: max_batches * batch_size]
     full = [s for s in starts if s + seq_len <= n]
@@ -66,3 +66,19 @@ def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches:
     for s in tail:
         t = torch.from_numpy(np.asarray(tokens[s : n + 1], dtype=np.int64))[None]
         yield t[:, :-1], t[:, 1:]
+
+
+class EvalBatches:
+    """The fixed validation batches of :func:`eval_batches`, read from the token stream (a memmap) each
+    time they are iterated and moved to ``device``: nothing proportional to the split is held."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None, device=None):
+        self.tokens, self.seq_len, self.batch_size, self.max_batches = tokens, seq_len, batch_size, max_batches
+        self.device = device
+
+    def __iter__(self):
+        for x, y in eval_batches(self.tokens, self.seq_len, self.batch_size, self.max_batches):
+            yield (x.to(self.device), y.to(self.device)) if self.device is not None else (x, y)
+
+    def __bool__(self) -> bool:
+        return len(self.tokens) > 1

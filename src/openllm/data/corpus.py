@@ -4,21 +4,16 @@ Documents
     In ``paragraph`` mode (the default) a document is a run of non-blank lines; one or more blank
     (or whitespace-only) lines separate documents. In ``line`` mode every non-blank line is a
     document. Whitespace is normalised: CRLF/CR become LF, every run of other whitespace inside a
-    line becomes one space, lines are stripped. Exact duplicates (after normalisation) are dropped,
-    keeping the first.
+    line becomes one space, lines are stripped.
 
-Split
-    Without a validation file, a fixed-seed random ``val_fraction`` of the *unique* documents is
-    held out, so no document or duplicate of it is on both sides. With a validation file, any
-    training document that also appears in it is dropped from training.
+De-duplication and the train/validation split work on these normalised documents; they are in
+:mod:`openllm.data.prepare`, which streams documents from :mod:`openllm.data.sources`.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 from openllm.core.errors import OpenLLMError
@@ -64,23 +59,3 @@ def split_documents(text: str, mode: str = "paragraph") -> list[str]:
         raise OpenLLMError(f"unknown document mode {mode!r}; use paragraph or line")
     docs = (normalize_document(p) for p in parts)
     return [d for d in docs if d]
-
-
-def deduplicate(docs: Sequence[str]) -> tuple[list[str], int]:
-    """Drop exact duplicates, keeping first occurrences in order; returns (unique, dropped)."""
-    unique = list(dict.fromkeys(docs))  # dicts keep insertion order: the first copy stays in place
-    return unique, len(docs) - len(unique)
-
-
-def split_train_val(docs: Sequence[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out a fixed-seed random ``val_fraction`` of documents; both sides keep corpus order."""
-    if len(docs) < 2:
-        raise OpenLLMError(
-            f"the corpus has {len(docs)} document(s); at least 2 are needed to hold out validation text "
-            "(or give a validation file)"
-        )
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-    held = set(random.Random(seed).sample(range(len(docs)), n_val))
-    train = [d for i, d in enumerate(docs) if i not in held]
-    val = [d for i, d in enumerate(docs) if i in held]
-    return train, val

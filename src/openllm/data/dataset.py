@@ -1,7 +1,9 @@
 """A prepared dataset directory: ``train.bin`` / ``val.bin`` token streams and ``meta.json``.
 
-Each document is encoded as BOS + ids + EOS and the documents are packed back to back (no
-padding), raw little-endian ``uint16`` (or ``uint32`` for vocabularies over 65,535), read back
+Each document is encoded as its tokenizer frames it (bos + ids + eos for OpenLLM's SentencePiece
+tokenizers, ids + ``<|endoftext|>`` for a GPT-2 style one, ids + the encoded separator for a
+vocabulary without eos) and the documents are packed back to back (no padding), raw
+little-endian ``uint16`` (or ``uint32`` for vocabularies over 65,535), read back
 with ``numpy.memmap``. ``meta.json`` is written last and marks a complete dataset.
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from openllm.core.errors import OpenLLMError
+from openllm.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
 META_FILE = "meta.json"
 FORMAT = "openllm-dataset/1"
@@ -43,8 +46,13 @@ class PreparedDataset:
         return np.memmap(self.path / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
 
     @property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.path)
+
+    @property
     def tokenizer_path(self) -> Path:
-        return self.path / "tokenizer.model"
+        """The tokenizer's file (``tokenizer.model`` or ``tokenizer.json``)."""
+        return find_tokenizer(self.path) or self.path / "tokenizer.model"
 
     @property
     def fingerprint(self) -> str:
@@ -70,6 +78,6 @@ def load_dataset(path: str | os.PathLike) -> PreparedDataset:
         expected = meta[f"{split}_tokens"] * itemsize
         if not f.is_file() or f.stat().st_size != expected:
             raise OpenLLMError(f"{f} is missing or has the wrong size (expected {expected} bytes); re-run prepare")
-    if not ds.tokenizer_path.is_file():
-        raise OpenLLMError(f"{ds.tokenizer_path} is missing; re-run prepare")
+    if find_tokenizer(path) is None:
+        raise OpenLLMError(f"{path} has no tokenizer (tokenizer.model or tokenizer.json); re-run prepare")
     return ds

@@ -1,74 +1,250 @@
-"""``openllm prepare``: clean, de-duplicate, split, train or reuse a tokenizer, encode and pack.
+"""``openllm prepare``: stream, clean, de-duplicate, split, train or reuse a tokenizer, encode in
+parallel and pack, in memory that does not grow with the corpus.
 
-The document rules and the split are in :mod:`openllm.data.corpus`; the output directory's
-format in :mod:`openllm.data.dataset`.
+1. **Read** (one pass, :mod:`openllm.data.sources`): documents flow from the inputs one at a time.
+   Each normalised document gets a 16-byte keyed BLAKE2b hash. A hash seen before is a duplicate
+   and is dropped (only the hashes are kept: the set grows with the unique documents, nothing else
+   does). Without ``--validation-file`` the hash also decides the split: a document is held out when
+   its hash, read as a number in [0, 1), is below ``--val-fraction``, so a document and all its
+   copies land on one side whatever the file order or the number of workers. Kept documents are
+   spooled to a temporary file in the output directory.
+2. **Tokenizer**: trained on a bounded, order-independent sample of the training documents (those
+   with the smallest hashes, up to ``--tokenizer-sample-mb``), or ``--tokenizer`` is loaded.
+3. **Encode** (``--workers`` processes): chunks of the spool are encoded in parallel and written in
+   order, so ``train.bin``, ``val.bin`` and the fingerprint are byte-identical for any number of
+   workers. Every file is written under a temporary name; ``meta.json`` comes last and marks a
+   complete dataset. A killed preparation leaves only its spool directory, which the next run in
+   that directory removes (finished chunks are not reused: a rerun starts over).
+
+The output directory's format is in :mod:`openllm.data.dataset`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import os
+import resource
+import shutil
+import struct
+import tempfile
 import time
+from array import array
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 
 from openllm.core.errors import OpenLLMError
-from openllm.core.fileio import atomic_open, atomic_write_json, ensure_dir
+from openllm.core.fileio import atomic_open, atomic_write_json, directory_lock, ensure_dir
 from openllm.core.options import Opt, fraction, int_value, positive_int
 from openllm.core.progress import Progress
-from openllm.data.corpus import DOC_MODES, deduplicate, read_text, split_documents, split_train_val
+from openllm.data.corpus import DOC_MODES
 from openllm.data.dataset import FORMAT, META_FILE, PreparedDataset, token_dtype
-from openllm.data.tokenizer import BOS_ID, EOS_ID, Tokenizer, load_tokenizer, train_tokenizer
+from openllm.data.sources import Reader, expand_inputs, sha256_file
+from openllm.data.tokenizer import TOKENIZER_TYPES, Tokenizer, load_tokenizer, train_tokenizer
+
+SEPARATORS = {"paragraph": "\n\n", "line": "\n"}  # what ends a document for a tokenizer without eos
+CHUNK_BYTES = 1 << 20  # text per encoding task (its token lists are the largest transient allocation)
+SPOOL_PREFIX = ".prepare-"
+SPLIT_RULE = "validation when the document's seeded BLAKE2b hash, as a fraction of 2**64, is below val_fraction"
 
 
-def pack(tokenizer: Tokenizer, docs: Sequence[str], dtype: np.dtype) -> np.ndarray:
-    """Encode documents as BOS + ids + EOS, concatenated without padding."""
-    encoded: list[list[int]] = []
-    with Progress(len(docs), "encoding", "documents") as progress:
-        for start in range(0, len(docs), 4096):
-            chunk = docs[start : start + 4096]
-            encoded.extend(tokenizer.encode_batch(chunk))
-            progress.update(len(chunk))
-    total = sum(len(ids) + 2 for ids in encoded)
-    out = np.empty(total, dtype=dtype)
+def pack(tokenizer: Tokenizer, docs: Sequence[str], dtype: np.dtype, doc_mode: str = "paragraph") -> np.ndarray:
+    """Encode documents as the tokenizer frames them (bos? + ids + eos), concatenated without padding."""
+    head, tail = tokenizer.prefix(), tokenizer.document_end(SEPARATORS[doc_mode])
+    encoded = tokenizer.encode_batch(list(docs))
+    framing = len(head) + len(tail)
+    out = np.empty(sum(len(ids) + framing for ids in encoded), dtype=dtype)
     pos = 0
     for ids in encoded:
-        n = len(ids)
-        out[pos] = BOS_ID
-        out[pos + 1 : pos + 1 + n] = ids
-        out[pos + 1 + n] = EOS_ID
-        pos += n + 2
+        for part in (head, ids, tail):
+            out[pos : pos + len(part)] = part
+            pos += len(part)
     return out
+
+
+class Spool:
+    """Documents appended to a temporary file as UTF-8, with their byte lengths kept (8 bytes each)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")  # noqa: SIM115 (closed by finish)
+        self.lengths = array("Q")
+        self.bytes = 0
+
+    def add(self, doc: str) -> None:
+        data = doc.encode("utf-8")
+        self.file.write(data)
+        self.lengths.append(len(data))
+        self.bytes += len(data)
+
+    def finish(self) -> None:
+        self.file.close()
+
+    def chunks(self, skip: int | None = None) -> list[tuple[int, list[int]]]:
+        """(start byte, document lengths) of consecutive runs of about CHUNK_BYTES; document ``skip`` left out
+        (as a zero-length entry that the encoder drops)."""
+        out, start, pos, current = [], 0, 0, []
+        for i, n in enumerate(self.lengths):
+            current.append(-n if i == skip else n)
+            pos += n
+            if pos - start >= CHUNK_BYTES:
+                out.append((start, current))
+                start, current = pos, []
+        if current:
+            out.append((start, current))
+        return out
+
+
+class Sample:
+    """The training documents with the smallest hashes, up to ``budget`` bytes: a bounded sample that does
+    not depend on the order of the inputs (a bottom-k sketch)."""
+
+    def __init__(self, budget: int):
+        self.budget, self.bytes = budget, 0
+        self.heap: list[tuple[int, int, str]] = []  # (-hash, index, document): the largest hash on top
+
+    def offer(self, key: int, index: int, doc: str) -> None:
+        if self.bytes >= self.budget and self.heap and key > -self.heap[0][0]:
+            return
+        heapq.heappush(self.heap, (-key, index, doc))
+        self.bytes += len(doc)
+        while self.bytes > self.budget and len(self.heap) > 1:
+            self.bytes -= len(heapq.heappop(self.heap)[2])
+
+    def documents(self) -> list[str]:
+        return [doc for _, _, doc in sorted(self.heap, key=lambda e: e[1])]  # in corpus order
+
+
+# --- encoding workers (module-level so that spawned processes can import them) ----------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer_dir: str, doc_mode: str, dtype: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel across processes, not threads within each
+    tok = load_tokenizer(tokenizer_dir)
+    if hasattr(tok, "threads"):
+        tok.threads = 1
+    _WORKER.update(tok=tok, head=tok.prefix(), tail=tok.document_end(SEPARATORS[doc_mode]), dtype=np.dtype(dtype))
+
+
+def _encode_chunk(path: str, start: int, lengths: list[int]) -> bytes:
+    tok, head, tail = _WORKER["tok"], _WORKER["head"], _WORKER["tail"]
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(sum(abs(n) for n in lengths))
+    docs, pos = [], 0
+    for n in lengths:
+        if n >= 0:
+            docs.append(data[pos : pos + n].decode("utf-8"))
+        pos += abs(n)
+    encoded = tok.encode_batch(docs)
+    del docs
+    framing = len(head) + len(tail)
+    total = sum(len(ids) + framing for ids in encoded)
+    flat = itertools.chain.from_iterable(part for ids in encoded for part in (head, ids, tail))
+    return np.fromiter(flat, dtype=_WORKER["dtype"], count=total).tobytes()
+
+
+def _encode_spool(
+    spool: Spool, out_file: Path, workers: int, init: tuple, digest, progress: Progress, skip=None
+) -> int:
+    """Encode a spool into ``out_file`` in order; returns the number of tokens."""
+    tasks = spool.chunks(skip)
+    tokens = 0
+    with atomic_open(out_file) as f:
+
+        def write(data: bytes, n_bytes: int) -> None:
+            nonlocal tokens
+            f.write(data)
+            digest.update(data)
+            tokens += len(data) // init[2].itemsize
+            progress.update(n_bytes)
+
+        if workers == 1:
+            _init_worker(init[0], init[1], init[2].name)
+            for start, lengths in tasks:
+                write(_encode_chunk(str(spool.path), start, lengths), sum(abs(n) for n in lengths))
+            return tokens
+        import multiprocessing
+
+        # fork where the OS has it: a spawned worker would re-run the caller's script, which a plain script
+        # without a __main__ guard (the README's example) cannot survive. The workers use neither torch nor
+        # any thread pool of the parent, only the tokenizer.
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # (tokenizers would warn at the fork)
+        with ProcessPoolExecutor(workers, ctx, _init_worker, (init[0], init[1], init[2].name)) as pool:
+            pending: deque[tuple[Future, int]] = deque()
+            for start, lengths in tasks:  # a bounded window of tasks in flight, results taken in order
+                pending.append((pool.submit(_encode_chunk, str(spool.path), start, lengths), sum(map(abs, lengths))))
+                if len(pending) >= 2 * workers:
+                    future, n = pending.popleft()
+                    write(future.result(), n)
+            while pending:
+                future, n = pending.popleft()
+                write(future.result(), n)
+    return tokens
 
 
 def prepare_dataset(
     inputs: Annotated[
-        Sequence[str | os.PathLike], Opt("UTF-8 text file(s)", flag="--input", nargs="+", metavar="FILE")
+        Sequence[str | os.PathLike],
+        Opt(
+            "text, JSON lines (.jsonl/.json) or Parquet files, directories (recursive) or glob patterns; each "
+            "file may be compressed (.gz, .zst, .xz, .bz2)",
+            flag="--input",
+            nargs="+",
+            metavar="PATH",
+        ),
     ],
     output_dir: Annotated[str | os.PathLike, Opt("dataset directory to write")],
     *,
     vocab_size: Annotated[int, Opt("tokenizer vocabulary", parse=positive_int)] = 4000,
     validation_file: Annotated[
-        str | os.PathLike | None, Opt("use this file as validation text instead of a random split")
+        str | os.PathLike | None, Opt("use this file as validation text instead of a split of the inputs")
     ] = None,
-    val_fraction: Annotated[float, Opt("share of documents held out", parse=fraction)] = 0.1,
+    val_fraction: Annotated[float, Opt("share of unique documents held out (by hash)", parse=fraction)] = 0.1,
     tokenizer: Annotated[
-        str | os.PathLike | None, Opt("use an existing tokenizer.model (file or directory) instead of training one")
+        str | os.PathLike | None,
+        Opt(
+            "use an existing tokenizer instead of training one: a tokenizer.model, a tokenizer.json, "
+            "a vocab.json (with merges.txt beside it) or a directory holding one"
+        ),
     ] = None,
-    seed: Annotated[int, Opt("seed of the train/validation split", parse=int_value)] = 1337,
+    tokenizer_type: Annotated[
+        str,
+        Opt(
+            "kind of tokenizer to train (bytelevel-bpe: GPT-2 style, with Hugging Face tokenizers)",
+            choices=TOKENIZER_TYPES,
+        ),
+    ] = "sentencepiece",
+    seed: Annotated[int, Opt("seed of the train/validation split's hash", parse=int_value)] = 1337,
     doc_mode: Annotated[
-        str, Opt("what a document is: a paragraph (blank-line separated) or a line", choices=DOC_MODES)
+        str, Opt("what a document of a text file is: a paragraph (blank-line separated) or a line", choices=DOC_MODES)
     ] = "paragraph",
+    text_field: Annotated[str, Opt("the field holding the text in JSON lines and Parquet records")] = "text",
+    skip_bad_records: Annotated[
+        bool, Opt("count and skip JSON/Parquet records without usable text instead of stopping")
+    ] = False,
+    workers: Annotated[
+        int | None, Opt("processes that encode in parallel", parse=positive_int, default_text="the CPU count")
+    ] = None,
+    tokenizer_sample_mb: Annotated[
+        float, Opt("megabytes of training text the tokenizer is trained on (a hash-chosen sample)", parse=fraction)
+    ] = 64.0,
     force: Annotated[bool, Opt("overwrite a different dataset in --output-dir")] = False,
 ) -> PreparedDataset:
-    """Clean, de-duplicate, split, tokenize and pack text files into ``output_dir``.
+    """Prepare ``inputs`` into ``output_dir`` and return the dataset.
 
-    Returns the prepared dataset. Nothing under ``output_dir`` changes if an error is raised,
-    and an existing *different* dataset there is refused unless ``force``.
+    Nothing under ``output_dir`` changes if an error is raised, and an existing *different* dataset there
+    is refused unless ``force``.
     """
     t0 = time.perf_counter()
     if not inputs:
@@ -77,121 +253,262 @@ def prepare_dataset(
         raise OpenLLMError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     if doc_mode not in DOC_MODES:
         raise OpenLLMError(f"unknown document mode {doc_mode!r}; use paragraph or line")
-
-    docs: list[str] = []
-    input_info = []
-    for path in inputs:
-        text, raw = read_text(path)
-        found = split_documents(text, doc_mode)
-        if not found:
-            raise OpenLLMError(f"{path} holds no text (empty or whitespace only)")
-        docs.extend(found)
-        input_info.append(
-            {"path": str(path), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(), "documents": len(found)}
-        )
-    documents_read = len(docs)
-    unique, duplicates = deduplicate(docs)
-
-    val_info = None
-    overlap = 0
-    if validation_file is not None:
-        vtext, vraw = read_text(validation_file)
-        val_docs, _ = deduplicate(split_documents(vtext, doc_mode))
-        if not val_docs:
-            raise OpenLLMError(f"{validation_file} holds no text (empty or whitespace only)")
-        val_set = set(val_docs)
-        train_docs = [d for d in unique if d not in val_set]
-        overlap = len(unique) - len(train_docs)
-        if not train_docs:
-            raise OpenLLMError("every training document also appears in the validation file")
-        val_info = {"path": str(validation_file), "bytes": len(vraw), "sha256": hashlib.sha256(vraw).hexdigest()}
-    else:
-        train_docs, val_docs = split_train_val(unique, val_fraction, seed)
-
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise OpenLLMError(f"unknown tokenizer type {tokenizer_type!r}; use one of {', '.join(TOKENIZER_TYPES)}")
+    if not tokenizer_sample_mb > 0:
+        raise OpenLLMError(f"--tokenizer-sample-mb must be positive, got {tokenizer_sample_mb}")
+    workers = workers or os.cpu_count() or 1
+    files = expand_inputs(list(inputs))
+    val_path = Path(validation_file) if validation_file is not None else None
+    if val_path is not None:
+        expand_inputs([val_path])
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    source_fingerprint = request_key(input_info, val_info, vocab_size, tok, val_fraction, seed, doc_mode)
+    settings = _settings(val_fraction, seed, doc_mode, text_field, skip_bad_records, val_path is not None)
+    input_info = [_file_info(p) for p in files]
+    val_info = _file_info(val_path) if val_path is not None else None
+    key = request_key(input_info, val_info, f"{tokenizer_type}:{vocab_size}", tok, settings)
 
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OpenLLMError(f"output directory {out} exists and is not a directory")
     existing = out / META_FILE
     if existing.is_file() and not force:
         try:
             old = json.loads(existing.read_text())
         except (OSError, json.JSONDecodeError):
             old = {}
-        if old.get("source_fingerprint") != source_fingerprint:
+        if old.get("source_fingerprint") != key:
             raise OpenLLMError(
                 f"{out} already holds a different dataset (meta.json differs); "
                 "choose another --output-dir or pass --force"
             )
-    elif out.exists() and not out.is_dir():
-        raise OpenLLMError(f"output directory {out} exists and is not a directory")
-
-    if tok is None:
-        tok = train_tokenizer(train_docs, vocab_size)
-    dtype = token_dtype(tok.vocab_size)
-    train_ids = pack(tok, train_docs, dtype)
-    val_ids = pack(tok, val_docs, dtype)
-    fingerprint = hashlib.sha256(train_ids.tobytes() + b"|" + val_ids.tobytes()).hexdigest()
-
-    meta = {
-        "format": FORMAT,
-        "documents_read": documents_read,
-        "duplicates_dropped": duplicates,
-        "unique_documents": len(unique),
-        "train_documents": len(train_docs),
-        "val_documents": len(val_docs),
-        "validation_overlap_dropped": overlap,
-        "train_tokens": int(train_ids.size),
-        "val_tokens": int(val_ids.size),
-        "train_text_bytes": sum(len(d.encode("utf-8")) for d in train_docs),
-        "val_text_bytes": sum(len(d.encode("utf-8")) for d in val_docs),
-        "vocab_size": tok.vocab_size,
-        "dtype": dtype.name,
-        "tokenizer_sha256": tok.sha256,
-        "tokenizer_source": str(tokenizer) if tokenizer is not None else "trained on the training split",
-        "inputs": input_info,
-        "validation_file": val_info,
-        "split": "validation file" if val_info else f"random {val_fraction:g} of unique documents",
-        "split_seed": seed,
-        "val_fraction": None if val_info else val_fraction,
-        "doc_mode": doc_mode,
-        "fingerprint": fingerprint,
-        "source_fingerprint": source_fingerprint,
-        "seconds": None,
-    }
-
-    ensure_dir(out)
-    existing.unlink(missing_ok=True)  # the old dataset is the same one (or forced): no stale meta mid-write
-    with atomic_open(out / "train.bin") as f:
-        f.write(train_ids.tobytes())
-    with atomic_open(out / "val.bin") as f:
-        f.write(val_ids.tobytes())
-    tok.save(out)
-    meta["seconds"] = round(time.perf_counter() - t0, 3)
-    atomic_write_json(existing, meta)  # written last: its presence marks a complete dataset
+    created = not out.exists()
+    try:
+        with directory_lock(out, "dataset directory"):
+            ensure_dir(out)
+            for stale in out.glob(SPOOL_PREFIX + "*"):  # left by a preparation that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            work = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=out))
+            try:
+                meta, tok = _prepare(
+                    files,
+                    val_path,
+                    work,
+                    tok,
+                    tokenizer,
+                    vocab_size,
+                    tokenizer_type,
+                    seed,
+                    val_fraction,
+                    doc_mode,
+                    text_field,
+                    skip_bad_records,
+                    workers,
+                    int(tokenizer_sample_mb * 1e6),
+                )
+                meta.update(inputs=input_info, validation_file=val_info, source_fingerprint=key)
+                # commit: the old meta.json goes first, so no moment pairs it with new token files
+                existing.unlink(missing_ok=True)
+                for name in ("train.bin", "val.bin"):
+                    os.replace(work / name, out / name)
+                tok.save(out)
+                meta["seconds"] = round(time.perf_counter() - t0, 3)
+                atomic_write_json(existing, meta)  # written last: its presence marks a complete dataset
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return PreparedDataset(out, meta)
 
 
-def request_key(input_info, val_info, vocab_size, tok, val_fraction, seed, doc_mode) -> str:
-    """Identity of a preparation request: input contents and every setting that shapes the output."""
+def _prepare(
+    files,
+    val_path,
+    work,
+    tok,
+    tokenizer,
+    vocab_size,
+    tokenizer_type,
+    seed,
+    val_fraction,
+    doc_mode,
+    text_field,
+    skip_bad_records,
+    workers,
+    sample_bytes,
+) -> tuple[dict, Tokenizer]:
+    """Read, split and spool (pass 1), get the tokenizer, encode into ``work`` (pass 2); returns meta.json's
+    content and the tokenizer."""
+    t_read = time.perf_counter()
+    key = struct.pack("<q", seed)
+    threshold = int(val_fraction * 2**64)
+    reader = Reader(doc_mode, text_field, skip_bad_records)
+    train, val = Spool(work / "train.txt"), Spool(work / "val.txt")
+    sample = Sample(sample_bytes if tok is None else 0)  # (nothing to sample when the tokenizer is given)
+    seen: set[bytes] = set()
+    val_hashes: set[bytes] = set()
+    read = duplicates = overlap = 0
+    lowest: tuple[int, int, str] | None = None  # the training document a too-small split would hold out
+    total = sum(p.stat().st_size for p in files) + (val_path.stat().st_size if val_path else 0)
+    with Progress(total, "reading", "B") as progress:
+        done = 0
+
+        def advance() -> None:
+            nonlocal done
+            progress.update(reader.bytes_read - done)
+            done = reader.bytes_read
+
+        if val_path is not None:
+            for doc in reader.file_documents(val_path):
+                h = hashlib.blake2b(doc.encode("utf-8"), digest_size=16, key=key).digest()
+                if h not in val_hashes:
+                    val_hashes.add(h)
+                    val.add(doc)
+            advance()
+        for doc in reader.documents(files):
+            read += 1
+            h = hashlib.blake2b(doc.encode("utf-8"), digest_size=16, key=key).digest()
+            if h in seen:
+                duplicates += 1
+                continue
+            seen.add(h)
+            if val_path is not None and h in val_hashes:
+                overlap += 1
+                continue
+            value = int.from_bytes(h[:8], "little")
+            if val_path is None and value < threshold:
+                val.add(doc)
+                continue
+            if lowest is None or value < lowest[0]:
+                lowest = (value, len(train.lengths), doc)
+            if tok is None:
+                sample.offer(int.from_bytes(h[8:], "little"), len(train.lengths), doc)
+            train.add(doc)
+            if read % 1024 == 0:
+                advance()
+        advance()
+    unique = len(seen)
+    if val_path is None and unique < 2:
+        raise OpenLLMError(
+            f"the corpus has {unique} unique document(s); at least 2 are needed to hold out validation text "
+            "(or give a validation file)"
+        )
+    skip = None
+    if val_path is None and not val.lengths and len(train.lengths) >= 2 and lowest is not None:
+        skip = lowest[1]  # a corpus too small for its fraction: hold out the document with the lowest hash
+        val.add(lowest[2])
+    train.finish()
+    val.finish()
+    n_train = len(train.lengths) - (skip is not None)
+    if n_train == 0:
+        raise OpenLLMError(
+            "every training document also appears in the validation file"
+            if val_path is not None and overlap
+            else f"the corpus has {unique} unique document(s); at least 2 are needed to hold out validation text "
+            "(or give a validation file)"
+        )
+    if val_path is None and not val.lengths:
+        raise OpenLLMError(f"no document fell into the validation split (--val-fraction {val_fraction})")
+    read_seconds = time.perf_counter() - t_read
+
+    t_tok = time.perf_counter()
+    if tok is None:
+        docs = sample.documents()
+        if skip is not None:
+            docs = [d for d in docs if d != lowest[2]] or docs  # type: ignore[index]
+        tok = train_tokenizer(docs, vocab_size, tokenizer_type)
+    tok_seconds = time.perf_counter() - t_tok
+    tok.save(work / "tokenizer")
+    dtype = token_dtype(tok.vocab_size)
+
+    t_enc = time.perf_counter()
+    digest = hashlib.sha256()
+    init = (str(work / "tokenizer"), doc_mode, dtype)
+    with Progress(train.bytes + val.bytes, "encoding", "B") as progress:
+        train_tokens = _encode_spool(train, work / "train.bin", workers, init, digest, progress, skip)
+        digest.update(b"|")
+        val_tokens = _encode_spool(val, work / "val.bin", workers, init, digest, progress)
+    encode_seconds = time.perf_counter() - t_enc
+    skipped_bytes = lowest[2].encode("utf-8").__len__() if skip is not None and lowest else 0
+    return {
+        "format": FORMAT,
+        "documents_read": read,
+        "duplicates_dropped": duplicates,
+        "unique_documents": unique,
+        "train_documents": n_train,
+        "val_documents": len(val.lengths),
+        "validation_overlap_dropped": overlap,
+        "bad_records_skipped": dict(reader.stats.skipped),
+        "train_tokens": train_tokens,
+        "val_tokens": val_tokens,
+        "train_text_bytes": train.bytes - skipped_bytes,
+        "val_text_bytes": val.bytes,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype.name,
+        "tokenizer_sha256": tok.sha256,
+        "tokenizer": tok.describe(),
+        "tokenizer_source": str(tokenizer)
+        if tokenizer is not None
+        else f"trained on a hash-chosen sample of {sample.bytes:,} bytes of the training documents",
+        "split": "validation file" if val_path else f"hash: {SPLIT_RULE} ({val_fraction:g})",
+        "split_seed": seed,
+        "val_fraction": None if val_path else val_fraction,
+        "doc_mode": doc_mode,
+        "text_field": text_field,
+        "fingerprint": digest.hexdigest(),
+        "timing": {
+            "read_seconds": round(read_seconds, 3),
+            "tokenizer_seconds": round(tok_seconds, 3),
+            "encode_seconds": round(encode_seconds, 3),
+            "workers": workers,
+            "peak_rss_mb": peak_rss_mb(),
+        },
+    }, tok
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and of the largest finished child, in MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024, 1)
+
+
+def _settings(val_fraction, seed, doc_mode, text_field, skip_bad_records, has_val_file) -> dict:
+    s: dict[str, Any] = {"val_fraction": None if has_val_file else val_fraction, "seed": seed, "doc_mode": doc_mode}
+    if text_field != "text":  # (added only when set, so earlier datasets keep their key)
+        s["text_field"] = text_field
+    if skip_bad_records:
+        s["skip_bad_records"] = True
+    return s
+
+
+def _file_info(path: Path) -> dict:
+    if not path.is_file():
+        raise OpenLLMError(f"input file not found: {path}")
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def request_key(input_info, val_info, trained: str, tok, settings: dict) -> str:
+    """Identity of a preparation request: input contents and every setting that shapes the output
+    (``trained`` is "TYPE:VOCAB_SIZE", what would be trained when no tokenizer ``tok`` is given)."""
     source = {
         "inputs": [i["sha256"] for i in input_info],
         "validation": val_info and val_info["sha256"],
-        "val_fraction": None if val_info else val_fraction,
-        "seed": seed,
-        "doc_mode": doc_mode,
-        "tokenizer": tok.sha256 if tok is not None else f"train:{vocab_size}",
+        **settings,
+        # (a SentencePiece request keeps the key earlier versions wrote, so their runs still resume)
+        "tokenizer": tok.sha256 if tok is not None else "train:" + trained.removeprefix("sentencepiece:"),
     }
     return hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()
 
 
-def file_info(path: str | os.PathLike) -> dict:
-    raw = read_text(path)[1]
-    return {"path": str(path), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-
-
-def prepared_request_key(inputs, validation_file, vocab_size, tokenizer, val_fraction, seed, doc_mode) -> str:
+def prepared_request_key(
+    inputs, validation_file, vocab_size, tokenizer, val_fraction, seed, doc_mode, tokenizer_type="sentencepiece"
+) -> str:
     """The ``source_fingerprint`` that :func:`prepare_dataset` would record, without preparing."""
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    val_info = file_info(validation_file) if validation_file is not None else None
-    return request_key([file_info(p) for p in inputs], val_info, vocab_size, tok, val_fraction, seed, doc_mode)
+    val_info = _file_info(Path(validation_file)) if validation_file is not None else None
+    settings = _settings(val_fraction, seed, doc_mode, "text", False, validation_file is not None)
+    files = expand_inputs(list(inputs))
+    return request_key([_file_info(p) for p in files], val_info, f"{tokenizer_type}:{vocab_size}", tok, settings)

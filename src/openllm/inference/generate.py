@@ -10,7 +10,7 @@ from typing import Annotated
 import torch
 
 from openllm.core.options import Opt, fraction_incl, int_value, nonneg_float, nonneg_int, positive_float, positive_int
-from openllm.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from openllm.data.tokenizer import Tokenizer
 from openllm.model.gpt import GPT
 
 # Temperatures below this sample so sharply that float32 overflows; they are greedy decoding in effect.
@@ -52,21 +52,23 @@ def next_token_logits_filter(logits: torch.Tensor, opts: SamplingOptions, histor
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int) -> tuple[list[int], int]:
-    """Encode a prompt as training encoded a document start (BOS + ids), keeping its last ``context`` tokens.
+    """Encode a prompt as training encoded a document start (the tokenizer's bos framing + ids), keeping its
+    last ``context`` tokens.
 
     Generation slides its window past the context, so only a prompt longer than the context itself is
     cut (from the left). Returns (ids, number of prompt tokens dropped).
     """
-    ids = [BOS_ID, *tokenizer.encode(prompt)]
+    ids = tokenizer.prompt_ids(prompt)
     dropped = max(0, len(ids) - context)
     return ids[dropped:], dropped
 
 
 @torch.no_grad()
 def generate_ids(
-    model: GPT, ids: list[int], opts: SamplingOptions, device: torch.device | str = "cpu"
+    model: GPT, ids: list[int], opts: SamplingOptions, device: torch.device | str = "cpu", eos_id: int | None = None
 ) -> Iterator[int]:
-    """Yield new token ids one at a time until EOS or ``max_new_tokens`` (EOS is not yielded)."""
+    """Yield new token ids one at a time until ``eos_id`` or ``max_new_tokens`` (EOS is not yielded; without
+    an eos token, as in a character vocabulary, generation runs to ``max_new_tokens``)."""
     model.eval()
     gen = torch.Generator(device="cpu")
     gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
@@ -85,7 +87,7 @@ def generate_ids(
                 token = int(torch.multinomial(probs, 1, generator=gen))
             else:  # extreme settings overflowed the logits: the distribution is a point mass on the top token
                 token = int(torch.argmax(torch.nan_to_num(filtered, nan=-math.inf)))
-        if token == EOS_ID:
+        if token == eos_id:
             return
         yield token
         history = torch.cat([history, torch.tensor([token], device=history.device)])
@@ -101,7 +103,7 @@ def generate_text(
 ) -> str:
     ids, _ = prompt_ids(tokenizer, prompt, model.config.block_size)
     stream = TextStream(tokenizer, ids)
-    for token in generate_ids(model, ids, opts, device):
+    for token in generate_ids(model, ids, opts, device, tokenizer.eos_id):
         stream.push(token)
     stream.finish()
     return stream.text

@@ -48,11 +48,13 @@ def model_from_checkpoint(ckpt: dict, origin: str) -> GPT:
     return model.eval()
 
 
-def _checked_tokenizer(path: Path, model: GPT) -> Tokenizer:
-    tokenizer = load_tokenizer(path)
+def _checked_tokenizer(directory: Path, model: GPT, model_config: dict | None = None) -> Tokenizer:
+    """The tokenizer beside the model, which must have exactly the embedding's number of tokens."""
+    tokenizer = load_tokenizer(directory, model_config)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise OpenLLMError(
-            f"{path} has {tokenizer.vocab_size} tokens but the model's vocabulary is {model.config.vocab_size}"
+            f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+            f"{model.config.vocab_size}"
         )
     return tokenizer
 
@@ -64,13 +66,13 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         meta = cfg.get("openllm") or {}
         return LoadedModel(
             model.to(device),
-            _checked_tokenizer(path / "tokenizer.model", model),
+            _checked_tokenizer(path, model, cfg),
             path,
             {"dataset_fingerprint": meta.get("dataset_fingerprint"), "step": meta.get("step")},
         )
     file = resolve_checkpoint_path(path)
     ckpt = ck.load_checkpoint(file)
     model = model_from_checkpoint(ckpt, str(file)).to(device)
-    tokenizer = _checked_tokenizer(file.parent / "tokenizer.model", model)
+    tokenizer = _checked_tokenizer(file.parent, model)
     meta = {k: v for k, v in ckpt.items() if k not in ("model_state_dict", "optimizer_state_dict")}
     return LoadedModel(model, tokenizer, file, meta)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt, positive_float, positive_int
 from openllm.inference.generate import SamplingOptions, TextStream, generate_ids, prompt_ids
 from openllm.inference.loading import LoadedModel, load_model
@@ -200,7 +201,7 @@ class Engine:
         stream = TextStream(tok, ids)
         emitted = 0  # characters of stream.text already sent
         hold = max((len(s) - 1 for s in req.stop), default=0)  # keep back a possible stop-string prefix
-        for token in generate_ids(model, ids, opts, self.device):
+        for token in generate_ids(model, ids, opts, self.device, tok.eos_id):
             if cancel.is_set():
                 with self.lock:
                     self.cancelled += 1
@@ -291,6 +292,10 @@ def create_app(
     async def completions(request: Request):
         body = await _json_body(request, security.body_timeout)
         req = parse_request(body, limits, model_id)
+        try:  # text the vocabulary cannot represent (a character vocabulary) is the caller's error
+            loaded.tokenizer.prompt_ids(req.prompt)
+        except OpenLLMError as exc:
+            raise APIError(400, str(exc), "prompt") from None
         engine.admit()
         cancel = threading.Event()
         cid = f"cmpl-{uuid.uuid4().hex[:24]}"
@@ -424,7 +429,7 @@ def _host_name(host: str) -> str:
 
 
 def _usage(loaded: LoadedModel, req: CompletionRequest, texts: list[str]) -> dict:
-    p = len(loaded.tokenizer.encode(req.prompt)) + 1
+    p = len(loaded.tokenizer.prompt_ids(req.prompt))
     c = sum(len(loaded.tokenizer.encode(t)) for t in texts)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 

@@ -6,9 +6,11 @@
 4. ``openllm-export``  a directory written by ``openllm export``
 
 Everything is loaded with ``weights_only=True`` or safetensors. The output's ``best_model.pt``
-is a complete checkpoint that ``openllm train --resume`` continues from: the optimizer state is
-fresh (and marked so), the step is ``--training-steps``, and the history is what was found
-beside the weights, or empty with the provenance saying that none exists.
+is a complete checkpoint that ``openllm train --resume`` continues from. It keeps what the source
+says: its tokenizer (SentencePiece, ``tokenizer.json``, a GPT-2 ``vocab.json`` + ``merges.txt``
+pair, or nanoGPT's ``meta.pkl`` character vocabulary) with its own special tokens, its dropout and
+context, nanoGPT's AdamW state when its layout matches (the provenance says which), the step, and
+the history found beside the weights (or none, with the provenance saying so).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_write_json, commit_directory, directory_lock, read_json, staging_dir
 from openllm.core.numbers import perplexity
 from openllm.core.options import Opt, nonneg_int
-from openllm.data.tokenizer import Tokenizer, load_tokenizer
+from openllm.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
+from openllm.interop import nanogpt
 from openllm.interop.gpt2 import config_from_hf, from_hf, read_config_json, read_hf_dir, tie_head, without_mask_buffers
 from openllm.model.config import PRESETS, ModelConfig
 from openllm.model.gpt import GPT
@@ -47,6 +50,10 @@ class Imported:
     validation_log: list | None = None
     notes: list[str] = field(default_factory=list)
     source_reported: dict = field(default_factory=dict)
+    optimizer: dict[str, dict] | None = None  # AdamW moments by parameter name
+    optimizer_settings: list[dict] = field(default_factory=list)
+    optimizer_note: str = "fresh (the source has no optimizer state)"
+    training_options: dict = field(default_factory=dict)  # the source's training settings, OpenLLM's names
 
 
 def detect(path: Path) -> str:
@@ -65,10 +72,13 @@ def detect(path: Path) -> str:
     )
 
 
-def _tokenizer_beside(path: Path, override: str | None) -> Tokenizer | None:
+def _tokenizer(directory: Path, override: str | None, model_config: dict | None = None) -> Tokenizer | None:
+    """``--tokenizer`` if given (a nanoGPT meta.pkl too), else the tokenizer the source directory holds."""
     if override:
-        return load_tokenizer(override)
-    return load_tokenizer(path / "tokenizer.model") if (path / "tokenizer.model").is_file() else None
+        if Path(override).suffix == ".pkl":
+            return nanogpt.meta_tokenizer(Path(override))
+        return load_tokenizer(override, model_config)
+    return load_tokenizer(directory, model_config) if find_tokenizer(directory) is not None else None
 
 
 def _read_log(path: Path, name: str) -> list | None:
@@ -109,12 +119,12 @@ def import_legacy(path: Path, tokenizer: str | None) -> Imported:
         raw = raw["model_state_dict"]
     state = tie_head(without_mask_buffers(raw))
     config = _nanogpt_style_config(cfg, f"{path / 'config.json'}", default_dropout=0.1)
-    imp = Imported("legacy", config, state, _tokenizer_beside(path, tokenizer), step=cfg.get("training_steps"))
+    imp = Imported("legacy", config, state, _tokenizer(path, tokenizer), step=cfg.get("training_steps"))
     gen = path / "generation_config.json"
-    if gen.is_file():
-        eos = (read_json(gen, "generation config") or {}).get("eos_token_id")
-        if eos != 3:
-            imp.notes.append(f"fixed generation_config.json eos_token_id {eos} -> 3 (the tokenizer's </s>)")
+    if gen.is_file() and imp.tokenizer is not None:
+        eos, own = (read_json(gen, "generation config") or {}).get("eos_token_id"), imp.tokenizer.eos_id
+        if eos != own:
+            imp.notes.append(f"fixed generation_config.json eos_token_id {eos} -> {own} (the tokenizer's eos)")
     return imp
 
 
@@ -122,7 +132,7 @@ def import_hf(path: Path, tokenizer: str | None, kind: str) -> Imported:
     cfg, state = read_hf_dir(path)
     config = config_from_hf(cfg, str(path))
     meta = cfg.get("openllm") or {}
-    imp = Imported(kind, config, from_hf(state), _tokenizer_beside(path, tokenizer), step=meta.get("step"))
+    imp = Imported(kind, config, from_hf(state), _tokenizer(path, tokenizer, cfg), step=meta.get("step"))
     if not config.bias:  # our export of a bias-free model writes zero biases: drop them again
         imp.state = {k: v for k, v in imp.state.items() if not k.endswith(".bias")}
     if meta.get("best_validation_loss") is not None:
@@ -137,13 +147,49 @@ def import_nanogpt(path: Path, tokenizer: str | None) -> Imported:
         raise OpenLLMError(f"{file} is not a nanoGPT checkpoint (no 'model' / 'model_args')")
     args = raw["model_args"]
     prefix = "_orig_mod."
-    state = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in raw["model"].items()}
-    state = tie_head(without_mask_buffers(state))
+    named = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in raw["model"].items()}
+    state = tie_head(without_mask_buffers(named))
     config = _nanogpt_style_config(args, f"{file}: model_args", default_dropout=0.0)
-    imp = Imported("nanogpt", config, state, _tokenizer_beside(file.parent, tokenizer), step=raw.get("iter_num"))
+    tok = _tokenizer(file.parent, tokenizer)
+    if tokenizer is None:  # nanoGPT's character vocabulary, where its sample.py would find it
+        meta = next((m for m in nanogpt.meta_candidates(file, raw.get("config") or {}) if m.is_file()), None)
+        tok = nanogpt.meta_tokenizer(meta) if meta is not None else tok
+    imp = Imported("nanogpt", config, state, tok, step=raw.get("iter_num"))
     if isinstance(raw.get("best_val_loss"), (int, float, torch.Tensor)):
         imp.source_reported["best_val_loss"] = float(raw["best_val_loss"])
+    moments, settings, note = nanogpt.optimizer_by_name(raw, named)
+    imp.optimizer, imp.optimizer_settings = moments, settings
+    imp.optimizer_note = note if moments is not None else f"fresh ({note})"
+    imp.training_options = nanogpt.training_options(raw)
     return imp
+
+
+def _trim_padded_vocabulary(imp: Imported) -> None:
+    """nanoGPT rounds GPT-2's 50,257 tokens up to 50,304 embedding rows; rows past the tokenizer's last id
+    are never a target or an input, so they are dropped to make the model's vocabulary the tokenizer's."""
+    assert imp.tokenizer is not None
+    n, rows = imp.tokenizer.vocab_size, imp.config.vocab_size
+    imp.state = {k: (v[:n] if k in ("transformer.wte.weight", "lm_head.weight") else v) for k, v in imp.state.items()}
+    if imp.optimizer and "transformer.wte.weight" in imp.optimizer:
+        m = imp.optimizer["transformer.wte.weight"]
+        imp.optimizer["transformer.wte.weight"] = {**m, "exp_avg": m["exp_avg"][:n], "exp_avg_sq": m["exp_avg_sq"][:n]}
+    imp.config = imp.config.replace(vocab_size=n)
+    imp.notes.append(f"dropped the {rows - n} padding rows of nanoGPT's embedding ({rows} -> {n}, the tokenizer size)")
+
+
+def _optimizer_state(model: GPT, imp: Imported) -> dict:
+    """The imported AdamW moments in the layout of OpenLLM's optimizer for ``model`` (empty when none)."""
+    groups = model.optimizer_groups()
+    names = [n for g in groups for n in g]
+    if imp.optimizer is None or set(names) - set(imp.optimizer):
+        return {}
+    index = {n: i for i, n in enumerate(names)}
+    return {
+        "state": {index[n]: imp.optimizer[n] for n in names},
+        "param_groups": [
+            {**s, "params": [index[n] for n in g]} for s, g in zip(imp.optimizer_settings, groups, strict=True)
+        ],
+    }
 
 
 @dataclass
@@ -167,7 +213,13 @@ def convert(
         Opt("steps the weights were trained for", parse=nonneg_int, default_text="what the source says, else 0"),
     ] = None,
     eval_data: Annotated[str | os.PathLike | None, Opt("text file to measure the real validation loss on")] = None,
-    tokenizer: Annotated[str | None, Opt("SentencePiece tokenizer.model to use when the input has none")] = None,
+    tokenizer: Annotated[
+        str | None,
+        Opt(
+            "tokenizer of the weights when the input has none beside it: a tokenizer.model, tokenizer.json, "
+            "vocab.json (with merges.txt), a nanoGPT meta.pkl, or a directory holding one"
+        ),
+    ] = None,
     force: Annotated[bool, Opt("overwrite an existing best_model.pt in --output-dir")] = False,
     eval_seq_len: int = 512,
 ) -> ConvertReport:
@@ -187,13 +239,17 @@ def convert(
     if problems:
         raise OpenLLMError(f"{src}: the weights do not match the config: {problems[0]}")
     if imp.tokenizer is not None and imp.tokenizer.vocab_size != imp.config.vocab_size:
-        raise OpenLLMError(
-            f"the tokenizer has {imp.tokenizer.vocab_size} tokens but the embedding has {imp.config.vocab_size} rows"
-        )
+        if kind == "nanogpt" and imp.tokenizer.vocab_size == 50257 and imp.config.vocab_size == 50304:
+            _trim_padded_vocabulary(imp)
+        else:
+            raise OpenLLMError(
+                f"the tokenizer has {imp.tokenizer.vocab_size} tokens but the embedding has "
+                f"{imp.config.vocab_size} rows: they are not the same vocabulary"
+            )
     if imp.tokenizer is None:
         imp.notes.append(
-            "no SentencePiece tokenizer.model found (give --tokenizer): the run cannot generate or "
-            "train until one is added"
+            "no tokenizer found beside the weights (give --tokenizer): the run cannot generate or train until "
+            "one is added"
         )
     out = Path(output_dir)
     if (out / BEST).exists() and not force:
@@ -234,7 +290,7 @@ def convert(
     provenance: dict[str, Any] = {
         "source": f"converted from {kind} weights at {src}",
         "input_kind": kind,
-        "optimizer_state": "fresh (the source had none that could be imported)",
+        "optimizer_state": imp.optimizer_note,
         "history": history,
         "best_validation_loss": f"measured on {eval_data}" if best is not None else "not measured (no --eval-data)",
         "source_reported": imp.source_reported,
@@ -249,6 +305,8 @@ def convert(
         "custom",
     )
     info = {"model_size": model_size, **model.summary(imp.config.block_size)}
+    if imp.tokenizer is not None:
+        info["tokenizer"] = imp.tokenizer.describe()
     state = RunState(
         step=step,
         best_validation_loss=best if best is not None else float("inf"),
@@ -265,10 +323,20 @@ def convert(
         "lowest_training_loss": None,
         "best_validation_loss": best,
     }
-    tconfig = {"model_size": model_size, "max_steps": step} if model_size != "custom" else {"max_steps": step}
+    # the training settings a resume starts from: the source's own where it recorded them, never a preset's
+    tconfig = {
+        **({"model_size": model_size} if model_size != "custom" else {}),
+        "seq_len": imp.config.block_size,
+        **imp.training_options,
+        "dropout": imp.config.dropout,
+        "max_steps": step,
+    }
+    optimizer_state = _optimizer_state(model, imp)
+    if imp.optimizer is not None and not optimizer_state:
+        provenance["optimizer_state"] = "fresh (the source's AdamW state does not cover every parameter)"
     ckpt = ck.build_checkpoint(
         model_state=model.state_dict(),
-        optimizer_state={},
+        optimizer_state=optimizer_state,
         state=state,
         model_config=imp.config,
         training_config=tconfig,
@@ -311,8 +379,10 @@ def _write_run(
     stats: dict,
 ) -> None:
     ck.save_checkpoint(ckpt, d / BEST)
-    atomic_write_json(d / "config.json", model_config_json(imp.config.to_dict(), {"model_size": model_size}))
-    atomic_write_json(d / "generation_config.json", generation_config(imp.config.block_size))
+    ids = imp.tokenizer.special.as_config_ids() if imp.tokenizer is not None else {}
+    atomic_write_json(d / "config.json", model_config_json(imp.config.to_dict(), {"model_size": model_size, **ids}))
+    if imp.tokenizer is not None:
+        atomic_write_json(d / "generation_config.json", generation_config(imp.config.block_size, imp.tokenizer.special))
     atomic_write_json(d / "training_config.json", tconfig)
     write_logs(d, state.training_log, state.validation_log)
     atomic_write_json(d / "provenance.json", provenance)

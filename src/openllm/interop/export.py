@@ -4,11 +4,11 @@ Layout of an export directory::
 
     config.json              a standard GPT2Config ("model_type": "gpt2"), plus an "openllm" block
     model.safetensors        GPT-2 key names, Conv1D (in, out) weight layout, tied head stored once
-    tokenizer.json           the SentencePiece BPE as a `tokenizers` BPE with byte fallback (same ids)
-    tokenizer_config.json    PreTrainedTokenizerFast with <s> </s> <unk> <pad>
+    tokenizer.json           the run's tokenizer for `tokenizers` (a SentencePiece BPE converted with the same ids)
+    tokenizer_config.json    PreTrainedTokenizerFast with the tokenizer's own special tokens
     special_tokens_map.json
-    tokenizer.model          the original SentencePiece model (for OpenLLM itself)
-    generation_config.json   bos 2, eos 3, pad 0
+    tokenizer.model          the original SentencePiece model, when the run has one (for OpenLLM itself)
+    generation_config.json   the tokenizer's bos / eos / pad ids, max_length at the context
     README.md                model card with the training figures
 """
 
@@ -32,9 +32,9 @@ from openllm.core.fileio import (
     staging_dir,
 )
 from openllm.core.options import Opt
-from openllm.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
+from openllm.data.tokenizer import Tokenizer, load_tokenizer
 from openllm.interop.gpt2 import EXPORT_WEIGHTS, config_to_hf, to_hf
-from openllm.interop.tokenizer_json import hf_tokenizer_json
+from openllm.interop.tokenizer_json import hf_tokenizer_config, hf_tokenizer_json
 from openllm.model.config import ModelConfig
 
 
@@ -58,10 +58,11 @@ def export_checkpoint(
         raise OpenLLMError(f"cannot export {src}: {'; '.join(v.problems)}")
     info = ck.read_info(ckpt)
     config = ModelConfig.from_dict(ckpt["config"])
-    tok_path = src.parent / "tokenizer.model"
-    tok = load_tokenizer(tok_path)
+    tok = load_tokenizer(src.parent)
     if tok.vocab_size != config.vocab_size:
-        raise OpenLLMError(f"{tok_path} has {tok.vocab_size} tokens, the model's embedding {config.vocab_size}")
+        raise OpenLLMError(
+            f"the tokenizer in {src.parent} has {tok.vocab_size} tokens, the model's embedding {config.vocab_size}"
+        )
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise OpenLLMError(f"output directory {out} is not empty; choose another or pass --force")
@@ -77,7 +78,7 @@ def export_checkpoint(
     }
     with directory_lock(out, "export directory"):
         staging = staging_dir(out)
-        _write_export(staging, ckpt, src, config, tok, tok_path, info, extra)
+        _write_export(staging, ckpt, src, config, tok, info, extra)
         commit_directory(staging, out)
     return ExportResult(out, {p.name: p.stat().st_size for p in sorted(out.iterdir())})
 
@@ -88,7 +89,6 @@ def _write_export(
     src: Path,
     config: ModelConfig,
     tok: Tokenizer,
-    tok_path: Path,
     info: ck.CheckpointInfo,
     extra: dict,
 ) -> None:
@@ -100,27 +100,17 @@ def _write_export(
             str(staging / EXPORT_WEIGHTS),
             metadata={"format": "pt", "openllm_version": __version__},
         )
-        atomic_write_json(staging / "config.json", config_to_hf(config, extra))
+        atomic_write_json(staging / "config.json", config_to_hf(config, tok.special, extra))
+        tok.save(staging, model_max_length=config.block_size)  # its own files (tokenizer.model for SentencePiece)
         atomic_write_text(staging / "tokenizer.json", hf_tokenizer_json(tok))
+        tok_config = hf_tokenizer_config(tok, config.block_size)
+        atomic_write_json(staging / "tokenizer_config.json", tok_config)
         atomic_write_json(
-            staging / "tokenizer_config.json",
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": config.block_size,
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "unk_token": "<unk>",
-                "pad_token": "<pad>",
-                "add_bos_token": True,
-                "add_eos_token": False,
-                "clean_up_tokenization_spaces": False,
-            },
+            staging / "special_tokens_map.json", {k: v for k, v in tok_config.items() if k.endswith("_token")}
         )
-        atomic_write_json(staging / "special_tokens_map.json", {k: v for k, v in SPECIAL_TOKENS.items()})
-        shutil.copyfile(tok_path, staging / "tokenizer.model")
         atomic_write_json(
             staging / "generation_config.json",
-            {**generation_config(config.block_size), "transformers_version": "4.40.0"},
+            {**generation_config(config.block_size, tok.special), "transformers_version": "4.40.0"},
         )
         model_info = dict(ckpt.get("model_info") or {})
         model_info.setdefault(

@@ -18,7 +18,7 @@ from openllm.checkpoint import format as ck
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import read_json
 from openllm.core.progress import Progress
-from openllm.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from openllm.data.tokenizer import SpecialTokens
 from openllm.model.config import ModelConfig
 from openllm.model.gpt import GPT
 
@@ -87,7 +87,7 @@ def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return tie_head(out)
 
 
-def config_to_hf(config: ModelConfig, extra: dict | None = None) -> dict:
+def config_to_hf(config: ModelConfig, special: SpecialTokens, extra: dict | None = None) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -109,9 +109,7 @@ def config_to_hf(config: ModelConfig, extra: dict | None = None) -> dict:
         "reorder_and_upcast_attn": False,
         "use_cache": True,
         "tie_word_embeddings": True,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
+        **special.as_config_ids(),
         "dtype": "float32",
         "openllm": {"version": __version__, "bias": config.bias, "activation": config.activation, **(extra or {})},
     }

@@ -1,14 +1,30 @@
-"""A SentencePiece BPE model as a Hugging Face ``tokenizer.json`` that yields the same ids."""
+"""Any OpenLLM tokenizer as a Hugging Face ``tokenizer.json`` and ``tokenizer_config.json`` that
+``AutoTokenizer`` loads with the same ids and the same decoding (see tests/test_tokenizers.py)."""
 
 from __future__ import annotations
 
-from openllm.data.tokenizer import BOS_ID, SPECIAL_TOKENS, Tokenizer
+from openllm.data.tokenizer import Tokenizer
+from openllm.data.tokenizer.hf import HFTokenizer
+from openllm.data.tokenizer.spm import SentencePieceTokenizer
 
 
 def hf_tokenizer_json(tok: Tokenizer) -> str:
-    """The SentencePiece model as a `tokenizers` BPE that yields the same ids (see tests/test_export.py)."""
+    if isinstance(tok, HFTokenizer):
+        return tok.raw.to_str()
+    if isinstance(tok, SentencePieceTokenizer):
+        return _sentencepiece_json(tok)
+    raise TypeError(f"no tokenizer.json conversion for {type(tok).__name__}")
+
+
+def hf_tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict:
+    """``tokenizer_config.json`` for the exported ``tokenizer.json`` (a fast tokenizer either way)."""
+    return {**tok.config(model_max_length), "tokenizer_class": "PreTrainedTokenizerFast"}
+
+
+def _sentencepiece_json(tok: SentencePieceTokenizer) -> str:
+    """The SentencePiece BPE model as a ``tokenizers`` BPE with byte fallback that yields the same ids."""
     from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Tokenizer as HFRaw
     from tokenizers import decoders, models, normalizers, processors
 
     proto = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]
@@ -23,9 +39,15 @@ def hf_tokenizer_json(tok: Tokenizer) -> str:
         for i in range(1, len(p))
         if p[:i] in normal and p[i:] in normal
     )
-    hf = HFTokenizer(
+    sp = tok.special
+    unk = tok.id_to_piece(sp.unk) if sp.unk is not None else None
+    hf = HFRaw(
         models.BPE(
-            vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token="<unk>", byte_fallback=True, fuse_unk=True
+            vocab=vocab,
+            merges=[(a, b) for *_, a, b in merges],
+            unk_token=unk,
+            byte_fallback=proto.trainer_spec.byte_fallback,
+            fuse_unk=True,
         )
     )
     spec = proto.normalizer_spec
@@ -35,8 +57,12 @@ def hf_tokenizer_json(tok: Tokenizer) -> str:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])
     )
-    hf.add_special_tokens([SPECIAL_TOKENS[k] for k in ("pad_token", "unk_token", "bos_token", "eos_token")])
-    hf.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    hf.add_special_tokens(
+        [tok.id_to_piece(i) for i in sorted({i for i in (sp.pad, sp.unk, sp.bos, sp.eos) if i is not None})]
     )
+    if sp.add_bos and sp.bos is not None:
+        bos = tok.id_to_piece(sp.bos)
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, sp.bos)]
+        )
     return hf.to_str()

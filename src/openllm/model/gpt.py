@@ -112,6 +112,12 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def optimizer_groups(self) -> tuple[list[str], list[str]]:
+        """Parameter names, in ``named_parameters()`` order, that take weight decay (matrices and embeddings)
+        and that do not (biases, LayerNorm gains): the two AdamW groups, as nanoGPT forms them too."""
+        named = list(self.named_parameters())
+        return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters with the tied head counted once; optionally without the position table."""
         n = sum(p.numel() for p in self.parameters())

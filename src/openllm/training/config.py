@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from openllm.core.device import DEVICES, DTYPES
 from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt, builtin_defaults
+from openllm.data.tokenizer import TOKENIZER_TYPES
 from openllm.model.config import get_preset
 
 PRESET = "the preset's"
@@ -35,7 +36,17 @@ class TrainConfig:
     validation_data: Annotated[
         str | None, Opt("a text file to validate on", default_text="hold out 10% of the training documents")
     ] = None
-    tokenizer_dir: Annotated[str | None, Opt("a directory with tokenizer.model to use instead of training one")] = None
+    tokenizer_dir: Annotated[
+        str | None,
+        Opt(
+            "an existing tokenizer to use instead of training one: a directory holding tokenizer.model or "
+            "tokenizer.json, or the file itself"
+        ),
+    ] = None
+    tokenizer_type: Annotated[
+        str | None,
+        Opt("kind of tokenizer to train for --data-file", choices=TOKENIZER_TYPES, default="sentencepiece"),
+    ] = None
     model_size: Annotated[str | None, Opt("preset: tiny, small, medium or large", default="tiny")] = None
     vocab_size: Annotated[int | None, Opt("tokenizer vocabulary when one is trained", default_text=PRESET)] = None
     max_steps: Annotated[int | None, Opt("optimizer steps to train to", default_text=PRESET)] = None
@@ -201,6 +212,8 @@ class TrainConfig:
         for name in ("data", "data_file", "validation_data", "tokenizer_dir", "output_dir", "resume", "model_size"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise bad(name, "a path" if name != "model_size" else "a preset name", getattr(self, name))
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise bad("tokenizer_type", " or ".join(TOKENIZER_TYPES), self.tokenizer_type)
         if self.device not in DEVICES:
             raise bad("device", ", ".join(DEVICES), self.device)
         if self.dtype not in (None, *DTYPES):

@@ -13,7 +13,6 @@ import torch
 from openllm.checkpoint import format as ck
 from openllm.checkpoint import rundir
 from openllm.core.fileio import atomic_write_json
-from openllm.data.tokenizer import Tokenizer
 from openllm.training.run import Run
 from openllm.training.schedule import scheduler_state
 
@@ -37,7 +36,11 @@ def training_config(run: Run) -> dict:
 
 
 def model_info(run: Run) -> dict:
-    return {"model_size": run.cfg.model_size, **run.raw_model.summary(run.cfg.seq_len)}  # type: ignore[arg-type]
+    return {
+        "model_size": run.cfg.model_size,
+        **run.raw_model.summary(run.cfg.seq_len),
+        "tokenizer": run.tokenizer.describe(),
+    }  # type: ignore[arg-type]
 
 
 def training_stats(run: Run) -> dict:
@@ -73,14 +76,16 @@ def build_checkpoint(run: Run) -> dict:
     )
 
 
-def write_run_files(run: Run, tokenizer: Tokenizer) -> None:
+def write_run_files(run: Run) -> None:
     d = run.run_dir
     atomic_write_json(
         d / "config.json", rundir.model_config_json(run.model_config.to_dict(), {"model_size": run.cfg.model_size})
     )
     atomic_write_json(d / "training_config.json", training_config(run))
-    atomic_write_json(d / "generation_config.json", rundir.generation_config(run.model_config.block_size))
-    tokenizer.save(d, model_max_length=run.model_config.block_size)
+    atomic_write_json(
+        d / "generation_config.json", rundir.generation_config(run.model_config.block_size, run.tokenizer.special)
+    )
+    run.tokenizer.save(d, model_max_length=run.model_config.block_size)
 
 
 def write_logs(run: Run) -> None:

@@ -11,8 +11,9 @@ import torch
 
 from openllm.checkpoint.state import RunState
 from openllm.core.errors import OpenLLMError
-from openllm.data.batches import BatchSampler
+from openllm.data.batches import BatchSampler, EvalBatches
 from openllm.data.dataset import PreparedDataset
+from openllm.data.tokenizer import Tokenizer
 from openllm.model.config import ModelConfig
 from openllm.model.gpt import GPT
 from openllm.training.config import TrainConfig
@@ -38,12 +39,12 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     sampler: BatchSampler
-    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    val_batches: EvalBatches
     device: torch.device
     autocast_dtype: torch.dtype
     dist: DistInfo
     state: RunState
-    tokenizer_sha256: str
+    tokenizer: Tokenizer
     resumed_path: Path | None = None
     last_checkpoint: Path | None = None
     log: Callable[[str], None] = print
@@ -56,6 +57,10 @@ class Run:
         if self.autocast_dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.tokenizer.sha256
 
     @property
     def global_batch(self) -> int:

@@ -18,10 +18,10 @@ from openllm.checkpoint.state import RunState
 from openllm.core.device import resolve_device, resolve_dtype
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import ensure_dir
-from openllm.data.batches import BatchSampler, eval_batches
+from openllm.data.batches import BatchSampler, EvalBatches
 from openllm.data.dataset import PreparedDataset, load_dataset
 from openllm.data.prepare import prepare_dataset, prepared_request_key
-from openllm.data.tokenizer import Tokenizer, load_tokenizer
+from openllm.data.tokenizer import Tokenizer, find_tokenizer
 from openllm.model.config import ModelConfig, get_preset, model_config_for
 from openllm.model.gpt import GPT
 from openllm.model.scoring import encode_file
@@ -68,7 +68,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
         ensure_dir(run_dir)
     try:  # a refused resume leaves nothing behind: what this call created is removed again
         dataset = resolve_data(cfg, run_dir, dist, ckpt, resumed_path, log=say)
-        tokenizer = load_tokenizer(dataset.tokenizer_path)
+        tokenizer = dataset.tokenizer
         if ckpt and not given.get("model_size"):  # a resumed model keeps its own shape (converted ones need no preset)
             model_config = ModelConfig.from_dict(ckpt["config"], dropout=cfg.dropout)
             if model_config.vocab_size != tokenizer.vocab_size:
@@ -107,10 +107,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
         )
     val_tokens = validation_tokens(cfg, dataset, tokenizer)
     # the same validation windows for any number of processes: eval_batches global batches' worth
-    val = [
-        (x.to(device), y.to(device))
-        for x, y in eval_batches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size)
-    ]
+    val = EvalBatches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size, device)
     if not val:
         raise OpenLLMError("the validation split holds no tokens")
 
@@ -129,11 +126,11 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
         autocast_dtype=dtype,
         dist=dist,
         state=RunState(),
-        tokenizer_sha256=tokenizer.sha256,
+        tokenizer=tokenizer,
         resumed_path=resumed_path,
         log=say,
         peak_flops=peak_flops_for(device, cfg.peak_flops),
-        validation_fingerprint=hashlib.sha256(np.ascontiguousarray(val_tokens).tobytes()).hexdigest(),
+        validation_fingerprint=token_digest(val_tokens),
     )
     if ckpt:
         restore(run, ckpt)
@@ -149,7 +146,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
             )
         say(f"resumed from {resumed_path} at step {run.state.step}")
     if dist.is_main:
-        records.write_run_files(run, tokenizer)
+        records.write_run_files(run)
     barrier(dist)
     n = raw.num_parameters()
     say(
@@ -252,16 +249,18 @@ def resolve_data(
     source = Path(cfg.data_file) if cfg.data_file else BUNDLED_CORPUS
     if not cfg.data_file:
         log(f"no --data or --data-file given: using the bundled corpus {source.name}")
-    tokenizer = None
+    tokenizer: Path | None = None
     if cfg.tokenizer_dir:
-        tokenizer = Path(cfg.tokenizer_dir) / "tokenizer.model"
-        if not tokenizer.is_file():
-            raise OpenLLMError(f"no tokenizer.model in --tokenizer-dir {cfg.tokenizer_dir}")
-    own = resumed_path.parent / "tokenizer.model" if resumed_path is not None else None
-    if ckpt is not None and tokenizer is None and not (own and own.is_file()) and not ckpt.get("tokenizer_sha256"):
+        tokenizer = Path(cfg.tokenizer_dir)
+        if not tokenizer.exists():
+            raise OpenLLMError(f"--tokenizer-dir not found: {tokenizer}")
+        if tokenizer.is_dir() and find_tokenizer(tokenizer) is None:
+            raise OpenLLMError(f"no tokenizer in --tokenizer-dir {tokenizer} (tokenizer.model or tokenizer.json)")
+    own = find_tokenizer(resumed_path.parent) if resumed_path is not None else None
+    if ckpt is not None and tokenizer is None and own is None:
         raise OpenLLMError(
-            f"cannot resume {resumed_path}: it has no tokenizer (converted without one), and training a new one "
-            "would not match its embeddings; give the model's tokenizer with --tokenizer-dir DIR"
+            f"cannot resume {resumed_path}: it has no tokenizer beside it (converted without one), and training a "
+            "new one would not match its embeddings; give the model's tokenizer with --tokenizer-dir PATH"
         )
     cache = run_dir / "dataset"
     if dist.is_main:
@@ -272,14 +271,13 @@ def resolve_data(
                 old_key = load_dataset(cache).meta.get("source_fingerprint")
             except OpenLLMError:
                 old_key = None
-        key = prepared_request_key([source], cfg.validation_data, cfg.vocab_size, tokenizer, 0.1, cfg.seed, "paragraph")
-        if key != old_key and tokenizer is None and own is not None and own.is_file():
+        settings = (0.1, cfg.seed, "paragraph", cfg.tokenizer_type)
+        key = prepared_request_key([source], cfg.validation_data, cfg.vocab_size, tokenizer, *settings)
+        if key != old_key and tokenizer is None and own is not None:
             # not the cached preparation of this very run: encode the text with the resumed model's tokenizer
             tokenizer = own
             log(f"encoding {source} with the resumed model's tokenizer ({own})")
-            key = prepared_request_key(
-                [source], cfg.validation_data, cfg.vocab_size, tokenizer, 0.1, cfg.seed, "paragraph"
-            )
+            key = prepared_request_key([source], cfg.validation_data, cfg.vocab_size, tokenizer, *settings)
         if old_key != key:
             if old_key is not None and resuming and not cfg.allow_data_change:
                 raise OpenLLMError(
@@ -293,6 +291,7 @@ def resolve_data(
                 vocab_size=cfg.vocab_size,
                 validation_file=cfg.validation_data,
                 tokenizer=tokenizer,
+                tokenizer_type=cfg.tokenizer_type,
                 seed=cfg.seed,
                 force=True,
             )
@@ -305,10 +304,14 @@ def restore(run: Run, ckpt: dict) -> None:
     run.raw_model.load_state_dict(ckpt["model_state_dict"])
     opt_state = ckpt.get("optimizer_state_dict") or {}
     if opt_state.get("state"):
+        # the checkpoint gives the moments; the settings (weight decay, betas, fused) are this run's
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
         try:
             run.optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError) as exc:
             raise OpenLLMError(f"the checkpoint's optimizer state does not fit this model ({exc})") from None
+        for group, own in zip(run.optimizer.param_groups, settings, strict=True):
+            group.update(own)
     elif run.dist.is_main:
         run.log("note: the checkpoint has no optimizer state; starting with a fresh AdamW state")
     run.state = ck.restore_run_state(ckpt, run.global_batch)
@@ -328,6 +331,14 @@ def use_recorded_threads(ckpt: dict | None, say: Callable[[str], None]) -> None:
     if isinstance(recorded, int) and recorded > 0 and recorded != torch.get_num_threads():
         say(f"using {recorded} CPU threads as the run recorded (this process had {torch.get_num_threads()})")
         torch.set_num_threads(recorded)
+
+
+def token_digest(tokens: np.ndarray, chunk: int = 1 << 24) -> str:
+    """sha256 of a token stream's bytes, read a slice at a time (a memmap is never loaded whole)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(tokens), chunk):
+        digest.update(np.ascontiguousarray(tokens[start : start + chunk]).tobytes())
+    return digest.hexdigest()
 
 
 def validation_tokens(cfg: TrainConfig, dataset: PreparedDataset, tokenizer: Tokenizer) -> np.ndarray:

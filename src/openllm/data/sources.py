@@ -1,0 +1,314 @@
+"""Input files as a stream of documents, never read whole.
+
+Inputs are files, directories (every file below, recursively, in sorted order, hidden ones left
+out) and glob patterns, mixed. The format follows the name, after an optional compression suffix
+(``.gz``, ``.zst``, ``.xz``, ``.bz2``):
+
+``.jsonl`` / ``.json``   JSON lines: each line an object whose ``text_field`` is one document
+``.parquet``             Parquet: the ``text_field`` column, read in record batches with pyarrow
+anything else            UTF-8 text, split into documents by :mod:`openllm.data.corpus`'s rules
+
+A bad record (not JSON, no such field, not a string) or a corrupt stream is one error naming the
+file and the line or record; with ``skip_bad_records`` bad records are counted instead.
+"""
+
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import shutil
+import tempfile
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from openllm.core.errors import OpenLLMError
+from openllm.data.corpus import normalize_document
+
+COMPRESSION = (".gz", ".zst", ".xz", ".bz2")
+JSON_LINES = (".jsonl", ".json")
+PARQUET = (".parquet",)
+
+
+def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
+    """The files that ``inputs`` name, in the order given (a directory's and a pattern's files sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
+            )
+            if not found:
+                raise OpenLLMError(f"input directory {path} holds no files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif glob.has_magic(text):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+            if not found:
+                raise OpenLLMError(f"no files match the input pattern {text}")
+            files.extend(found)
+        elif path.exists():
+            raise OpenLLMError(f"input is not a file: {path}")
+        else:
+            raise OpenLLMError(f"input file not found: {path}")
+    return files
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def kind_of(path: Path) -> tuple[str, str | None]:
+    """(format, compression) of a file from its name."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSION else None
+    last = suffixes[-1] if suffixes else ""
+    return ("jsonl" if last in JSON_LINES else "parquet" if last in PARQUET else "text"), compression
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _open_binary(path: Path, compression: str | None, raw: IO[bytes]) -> IO[bytes]:
+    if compression == ".gz":
+        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    if compression == ".bz2":
+        return bz2.BZ2File(raw)  # type: ignore[return-value]
+    if compression == ".xz":
+        return lzma.LZMAFile(raw)  # type: ignore[return-value]
+    if compression == ".zst":
+        return io.BufferedReader(_ZstdFrames(raw), 1 << 20)  # type: ignore[return-value]
+    return raw
+
+
+@dataclass
+class SourceStats:
+    """What reading the inputs found (bad records by kind when they are skipped)."""
+
+    files: list[dict] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+
+class Reader:
+    """Documents of many files, one at a time; ``bytes_read`` follows the (compressed) bytes consumed."""
+
+    def __init__(self, doc_mode: str = "paragraph", text_field: str = "text", skip_bad_records: bool = False):
+        self.doc_mode, self.text_field, self.skip_bad = doc_mode, text_field, skip_bad_records
+        self.stats = SourceStats()
+        self.bytes_read = 0
+        self._file_done = 0
+
+    def documents(self, files: list[Path]) -> Iterator[str]:
+        for path in files:
+            yield from self.file_documents(path)
+
+    def file_documents(self, path: Path) -> Iterator[str]:
+        fmt, compression = kind_of(path)
+        count = 0
+        with self._open(path, compression) as stream:
+            docs = (
+                self._parquet(path, compression, stream)
+                if fmt == "parquet"
+                else self._json_lines(path, stream)
+                if fmt == "jsonl"
+                else self._text(path, stream)
+            )
+            try:
+                for doc in docs:
+                    count += 1
+                    yield doc
+            except (EOFError, OSError, lzma.LZMAError, zlib.error) as exc:
+                raise OpenLLMError(
+                    f"{path}: corrupt or truncated {compression or ''} stream ({type(exc).__name__}: {exc})".replace(
+                        "  ", " "
+                    )
+                ) from None
+            except _zstd_error() as exc:
+                raise OpenLLMError(f"{path}: corrupt or truncated .zst stream ({exc})") from None
+        size = path.stat().st_size
+        self.stats.files.append({"path": str(path), "bytes": size, "format": fmt, "documents": count})
+        self._file_done += size
+        self.bytes_read = self._file_done
+        if count == 0:
+            raise OpenLLMError(f"{path} holds no text (empty or whitespace only)")
+
+    @contextmanager
+    def _open(self, path: Path, compression: str | None):
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            raise OpenLLMError(f"cannot read {path}: {exc.strerror}") from None
+        counted = _Counting(raw, self)
+        try:
+            yield _open_binary(path, compression, io.BufferedReader(counted, 1 << 20))  # type: ignore[arg-type]
+        finally:
+            raw.close()
+
+    def _text(self, path: Path, stream: IO[bytes]) -> Iterator[str]:
+        text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline=None)  # type: ignore[type-var]
+        lines: list[str] = []
+        number = 0
+        try:
+            for number, line in enumerate(text, 1):  # noqa: B007 (the number names the line of an error)
+                if number == 1:
+                    line = line.lstrip("\ufeff")
+                if "\x00" in line:
+                    raise OpenLLMError(
+                        f"{path} contains NUL bytes (line {number}); it looks like a binary file, not text"
+                    )
+                if self.doc_mode == "line":
+                    if doc := normalize_document(line):
+                        yield doc
+                elif line.strip():
+                    lines.append(line)
+                elif lines:
+                    if doc := normalize_document("".join(lines)):
+                        yield doc
+                    lines = []
+        except UnicodeDecodeError:
+            raise OpenLLMError(f"{path} is not valid UTF-8 (line {number + 1})") from None
+        if lines and (doc := normalize_document("".join(lines))):
+            yield doc
+
+    def _bad(self, path: Path, where: str, problem: str, kind: str) -> None:
+        if not self.skip_bad:
+            raise OpenLLMError(f"{path} {where}: {problem} (--skip-bad-records counts and skips such records)")
+        self.stats.skipped[kind] += 1
+
+    def _record(self, path: Path, where: str, record) -> str | None:
+        field_name = self.text_field
+        if not isinstance(record, dict) or field_name not in record or record[field_name] is None:
+            self._bad(path, where, f"no {field_name!r} field", "missing field")
+            return None
+        value = record[field_name]
+        if not isinstance(value, str):
+            self._bad(
+                path, where, f"the {field_name!r} field is a {type(value).__name__}, not a string", "not a string"
+            )
+            return None
+        if "\x00" in value:
+            self._bad(path, where, "the text holds NUL characters", "NUL characters")
+            return None
+        return normalize_document(value.replace("\r\n", "\n").replace("\r", "\n")) or None
+
+    def _json_lines(self, path: Path, stream: IO[bytes]) -> Iterator[str]:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                self._bad(path, f"line {number}", "not valid UTF-8", "not UTF-8")
+                continue
+            except json.JSONDecodeError as exc:
+                self._bad(path, f"line {number}", f"not valid JSON ({exc.msg}; one object per line)", "not JSON")
+                continue
+            if (doc := self._record(path, f"line {number}", record)) is not None:
+                yield doc
+
+    def _parquet(self, path: Path, compression: str | None, stream: IO[bytes]) -> Iterator[str]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with tempfile.TemporaryDirectory(prefix="openllm-parquet-") as tmp:
+            source: str | IO[bytes] = str(path)
+            if compression:  # Parquet needs random access: decompress to a temporary file first
+                source = os.path.join(tmp, "input.parquet")
+                with open(source, "wb") as out:
+                    shutil.copyfileobj(stream, out, 1 << 20)
+            try:
+                pf = pq.ParquetFile(source)
+            except (pa.ArrowException, OSError) as exc:
+                raise OpenLLMError(f"{path} is not a readable Parquet file ({exc})") from None
+            names = pf.schema_arrow.names
+            if self.text_field not in names:
+                raise OpenLLMError(f"{path} has no column {self.text_field!r} (columns: {', '.join(names)})")
+            kind = pf.schema_arrow.field(self.text_field).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise OpenLLMError(f"{path}: column {self.text_field!r} holds {kind}, not strings")
+            number = 0
+            try:
+                for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
+                    for value in batch.column(0).to_pylist():
+                        number += 1
+                        doc = self._record(path, f"record {number}", {self.text_field: value})
+                        if doc is not None:
+                            yield doc
+            except (pa.ArrowException, OSError) as exc:
+                raise OpenLLMError(f"{path}: corrupt Parquet data near record {number + 1} ({exc})") from None
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Decompresses a .zst stream of one or more frames; a stream that ends inside a frame is an error
+    (zstandard's stream reader would end quietly instead)."""
+
+    def __init__(self, raw: IO[bytes]):
+        import zstandard
+
+        self.raw, self.make = raw, zstandard.ZstdDecompressor().decompressobj
+        self.dobj, self.pending, self.started = self.make(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        import zstandard
+
+        while not self.pending:
+            data = self.raw.read(1 << 20)
+            if not data:
+                if self.started:
+                    raise zstandard.ZstdError("the stream ends inside a frame (truncated)")
+                return 0
+            while data:
+                self.started = True
+                self.pending += self.dobj.decompress(data)
+                data = b""
+                if self.dobj.eof:  # a frame ended: what follows is the next frame
+                    data, self.dobj, self.started = self.dobj.unused_data, self.make(), False
+        n = min(len(buffer), len(self.pending))
+        buffer[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+
+class _Counting(io.RawIOBase):
+    """A raw file that reports the running count of bytes read through it (for the progress bar)."""
+
+    def __init__(self, raw: IO[bytes], reader: Reader):
+        self.raw, self.reader, self.pos = raw, reader, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self.pos += n
+            self.reader.bytes_read = self.reader._file_done + self.pos
+        return n or 0
+
+
+def _zstd_error() -> type[Exception]:
+    try:
+        import zstandard
+
+        return zstandard.ZstdError
+    except ImportError:  # pragma: no cover - zstandard is a dependency
+        return OpenLLMError
