@@ -46,7 +46,9 @@ def build_corpus(path: Path, size: int) -> int:
 
 
 def run_prepare(corpus: Path, out: Path, workers: int, vocab: int, tokenizer: Path | None) -> dict:
-    """One `openllm prepare` process; its wall time, the peak RSS of its whole process tree, and its meta."""
+    """One `openllm prepare` process; its wall time, the peak memory of its whole process tree (its own RSS
+    plus the unique memory of each worker, so that pages a forked worker shares with it count once), and
+    its meta."""
     args = [
         sys.executable,
         "-m",
@@ -66,8 +68,8 @@ def run_prepare(corpus: Path, out: Path, workers: int, vocab: int, tokenizer: Pa
     peak = 0
     while proc.poll() is None:
         try:
-            tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            workers = proc.children(recursive=True)
+            peak = max(peak, proc.memory_info().rss + sum(w.memory_full_info().uss for w in workers))
         except psutil.Error:
             pass
         time.sleep(0.05)

@@ -78,3 +78,17 @@ def test_continuations_are_decoded_in_context_of_the_prompt(small_dataset):
     pieces = [stream.push(t) for t in full[k:]]
     assert prompt + "".join(pieces) + stream.finish() == text
     assert not tok.decode(full[k:]).startswith(" ")  # decoded alone, the space would be lost
+
+
+def test_penalties_and_bias_apply_to_greedy_decoding_too():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=60, n_layer=1, n_head=2, n_embd=16, block_size=32, dropout=0.0)).eval()
+    greedy = SamplingOptions(max_new_tokens=30, temperature=0)
+    plain = list(generate_ids(model, [2, 5], greedy))
+    assert len(set(plain)) < len(plain)  # this small random model repeats itself
+    varied = list(generate_ids(model, [2, 5], SamplingOptions(max_new_tokens=30, temperature=0, presence_penalty=2.0)))
+    assert len(set(varied)) == len(varied)  # a token already generated is pushed below every fresh one
+    forced = list(generate_ids(model, [2, 5], SamplingOptions(max_new_tokens=5, temperature=0, logit_bias={7: 100.0})))
+    assert forced == [7] * 5
+    sampled = SamplingOptions(max_new_tokens=5, temperature=1.0, top_k=None, top_p=None, seed=1, logit_bias={9: 100.0})
+    assert list(generate_ids(model, [2, 5], sampled)) == [9] * 5

@@ -356,7 +356,7 @@ def test_the_server_checks_key_host_and_content_type(guarded):
                 "nested": await c.post(
                     "/v1/completions", content="[" * 100000, headers={**key, "Content-Type": "application/json"}
                 ),
-                "unsupported": await c.post("/v1/completions", json={**body, "logprobs": 1}, headers=key),
+                "unsupported": await c.post("/v1/completions", json={**body, "suffix": "end"}, headers=key),
                 "health": await c.get("/health"),
             }
             return results
@@ -378,7 +378,7 @@ def test_the_server_checks_key_host_and_content_type(guarded):
     assert {k: v.status_code for k, v in r.items()} == expected
     for name in ("no key", "rebinding", "text/plain", "surrogate", "nested", "unsupported"):
         assert "message" in r[name].json()["error"], name
-    assert r["unsupported"].json()["error"]["param"] == "logprobs"
+    assert r["unsupported"].json()["error"]["param"] == "suffix"
 
 
 def test_abandoned_requests_stop_generating(small_dataset):

@@ -59,7 +59,7 @@ MALFORMED = [
     json.dumps({"prompt": "x", "bogus": 1}).encode(),
     json.dumps({"prompt": "x" * 50_000}).encode(),
     json.dumps({"prompt": "x", "max_tokens": True}).encode(),
-    json.dumps({"prompt": ["a", "b"]}).encode(),
+    json.dumps({"prompt": [1.5, 2]}).encode(),
     b"",
 ]
 
@@ -137,3 +137,118 @@ def test_page_is_served(server):
     url, _ = server
     r = httpx.get(url + "/")
     assert r.status_code == 200 and "<textarea" in r.text and "/v1/completions" in r.text
+
+
+# --- the rest of the completions API, chat, tokenize -----------------------------------------------
+
+
+def post(url: str, path: str, body: dict) -> dict:
+    r = httpx.post(url + path, json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_echo_with_logprobs_scores_token_prompts_as_evaluation_harnesses_ask(server):
+    """lm-evaluation-harness's loglikelihood request: token-id prompts (a batch), echo, logprobs, no sampling."""
+    import torch
+
+    url, app = server
+    loaded = app.state.engine.loaded
+    ids = [loaded.tokenizer.prompt_ids(t) for t in ("ROMEO: But soft", "KING: what light")]
+    body = {"prompt": ids, "echo": True, "logprobs": 1, "max_tokens": 0, "temperature": 0}
+    out = post(url, "/v1/completions", body)
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    for prompt, choice in zip(ids, out["choices"], strict=True):
+        lp = choice["logprobs"]
+        assert choice["text"] == loaded.tokenizer.decode(prompt) == "".join(lp["tokens"][1:])
+        assert lp["tokens"][0] == "<s>"  # the bos token the prompt starts with, named by its piece
+        assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(prompt)
+        with torch.no_grad():
+            logits, _ = loaded.model(torch.tensor([prompt]))
+        expected = torch.log_softmax(logits[0].float(), -1)[torch.arange(len(prompt) - 1), prompt[1:]].tolist()
+        assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], expected, strict=True)) < 1e-5
+        assert all(len(t) == 1 for t in lp["top_logprobs"][1:]) and lp["text_offset"][0] == 0
+    assert out["usage"]["prompt_tokens"] == sum(map(len, ids)) and out["usage"]["completion_tokens"] == 0
+    one = post(url, "/v1/completions", {**body, "max_tokens": 1})["choices"][0]["logprobs"]
+    assert len(one["tokens"]) == len(ids[0]) + 1  # the prompt's tokens, then the generated one
+
+
+def test_generated_logprobs_bias_and_penalties_are_honoured(server):
+    url, app = server
+    tok = app.state.engine.loaded.tokenizer
+    base = {"prompt": "The king", "max_tokens": 12, "temperature": 0}
+    plain = post(url, "/v1/completions", {**base, "logprobs": 3})["choices"][0]
+    lp = plain["logprobs"]
+    assert "".join(lp["tokens"]) == plain["text"] and len(lp["top_logprobs"][0]) == 3
+    assert all(
+        abs(lp["token_logprobs"][i] - max(lp["top_logprobs"][i].values())) < 1e-6 for i in range(len(lp["tokens"]))
+    )
+    target = tok.encode(" the")[-1]
+    forced = post(url, "/v1/completions", {**base, "logit_bias": {str(target): 100}})["choices"][0]["text"]
+    assert forced.split() == tok.decode([target]).split() * 12  # (decoded in context: " the the ...")
+    varied = post(url, "/v1/completions", {**base, "frequency_penalty": 2.0})["choices"][0]
+    assert varied["text"] != plain["text"]  # (test_generate checks that the penalty never repeats a token)
+    batch = post(url, "/v1/completions", {**base, "prompt": ["The king", "A horse"], "n": 2})["choices"]
+    assert [c["index"] for c in batch] == [0, 1, 2, 3] and batch[0]["text"] == plain["text"]
+    assert batch[2]["text"] == post(url, "/v1/completions", {**base, "prompt": "A horse"})["choices"][0]["text"]
+
+
+def test_fields_that_cannot_be_honoured_are_refused_by_name(server):
+    url, _ = server
+    for extra, param in [
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"logprobs": 2, "stream": True}, "logprobs"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"logit_bias": {"999999": 5}}, "logit_bias"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ]:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x", **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+def test_openai_client_usage_chunk_chat_and_models(server):
+    url, _ = server
+    client = openai.OpenAI(api_key="unused", base_url=url + "/v1")
+    chunks = list(
+        client.completions.create(
+            model="tiny-test", prompt="ROMEO:", max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Who are you?"}]
+    reply = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.prompt_tokens > 0
+    streamed = client.chat.completions.create(
+        model="tiny-test", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == reply.choices[0].message.content
+    assert client.models.retrieve("tiny-test").id == "tiny-test"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(
+            model="tiny-test", messages=messages, tools=[{"type": "function", "function": {"name": "f"}}]
+        )
+
+
+def test_tokenize_and_detokenize(server):
+    url, app = server
+    tok = app.state.engine.loaded.tokenizer
+    ids = post(url, "/tokenize", {"prompt": "To be, or not"})["tokens"]
+    assert ids == tok.prompt_ids("To be, or not")
+    assert post(url, "/detokenize", {"tokens": ids})["prompt"] == "To be, or not"
+    assert httpx.post(url + "/detokenize", json={"tokens": [-1]}).status_code == 400
+
+
+def test_chat_uses_the_tokenizers_own_template(small_dataset):
+    from openllm.data.tokenizer import load_tokenizer
+    from openllm.inference.api import render_chat
+
+    tok = load_tokenizer(small_dataset.path)
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat(tok, messages) == ("User: hi\n\nAssistant:", True)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    assert render_chat(tok, messages) == ("<user>hi<assistant>", False)

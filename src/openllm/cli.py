@@ -385,32 +385,36 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- main
 
-COMMANDS: list[Callable] = [
-    _add_prepare,
-    _add_train,
-    _add_generate,
-    _add_eval,
-    _add_convert,
-    _add_export,
-    _add_inspect,
-    _add_compare,
-    _add_verify,
-    _add_plot,
-    _add_serve,
-]
+COMMANDS: dict[str, Callable] = {
+    "prepare": _add_prepare,
+    "train": _add_train,
+    "generate": _add_generate,
+    "eval": _add_eval,
+    "convert": _add_convert,
+    "export": _add_export,
+    "inspect": _add_inspect,
+    "compare": _add_compare,
+    "verify": _add_verify,
+    "plot": _add_plot,
+    "serve": _add_serve,
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``command``, only that command's options are declared (so `openllm prepare`
+    starts without importing what training and inference need, torch among them)."""
     parser = _Parser(prog="openllm", description="Train GPT language models from scratch on your own text.")
     parser.add_argument("--version", action="version", version=f"openllm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for add in COMMANDS:
-        add(sub)
+    for name, add in COMMANDS.items():
+        if command is None or name == command:
+            add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

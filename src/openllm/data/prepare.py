@@ -35,6 +35,7 @@ from array import array
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -238,7 +239,7 @@ def prepare_dataset(
     ] = None,
     tokenizer_sample_mb: Annotated[
         float, Opt("megabytes of training text the tokenizer is trained on (a hash-chosen sample)", parse=fraction)
-    ] = 64.0,
+    ] = 32.0,
     force: Annotated[bool, Opt("overwrite a different dataset in --output-dir")] = False,
 ) -> PreparedDataset:
     """Prepare ``inputs`` into ``output_dir`` and return the dataset.
@@ -290,22 +291,11 @@ def prepare_dataset(
                 shutil.rmtree(stale, ignore_errors=True)
             work = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=out))
             try:
-                meta, tok = _prepare(
-                    files,
-                    val_path,
-                    work,
-                    tok,
-                    tokenizer,
-                    vocab_size,
-                    tokenizer_type,
-                    seed,
-                    val_fraction,
-                    doc_mode,
-                    text_field,
-                    skip_bad_records,
-                    workers,
-                    int(tokenizer_sample_mb * 1e6),
-                )
+                plan = _Plan(
+                    files, val_path, work, tokenizer, vocab_size, tokenizer_type, seed, val_fraction, doc_mode,
+                    text_field, skip_bad_records, workers, int(tokenizer_sample_mb * 1e6),
+                )  # fmt: skip
+                meta, tok = _prepare(plan, tok)
                 meta.update(inputs=input_info, validation_file=val_info, source_fingerprint=key)
                 # commit: the old meta.json goes first, so no moment pairs it with new token files
                 existing.unlink(missing_ok=True)
@@ -323,30 +313,43 @@ def prepare_dataset(
     return PreparedDataset(out, meta)
 
 
-def _prepare(
-    files,
-    val_path,
-    work,
-    tok,
-    tokenizer,
-    vocab_size,
-    tokenizer_type,
-    seed,
-    val_fraction,
-    doc_mode,
-    text_field,
-    skip_bad_records,
-    workers,
-    sample_bytes,
-) -> tuple[dict, Tokenizer]:
+@dataclass(frozen=True)
+class _Plan:
+    """What one preparation reads and how (the options of :func:`prepare_dataset`, resolved)."""
+
+    files: list[Path]
+    val_path: Path | None
+    work: Path  # the spool directory
+    tokenizer: str | os.PathLike | None
+    vocab_size: int
+    tokenizer_type: str
+    seed: int
+    val_fraction: float
+    doc_mode: str
+    text_field: str
+    skip_bad_records: bool
+    workers: int
+    sample_bytes: int
+
+
+def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
     """Read, split and spool (pass 1), get the tokenizer, encode into ``work`` (pass 2); returns meta.json's
     content and the tokenizer."""
+    files, val_path, work, tokenizer, vocab_size, tokenizer_type = (
+        plan.files,
+        plan.val_path,
+        plan.work,
+        plan.tokenizer,
+        plan.vocab_size,
+        plan.tokenizer_type,
+    )
+    seed, val_fraction, doc_mode, workers = plan.seed, plan.val_fraction, plan.doc_mode, plan.workers
     t_read = time.perf_counter()
     key = struct.pack("<q", seed)
     threshold = int(val_fraction * 2**64)
-    reader = Reader(doc_mode, text_field, skip_bad_records)
+    reader = Reader(doc_mode, plan.text_field, plan.skip_bad_records)
     train, val = Spool(work / "train.txt"), Spool(work / "val.txt")
-    sample = Sample(sample_bytes if tok is None else 0)  # (nothing to sample when the tokenizer is given)
+    sample = Sample(plan.sample_bytes if tok is None else 0)  # (nothing to sample when the tokenizer is given)
     seen: set[bytes] = set()
     val_hashes: set[bytes] = set()
     read = duplicates = overlap = 0
@@ -456,7 +459,7 @@ def _prepare(
         "split_seed": seed,
         "val_fraction": None if val_path else val_fraction,
         "doc_mode": doc_mode,
-        "text_field": text_field,
+        "text_field": plan.text_field,
         "fingerprint": digest.hexdigest(),
         "timing": {
             "read_seconds": round(read_seconds, 3),

@@ -30,16 +30,37 @@ class SamplingOptions:
         float, Opt("divide the logits of tokens already seen by this", parse=positive_float)
     ] = 1.0
     seed: Annotated[int | None, Opt("sampling seed (sample i of --num-samples uses seed + i)", parse=int_value)] = None
+    # The OpenAI API's adjustments (the server sets them): added to the logits before any sampling, greedy too.
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence in the generated tokens
 
 
-def next_token_logits_filter(logits: torch.Tensor, opts: SamplingOptions, history: torch.Tensor) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k and top-p to one row of logits (float32)."""
-    logits = logits.float()
+def adjusted_logits(
+    logits: torch.Tensor, opts: SamplingOptions, history: torch.Tensor, generated: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One row of logits (float32) after the repetition penalty (over ``history``), the presence and
+    frequency penalties (over the ``generated`` tokens) and the logit bias: what greedy decoding and
+    sampling both choose from."""
+    logits = logits.float().clone()
     if opts.repetition_penalty != 1.0 and history.numel():
         seen = torch.unique(history)
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / opts.repetition_penalty, vals * opts.repetition_penalty)
-    logits = logits / opts.temperature
+    if generated is not None and generated.numel() and (opts.presence_penalty or opts.frequency_penalty):
+        counts = torch.bincount(generated.cpu(), minlength=logits.numel()).to(logits.device, logits.dtype)
+        logits -= opts.frequency_penalty * counts + opts.presence_penalty * (counts > 0).to(logits.dtype)
+    if opts.logit_bias:
+        ids = torch.tensor(list(opts.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(opts.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+    return logits
+
+
+def next_token_logits_filter(
+    logits: torch.Tensor, opts: SamplingOptions, history: torch.Tensor, generated: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply the adjustments, temperature, top-k and top-p to one row of logits (float32)."""
+    logits = adjusted_logits(logits, opts, history, generated) / opts.temperature
     if opts.top_k:
         kth = torch.topk(logits, min(opts.top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -63,12 +84,21 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int) -> tuple[list[in
     return ids[dropped:], dropped
 
 
-@torch.no_grad()
 def generate_ids(
     model: GPT, ids: list[int], opts: SamplingOptions, device: torch.device | str = "cpu", eos_id: int | None = None
 ) -> Iterator[int]:
     """Yield new token ids one at a time until ``eos_id`` or ``max_new_tokens`` (EOS is not yielded; without
     an eos token, as in a character vocabulary, generation runs to ``max_new_tokens``)."""
+    for token, _ in generate_steps(model, ids, opts, device, eos_id):
+        yield token
+
+
+@torch.no_grad()
+def generate_steps(
+    model: GPT, ids: list[int], opts: SamplingOptions, device: torch.device | str = "cpu", eos_id: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`generate_ids`, each token with the model's log-probabilities for that step (before any
+    adjustment or temperature: the distribution the API's ``logprobs`` report)."""
     model.eval()
     gen = torch.Generator(device="cpu")
     gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
@@ -76,12 +106,13 @@ def generate_ids(
     x = torch.tensor([ids], dtype=torch.long, device=device)
     history = x[0]
     logits, cache = model.forward_with_cache(x)
-    for _ in range(opts.max_new_tokens):
+    for step in range(opts.max_new_tokens):
         row = logits[0, -1]
+        generated = history[len(ids) :] if step else None
         if opts.temperature < GREEDY_BELOW:
-            token = int(torch.argmax(row))
+            token = int(torch.argmax(adjusted_logits(row, opts, history, generated)))
         else:
-            filtered = next_token_logits_filter(row, opts, history)
+            filtered = next_token_logits_filter(row, opts, history, generated)
             probs = torch.softmax(filtered, dim=-1).cpu()
             if torch.isfinite(probs).all() and float(probs.sum()) > 0:
                 token = int(torch.multinomial(probs, 1, generator=gen))
@@ -89,7 +120,7 @@ def generate_ids(
                 token = int(torch.argmax(torch.nan_to_num(filtered, nan=-math.inf)))
         if token == eos_id:
             return
-        yield token
+        yield token, torch.log_softmax(row.float(), dim=-1)
         history = torch.cat([history, torch.tensor([token], device=history.device)])
         if cache[0][0].size(2) >= context:  # context full: slide the window and recompute
             window = history[-(context - 1) :][None]

@@ -1,7 +1,10 @@
 """An OpenAI-compatible HTTP server with a small web page.
 
-``POST /v1/completions`` (prompt, max_tokens, temperature, top_p, stop, n, seed, stream),
-``GET /v1/models``, ``GET /health`` and ``GET /`` (a page to try the model).
+``POST /v1/completions`` (prompts as text, token ids or lists of either; echo, logprobs, logit_bias,
+penalties, stop, n, seed, stream with an optional usage chunk), ``POST /v1/chat/completions``
+(through the tokenizer's chat template, or a plain default), ``GET /v1/models`` and
+``/v1/models/{id}``, ``POST /tokenize`` and ``/detokenize``, ``GET /health`` and ``GET /`` (a page
+to try the model). Request validation is in :mod:`openllm.inference.api`.
 
 Generation runs on one worker thread, off the event loop: requests wait their turn in a bounded
 queue (a full queue answers 429), so two requests never share a model call. A streaming client
@@ -24,8 +27,17 @@ from typing import Annotated
 
 from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt, positive_float, positive_int
-from openllm.inference.generate import SamplingOptions, TextStream, generate_ids, prompt_ids
+from openllm.inference.api import (
+    APIError,
+    CompletionRequest,
+    Limits,
+    check_text,
+    parse_chat,
+    parse_completion,
+)
+from openllm.inference.generate import SamplingOptions, TextStream, generate_steps, prompt_ids
 from openllm.inference.loading import LoadedModel, load_model
+from openllm.inference.logprobs import Logprobs, score_tokens, token_texts
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -36,130 +48,18 @@ class ServerLimits:
     max_prompt_chars: int = 20_000
     max_n: int = 8
     max_queue: Annotated[int, Opt("requests waiting before the server answers 429", parse=positive_int)] = 64
-
-
-# Fields of the OpenAI completions API that this server does not implement yet: accepted only at the value
-# that means "off", so that a request relying on them is refused by name instead of silently ignored.
-NOT_YET_SUPPORTED: dict[str, tuple] = {
-    "echo": (False, None),
-    "logprobs": (None,),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "stream_options": (None,),
-}
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+    max_prompts: int = 32  # prompts in one request (a batch)
 
 
 @dataclass
-class CompletionRequest:
-    prompt: str
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str]
-    n: int
-    seed: int | None
-    stream: bool
-    model: str
+class Choice:
+    """One finished choice: its text, why it ended, its logprobs object and its generated token count."""
 
-
-def _number(body: dict, key: str, default, low: float, high: float, integer: bool = False):
-    value = body.get(key, default)
-    if value is None:
-        return default
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        raise APIError(400, f"'{key}' must be {'an integer' if integer else 'a number'}", key)
-    if not (low <= value <= high) or value != value:
-        raise APIError(400, f"'{key}' must be between {low} and {high}, got {value}", key)
-    return value
-
-
-def _check_text(text: str, field: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, f"'{field}' is not valid Unicode text (it holds a lone surrogate)", field) from None
-
-
-def parse_request(body, limits: ServerLimits, model_id: str) -> CompletionRequest:
-    """Validate a /v1/completions body; raises :class:`APIError` naming the bad field."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    unknown_ok = {
-        "model",
-        "prompt",
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "stop",
-        "n",
-        "seed",
-        "stream",
-        "user",
-        "stream_options",
-        "echo",
-        "best_of",
-        "frequency_penalty",
-        "presence_penalty",
-        "logprobs",
-        "suffix",
-        "logit_bias",
-    }
-    extra = [k for k in body if k not in unknown_ok]
-    if extra:
-        raise APIError(400, f"unknown field '{extra[0]}'", extra[0])
-    for name, neutral in NOT_YET_SUPPORTED.items():
-        if name in body and body[name] not in neutral:
-            raise APIError(400, f"'{name}' is not supported by this server (only {neutral[0]!r} is accepted)", name)
-    prompt = body.get("prompt", "")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise APIError(400, "'prompt' must be a string", "prompt")
-    if len(prompt) > limits.max_prompt_chars:
-        raise APIError(400, f"'prompt' is longer than {limits.max_prompt_chars} characters", "prompt")
-    _check_text(prompt, "prompt")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", "stop")
-    for s in stop:
-        _check_text(s, "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise APIError(400, "'stream' must be a boolean", "stream")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise APIError(400, "'seed' must be a non-negative integer", "seed")
-    model = body.get("model", model_id)
-    if not isinstance(model, str):
-        raise APIError(400, "'model' must be a string", "model")
-    return CompletionRequest(
-        prompt=prompt,
-        max_tokens=_number(body, "max_tokens", 16, 1, limits.max_tokens, integer=True),
-        temperature=float(_number(body, "temperature", 1.0, 0.0, 2.0)),
-        top_p=float(_number(body, "top_p", 1.0, 1e-9, 1.0)),
-        stop=stop,
-        n=_number(body, "n", 1, 1, limits.max_n, integer=True),
-        seed=seed,
-        stream=stream,
-        model=model,
-    )
+    text: str
+    finish_reason: str
+    logprobs: dict | None
+    completion_tokens: int
+    prompt_tokens: int
 
 
 class Engine:
@@ -173,6 +73,12 @@ class Engine:
         self.cancelled = 0  # generations stopped because their client went away
         self.lock = threading.Lock()
 
+    def api_limits(self) -> Limits:
+        lim = self.limits
+        return Limits(
+            lim.max_tokens, lim.max_prompt_chars, lim.max_n, lim.max_prompts, self.loaded.tokenizer.vocab_size
+        )
+
     def admit(self) -> None:
         with self.lock:
             if self.waiting >= self.limits.max_queue:
@@ -184,37 +90,64 @@ class Engine:
             self.waiting -= 1
             self.served += 1
 
-    def tokens(self, req: CompletionRequest, index: int, cancel: threading.Event, finish: dict) -> Iterator[str]:
-        """Text pieces of one completion; stops at EOS, max_tokens, a stop string or ``cancel``.
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A text prompt framed as a document start; token ids exactly as given (their last context's worth)."""
+        context = self.loaded.model.config.block_size
+        if isinstance(prompt, str):
+            try:  # text the vocabulary cannot represent (a character vocabulary) is the caller's error
+                return prompt_ids(self.loaded.tokenizer, prompt, context)[0]
+            except OpenLLMError as exc:
+                raise APIError(400, str(exc), "prompt") from None
+        return list(prompt[-context:])
 
-        ``finish["reason"]`` is set to "length" when max_tokens ran out, else "stop"."""
-        finish["reason"] = "stop"
+    def pieces(
+        self, req: CompletionRequest, ids: list[int], index: int, cancel: threading.Event, out: dict
+    ) -> Iterator[str]:
+        """Text pieces of one completion of prompt ``ids``; stops at EOS, max_tokens, a stop string or ``cancel``.
+
+        ``out`` receives "reason" ("length" or "stop"), "tokens" (how many were generated) and, when asked,
+        "logprobs" (a :class:`Logprobs` of the generated tokens; echoed prompt tokens are added by the caller)."""
+        out.update(reason="stop", tokens=0)
         tok, model = self.loaded.tokenizer, self.loaded.model
+        if req.max_tokens == 0:
+            out["reason"] = "length"
+            return
         opts = SamplingOptions(
             max_new_tokens=req.max_tokens,
             temperature=req.temperature,
             top_k=None,
             top_p=req.top_p,
             seed=None if req.seed is None else req.seed + index,
+            logit_bias=req.logit_bias or None,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
         )
-        ids, _ = prompt_ids(tok, req.prompt, model.config.block_size)
         stream = TextStream(tok, ids)
+        lp = Logprobs(tok, req.logprobs, context=ids[-8:]) if req.logprobs is not None else None
+        out["logprobs"] = lp
         emitted = 0  # characters of stream.text already sent
         hold = max((len(s) - 1 for s in req.stop), default=0)  # keep back a possible stop-string prefix
-        for token in generate_ids(model, ids, opts, self.device, tok.eos_id):
+        for token, logp in generate_steps(model, ids, opts, self.device, tok.eos_id):
             if cancel.is_set():
                 with self.lock:
                     self.cancelled += 1
                 return
-            stream.push(token)
+            piece = stream.push(token)
+            out["tokens"] += 1
+            if lp is not None:
+                lp.add_step(token, piece, logp)
             text = stream.text
             cut = min((text.find(s) for s in req.stop if s in text), default=-1)
             if cut >= 0:
+                if lp is not None:  # the logprobs end where the text does
+                    keep = sum(1 for o in lp.text_offset if o < cut)
+                    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                        del getattr(lp, name)[keep:]
                 if cut > emitted:
                     yield text[emitted:cut]
                 return
             if len(stream.ids) == req.max_tokens:
-                finish["reason"] = "length"
+                out["reason"] = "length"
             safe = len(text) - hold
             if safe > emitted:
                 yield text[emitted:safe]
@@ -223,13 +156,44 @@ class Engine:
         if len(stream.text) > emitted:
             yield stream.text[emitted:]
 
-    def complete(self, req: CompletionRequest, cancel: threading.Event) -> list[tuple[str, str]]:
-        results = []
-        for i in range(req.n):
-            finish: dict = {}
-            text = "".join(self.tokens(req, i, cancel, finish))
-            results.append((text, finish["reason"]))
-        return results
+    def echo_logprobs(self, ids: list[int], k: int) -> Logprobs:
+        """The prompt's tokens with their log-probabilities (the first has none)."""
+        tok = self.loaded.tokenizer
+        lp = Logprobs(tok, k)
+        scores = score_tokens(self.loaded.model, ids, k, self.device)
+        for i, (token, text) in enumerate(zip(ids, token_texts(tok, ids), strict=True)):
+            if i == 0:
+                lp.add(token, text, None, None)
+            else:
+                lp.add(token, text, scores[i - 1][0], scores[i - 1][1])
+        return lp
+
+    def complete(self, req: CompletionRequest, cancel: threading.Event) -> list[Choice]:
+        """Every choice of the request: for prompt p and sample i, choice p * n + i."""
+        choices = []
+        for p, prompt in enumerate(req.prompts):
+            ids = self.prompt_ids(prompt)
+            for i in range(req.n):
+                out: dict = {}
+                text = "".join(self.pieces(req, ids, p * req.n + i, cancel, out))
+                logprobs = None
+                if req.echo:
+                    prefix = prompt if isinstance(prompt, str) else self.loaded.tokenizer.decode(ids)
+                    if req.logprobs is not None:
+                        echoed = self.echo_logprobs(ids, req.logprobs)
+                        echoed.extend(out.get("logprobs"), len(prefix))
+                        logprobs = echoed.as_dict()
+                    text = prefix + text
+                elif out.get("logprobs") is not None:
+                    logprobs = out["logprobs"].as_dict()
+                choices.append(Choice(text, out["reason"], logprobs, out["tokens"], len(ids)))
+        return choices
+
+
+def usage(choices: list[Choice], n: int) -> dict:
+    prompt = sum(c.prompt_tokens for c in choices[::n])  # each prompt counted once, not once per sample
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def create_app(
@@ -248,6 +212,7 @@ def create_app(
     app = FastAPI(title="OpenLLM", docs_url=None, redoc_url=None)
     app.state.engine = engine
     created = int(time.time())
+    tok = loaded.tokenizer
 
     @app.exception_handler(APIError)
     async def _api_error(_request, exc: APIError):
@@ -265,65 +230,104 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
         )
 
+    model_card = {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "openllm",
+        "context_length": loaded.model.config.block_size,
+    }
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "waiting": engine.waiting, "served": engine.served}
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_id,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "openllm",
-                    "context_length": loaded.model.config.block_size,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != model_id:
+            raise APIError(404, f"the model '{name}' is not served here (this server serves '{model_id}')", "model")
+        return model_card
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
         return PAGE.read_text(encoding="utf-8").replace("{{MODEL}}", model_id)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json_body(request, security.body_timeout)
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or set(body) - {"prompt", "model"}:
+            raise APIError(400, 'send {"prompt": TEXT}', "prompt")
+        check_text(body["prompt"], "prompt")
+        ids = engine.prompt_ids(body["prompt"]) if body["prompt"] else tok.prefix()
+        return {"tokens": ids, "count": len(ids), "max_model_len": loaded.model.config.block_size}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _json_body(request, security.body_timeout)
+        ids = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids):
+            raise APIError(400, f'send {{"tokens": [ids in 0..{tok.vocab_size - 1}]}}', "tokens")
+        return {"prompt": tok.decode(ids)}
+
+    async def run(request: Request, req: CompletionRequest, chat: bool):
+        for prompt in req.prompts:  # refused before admission: a prompt the vocabulary cannot encode
+            engine.prompt_ids(prompt)
+        engine.admit()
+        cancel = threading.Event()
+        cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        loop = asyncio.get_running_loop()
+        if req.stream:
+            return StreamingResponse(
+                _stream(engine, req, cid, cancel, loop, model_id, chat),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        try:
+            work = loop.run_in_executor(engine.pool, engine.complete, req, cancel)
+            while not (await asyncio.wait({work}, timeout=0.25))[0]:
+                if await request.is_disconnected():  # the client gave up: stop generating for nobody
+                    cancel.set()
+            results = await work
+        finally:
+            engine.release()
+        base = {"id": cid, "created": int(time.time()), "model": model_id, "usage": usage(results, req.n)}
+        if chat:
+            return {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": None,
+                        "finish_reason": c.finish_reason,
+                    }
+                    for i, c in enumerate(results)
+                ],
+            }
+        return {
+            **base,
+            "object": "text_completion",
+            "choices": [
+                {"text": c.text, "index": i, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+                for i, c in enumerate(results)
+            ],
+        }
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _json_body(request, security.body_timeout)
-        req = parse_request(body, limits, model_id)
-        try:  # text the vocabulary cannot represent (a character vocabulary) is the caller's error
-            loaded.tokenizer.prompt_ids(req.prompt)
-        except OpenLLMError as exc:
-            raise APIError(400, str(exc), "prompt") from None
-        engine.admit()
-        cancel = threading.Event()
-        cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        loop = asyncio.get_running_loop()
-        if not req.stream:
-            try:
-                work = loop.run_in_executor(engine.pool, engine.complete, req, cancel)
-                while not (await asyncio.wait({work}, timeout=0.25))[0]:
-                    if await request.is_disconnected():  # the client gave up: stop generating for nobody
-                        cancel.set()
-                results = await work
-            finally:
-                engine.release()
-            return {
-                "id": cid,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": model_id,
-                "choices": [
-                    {"text": t, "index": i, "logprobs": None, "finish_reason": f} for i, (t, f) in enumerate(results)
-                ],
-                "usage": _usage(loaded, req, [t for t, _ in results]),
-            }
-        return StreamingResponse(
-            _stream(engine, req, cid, cancel, loop, model_id),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
+        return await run(request, parse_completion(body, engine.api_limits(), model_id), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _json_body(request, security.body_timeout)
+        req, _ = parse_chat(body, engine.api_limits(), model_id, tok)
+        return await run(request, req, chat=True)
 
     return app
 
@@ -428,44 +432,68 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def _usage(loaded: LoadedModel, req: CompletionRequest, texts: list[str]) -> dict:
-    p = len(loaded.tokenizer.prompt_ids(req.prompt))
-    c = sum(len(loaded.tokenizer.encode(t)) for t in texts)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-async def _stream(engine: Engine, req: CompletionRequest, cid: str, cancel: threading.Event, loop, model_id: str):
+async def _stream(
+    engine: Engine, req: CompletionRequest, cid: str, cancel: threading.Event, loop, model_id: str, chat: bool
+):
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
+    counts = {"prompt": 0, "completion": 0}
 
     def work():
         try:
-            for i in range(req.n):
-                finish: dict = {}
-                for piece in engine.tokens(req, i, cancel, finish):
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, piece, None))
-                if cancel.is_set():
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, (i, "", finish["reason"]))
+            for p, prompt in enumerate(req.prompts):
+                ids = engine.prompt_ids(prompt)
+                counts["prompt"] += len(ids)
+                for i in range(req.n):
+                    index = p * req.n + i
+                    out: dict = {}
+                    if req.echo:
+                        prefix = prompt if isinstance(prompt, str) else engine.loaded.tokenizer.decode(ids)
+                        loop.call_soon_threadsafe(queue.put_nowait, (index, prefix, None))
+                    for piece in engine.pieces(req, ids, index, cancel, out):
+                        loop.call_soon_threadsafe(queue.put_nowait, (index, piece, None))
+                    counts["completion"] += out.get("tokens", 0)
+                    if cancel.is_set():
+                        return
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, "", out["reason"]))
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
     future = loop.run_in_executor(engine.pool, work)
     future.add_done_callback(lambda _f: engine.release())  # runs even when this stream is cancelled
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    started: set[int] = set()
     try:
         while True:
             item = await queue.get()
             if item is done:
                 break
             i, piece, finish = item
-            chunk = {
+            if chat:
+                delta = {} if finish else {"content": piece}
+                if i not in started:  # the first chunk of a choice names the role
+                    delta = {"role": "assistant", **delta}
+                    started.add(i)
+                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"text": piece, "index": i, "logprobs": None, "finish_reason": finish}
+            chunk = {"id": cid, "object": kind, "created": int(time.time()), "model": model_id, "choices": [choice]}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        if req.include_usage and not cancel.is_set():
+            total = counts["prompt"] + counts["completion"]
+            usage_chunk = {
                 "id": cid,
-                "object": "text_completion",
+                "object": kind,
                 "created": int(time.time()),
                 "model": model_id,
-                "choices": [{"text": piece, "index": i, "logprobs": None, "finish_reason": finish}],
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": counts["prompt"],
+                    "completion_tokens": counts["completion"],
+                    "total_tokens": total,
+                },
             }
-            yield f"data: {json.dumps(chunk)}\n\n"
+            yield f"data: {json.dumps(usage_chunk)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # the client went away (or we finished): the worker stops at its next token

@@ -50,6 +50,7 @@ class Tokenizer(ABC):
     kind: str  # "sentencepiece" or "huggingface"
     config_class: str  # tokenizer_class written to tokenizer_config.json
     special: SpecialTokens
+    chat_template: str | None = None  # a Jinja chat template that came with the tokenizer (Hugging Face)
 
     @property
     @abstractmethod
@@ -142,6 +143,7 @@ class Tokenizer(ABC):
             "clean_up_tokenization_spaces": False,
             **tokens,
             **{f"{r}_token_id": getattr(self.special, r) for r in ROLES},
+            **({"chat_template": self.chat_template} if self.chat_template else {}),
         }
 
     def special_summary(self) -> dict:

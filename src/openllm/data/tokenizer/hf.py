@@ -40,6 +40,7 @@ class HFTokenizer(Tokenizer):
     def __init__(self, raw: RawTokenizer, tokenizer_config: dict | None = None, model_config: dict | None = None):
         self.raw = raw
         self.special = _special_tokens(raw, tokenizer_config, model_config)
+        self.chat_template = _chat_template((tokenizer_config or {}).get("chat_template"))
         self._markup = self.special.ids()
         spec = json.loads(raw.to_str())
         model = spec.get("model") or {}
@@ -100,6 +101,14 @@ class HFTokenizer(Tokenizer):
     def _write_files(self, directory: Path) -> list[str]:
         atomic_write_text(directory / JSON_FILE, self.raw.to_str())
         return [JSON_FILE]
+
+
+def _chat_template(value) -> str | None:
+    """``chat_template`` as transformers writes it: a string, or a list of named templates."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default") or next(iter(named.values()), None)
+    return value if isinstance(value, str) and value else None
 
 
 def _uses(component: dict | None, type_name: str) -> bool:

@@ -1,0 +1,113 @@
+"""Per-token log-probabilities in the shape of the OpenAI completions API's ``logprobs`` object:
+``tokens``, ``token_logprobs``, ``top_logprobs`` and ``text_offset``, for prompt tokens (``echo``,
+scored with one forward pass per window) and generated ones alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from openllm.data.tokenizer import Tokenizer
+from openllm.model.gpt import GPT
+
+
+def top_pairs(row: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely (id, log-probability) pairs of one row."""
+    if not k:
+        return []
+    top = torch.topk(row, min(k, row.numel()))
+    return list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+
+
+@torch.no_grad()
+def score_tokens(model: GPT, ids: list[int], k: int, device="cpu") -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each token after the first: its log-probability given the ones before it, and the ``k`` most likely
+    tokens there. Prompts longer than the context are scored in windows that overlap by half a context."""
+    model.eval()
+    context = model.config.block_size
+    out: list[tuple[float, list[tuple[int, float]]]] = []
+    start = 0
+    while len(out) < len(ids) - 1:
+        window = ids[start : start + context]
+        logits, _ = model(torch.tensor([window], device=device))
+        logp = torch.log_softmax(logits[0].float(), dim=-1)
+        first = len(out) + 1 - start  # the first position of this window not scored yet
+        for pos in range(first, len(window)):
+            row = logp[pos - 1]
+            out.append((float(row[window[pos]]), top_pairs(row, k)))
+        start += max(1, context // 2)
+    return out
+
+
+def token_texts(tokenizer: Tokenizer, ids: list[int], before: list[int] | None = None) -> list[str]:
+    """The text each token adds, decoded in context (so the pieces join into the decoded text: a leading space
+    is kept, and a character split over byte tokens belongs to its last byte)."""
+    before = list(before or [])[-8:]
+    texts, previous = [], tokenizer.decode(before)
+    for i in range(len(ids)):
+        current = tokenizer.decode(before + ids[: i + 1])
+        if current.endswith("\ufffd") and i + 1 < len(ids):
+            texts.append("")
+            continue
+        texts.append(current[len(previous) :])
+        previous = current
+    return texts
+
+
+@dataclass
+class Logprobs:
+    """The ``logprobs`` object of one choice, built token by token. A token's text is what it adds to the
+    decoded text in its context (so the tokens join into the choice's text); a special token (bos, eos)
+    shows its piece; an alternative in ``top_logprobs`` is named by the text it would have added."""
+
+    tokenizer: Tokenizer
+    k: int
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+    length: int = 0  # characters so far
+    context: list[int] = field(default_factory=list)  # the last tokens, for decoding alternatives
+
+    def _name(self, token: int, text: str) -> str:
+        return self.tokenizer.id_to_piece(token) if token in self.tokenizer.special.ids() else text
+
+    def _alternative(self, token: int, before: str) -> str:
+        return self._name(token, self.tokenizer.decode([*self.context, token])[len(before) :])
+
+    def add(self, token: int, text: str, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
+        self.tokens.append(self._name(token, text))
+        self.token_logprobs.append(logprob)
+        if top is None:
+            self.top_logprobs.append(None)
+        else:
+            before = self.tokenizer.decode(self.context)
+            alternatives: dict[str, float] = {}
+            for i, lp in top:  # two ids with the same text keep the likelier one (the keys are text)
+                alternatives.setdefault(self._alternative(i, before), lp)
+            self.top_logprobs.append(alternatives)
+        self.text_offset.append(self.length)
+        self.length += len(text)
+        self.context = [*self.context, token][-8:]
+
+    def add_step(self, token: int, text: str, logp: torch.Tensor) -> None:
+        self.add(token, text, float(logp[token]), top_pairs(logp, self.k))
+
+    def extend(self, other: Logprobs | None, shift: int) -> None:
+        """Append ``other``'s entries (the generated tokens after an echoed prompt of ``shift`` characters)."""
+        if other is None:
+            return
+        self.tokens += other.tokens
+        self.token_logprobs += other.token_logprobs
+        self.top_logprobs += other.top_logprobs
+        self.text_offset += [o + shift for o in other.text_offset]
+        self.length = shift + other.length
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top_logprobs,
+            "text_offset": self.text_offset,
+        }
