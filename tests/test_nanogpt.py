@@ -219,3 +219,51 @@ def test_vocabulary_of_another_size_is_refused_with_both_sizes(nanogpt_checkout,
     with pytest.raises(OpenLLMError, match=r"the tokenizer has 420 tokens but the embedding has 65 rows"):
         convert(root / "out-shakespeare-char", tmp_path / "out", tokenizer=str(small_dataset.path))
     assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_vocabulary_checkpoint_takes_the_users_tokenizer_and_loses_its_padding(tmp_path):
+    """nanoGPT trains GPT-2-vocabulary models with 50,304 embedding rows (50,257 rounded up); converting one
+    with a 50,257-token GPT-2 tokenizer.json drops the 47 rows no token id reaches, moments included."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from openllm.interop.convert import convert
+    from openllm.model.config import ModelConfig
+    from openllm.model.gpt import GPT
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab.update({f"w{i}": i for i in range(len(vocab), 50256)})
+    vocab["<|endoftext|>"] = 50256
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens(["<|endoftext|>"])
+    raw.save(str(tmp_path / "tokenizer.json"))
+
+    torch.manual_seed(0)
+    args = dict(n_layer=1, n_head=2, n_embd=8, block_size=16, bias=True, vocab_size=50304)
+    model = GPT(ModelConfig(**args, dropout=0.0))
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.dim() >= 2]},
+            {"params": [p for p in model.parameters() if p.dim() < 2]},
+        ]
+    )
+    _, loss = model(torch.randint(0, 50257, (2, 16)), torch.randint(0, 50257, (2, 16)))
+    loss.backward()
+    opt.step()
+    (tmp_path / "nano").mkdir()
+    torch.save(
+        {"model": model.state_dict(), "optimizer": opt.state_dict(), "model_args": args, "iter_num": 1},
+        tmp_path / "nano" / "ckpt.pt",
+    )
+    report = convert(tmp_path / "nano" / "ckpt.pt", tmp_path / "run", tokenizer=str(tmp_path / "tokenizer.json"))
+    ckpt = load(tmp_path / "run" / "best_model.pt")
+    assert (
+        ckpt["config"]["vocab_size"] == 50257 and ckpt["model_state_dict"]["transformer.wte.weight"].shape[0] == 50257
+    )
+    assert torch.equal(
+        ckpt["model_state_dict"]["transformer.wte.weight"], model.transformer.wte.weight[:50257].detach()
+    )
+    assert ckpt["optimizer_state_dict"]["state"][0]["exp_avg"].shape[0] == 50257
+    assert any("47 padding rows" in n for n in report.notes)

@@ -193,12 +193,25 @@ def test_generated_logprobs_bias_and_penalties_are_honoured(server):
     assert batch[2]["text"] == post(url, "/v1/completions", {**base, "prompt": "A horse"})["choices"][0]["text"]
 
 
+def test_streamed_logprobs_join_into_the_unstreamed_ones(server):
+    url, _ = server
+    body = {"prompt": "The king said", "max_tokens": 10, "temperature": 0, "logprobs": 2, "echo": True}
+    whole = post(url, "/v1/completions", body)["choices"][0]
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(e["choices"][0]["text"] for e in events)
+    joined: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in events:
+        for key, values in (e["choices"][0]["logprobs"] or {}).items():
+            joined[key] += values
+    assert text == whole["text"] and joined == whole["logprobs"]
+
+
 def test_fields_that_cannot_be_honoured_are_refused_by_name(server):
     url, _ = server
     for extra, param in [
         ({"suffix": "end"}, "suffix"),
         ({"best_of": 3}, "best_of"),
-        ({"logprobs": 2, "stream": True}, "logprobs"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"logit_bias": {"999999": 5}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),

@@ -261,6 +261,16 @@ class CheckpointInfo:
         return self.provenance.get("optimizer_state")
 
 
+def has_optimizer_state(state: dict) -> bool:
+    """Whether an ``optimizer_state_dict`` holds moments: one optimizer's (``state``), or each part's of a
+    combined one (Muon + AdamW: ``{"muon": ..., "adamw": ...}``)."""
+    if not isinstance(state, dict):
+        return False
+    if "state" in state:
+        return bool(state["state"])
+    return bool(state) and all(isinstance(part, dict) and part.get("state") for part in state.values())
+
+
 def read_info(ckpt: dict) -> CheckpointInfo:
     def mapping(key: str) -> dict:
         value = ckpt.get(key)
@@ -283,7 +293,7 @@ def read_info(ckpt: dict) -> CheckpointInfo:
         best_validation_loss=finite_or_none(ckpt.get("best_validation_loss")),
         training_log=listing("training_log"),
         validation_log=listing("validation_log"),
-        has_optimizer_state=bool(mapping("optimizer_state_dict").get("state")),
+        has_optimizer_state=has_optimizer_state(mapping("optimizer_state_dict")),
         has_scheduler_state=bool(ckpt.get("scheduler_state_dict")),
         tokenizer_sha256=ckpt.get("tokenizer_sha256"),
         dataset_fingerprint=ckpt.get("dataset_fingerprint"),

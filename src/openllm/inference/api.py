@@ -3,7 +3,7 @@
 
 Every field is either honoured or refused with a 400 that names it; nothing is accepted and
 ignored. Fields this server cannot honour: ``suffix`` (no infilling), ``best_of`` other than ``n``,
-``logprobs`` together with ``stream``, and the chat API's ``logprobs`` / ``tools``.
+and the chat API's ``logprobs`` / ``tools``.
 """
 
 from __future__ import annotations
@@ -193,8 +193,6 @@ def parse_completion(body, limits: Limits, model_id: str) -> CompletionRequest:
     logprobs = body.get("logprobs")
     if logprobs is not None:
         logprobs = _number(body, "logprobs", None, 0, 20, integer=True)
-        if common["stream"]:
-            raise APIError(400, "'logprobs' is not supported with 'stream': true; ask without streaming", "logprobs")
     if common["max_tokens"] == 0 and not echo:
         raise APIError(400, "'max_tokens' must be at least 1 (0 only with 'echo', to score the prompt)", "max_tokens")
     return CompletionRequest(prompts=_prompts(body, limits), echo=echo, logprobs=logprobs, **common)

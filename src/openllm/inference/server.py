@@ -439,6 +439,9 @@ async def _stream(
     done = object()
     counts = {"prompt": 0, "completion": 0}
 
+    def send(index: int, piece: str, finish, logprobs: dict | None = None) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (index, piece, finish, logprobs))
+
     def work():
         try:
             for p, prompt in enumerate(req.prompts):
@@ -447,15 +450,21 @@ async def _stream(
                 for i in range(req.n):
                     index = p * req.n + i
                     out: dict = {}
+                    shift = 0
                     if req.echo:
                         prefix = prompt if isinstance(prompt, str) else engine.loaded.tokenizer.decode(ids)
-                        loop.call_soon_threadsafe(queue.put_nowait, (index, prefix, None))
+                        echoed = engine.echo_logprobs(ids, req.logprobs) if req.logprobs is not None else None
+                        send(index, prefix, None, echoed.as_dict() if echoed else None)
+                        shift = len(prefix)
+                    sent = chars = 0  # logprobs entries and characters of the completion sent so far
                     for piece in engine.pieces(req, ids, index, cancel, out):
-                        loop.call_soon_threadsafe(queue.put_nowait, (index, piece, None))
+                        chars += len(piece)
+                        entries, sent = _entries(out.get("logprobs"), sent, chars, shift)
+                        send(index, piece, None, entries)
                     counts["completion"] += out.get("tokens", 0)
                     if cancel.is_set():
                         return
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, "", out["reason"]))
+                    send(index, "", out["reason"], _entries(out.get("logprobs"), sent, None, shift)[0])
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
@@ -468,7 +477,7 @@ async def _stream(
             item = await queue.get()
             if item is done:
                 break
-            i, piece, finish = item
+            i, piece, finish, logprobs = item
             if chat:
                 delta = {} if finish else {"content": piece}
                 if i not in started:  # the first chunk of a choice names the role
@@ -476,7 +485,7 @@ async def _stream(
                     started.add(i)
                 choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
-                choice = {"text": piece, "index": i, "logprobs": None, "finish_reason": finish}
+                choice = {"text": piece, "index": i, "logprobs": logprobs, "finish_reason": finish}
             chunk = {"id": cid, "object": kind, "created": int(time.time()), "model": model_id, "choices": [choice]}
             yield f"data: {json.dumps(chunk)}\n\n"
         if req.include_usage and not cancel.is_set():
@@ -497,6 +506,22 @@ async def _stream(
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # the client went away (or we finished): the worker stops at its next token
+
+
+def _entries(lp: Logprobs | None, start: int, chars: int | None, shift: int) -> tuple[dict | None, int]:
+    """The logprobs entries from ``start`` whose text lies within the first ``chars`` characters sent (all
+    the rest when ``chars`` is None), offsets shifted past an echoed prompt; and the new start."""
+    if lp is None:
+        return None, start
+    end = start
+    while end < len(lp.tokens) and (chars is None or lp.text_offset[end] + len(lp.tokens[end]) <= chars):
+        end += 1
+    return {
+        "tokens": lp.tokens[start:end],
+        "token_logprobs": lp.token_logprobs[start:end],
+        "top_logprobs": lp.top_logprobs[start:end],
+        "text_offset": [o + shift for o in lp.text_offset[start:end]],
+    }, end
 
 
 def serve(

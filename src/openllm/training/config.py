@@ -89,6 +89,15 @@ class TrainConfig:
         int | None, Opt("step at which the cosine decay reaches --min-lr", default_text="--max-steps")
     ] = None
     weight_decay: Annotated[float | None, Opt("AdamW weight decay (matrices only)", default_text=PRESET)] = None
+    optimizer: Annotated[
+        str | None,
+        Opt(
+            "adamw, or muon (PyTorch's Muon for the transformer blocks' matrices, AdamW for embeddings, biases "
+            "and gains)",
+            choices=("adamw", "muon"),
+            default="adamw",
+        ),
+    ] = None
     grad_clip: Annotated[float | None, Opt("clip the gradient norm (0: off)", default=1.0)] = None
     dropout: Annotated[float | None, Opt("dropout probability", default_text=PRESET)] = None
     seed: Annotated[int | None, Opt("seed for initialisation, data order and split", default=1337)] = None
@@ -212,6 +221,8 @@ class TrainConfig:
         for name in ("data", "data_file", "validation_data", "tokenizer_dir", "output_dir", "resume", "model_size"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise bad(name, "a path" if name != "model_size" else "a preset name", getattr(self, name))
+        if self.optimizer not in ("adamw", "muon"):
+            raise bad("optimizer", "adamw or muon", self.optimizer)
         if self.tokenizer_type not in TOKENIZER_TYPES:
             raise bad("tokenizer_type", " or ".join(TOKENIZER_TYPES), self.tokenizer_type)
         if self.device not in DEVICES:

@@ -18,6 +18,7 @@ from openllm.model.config import ModelConfig
 from openllm.model.gpt import GPT
 from openllm.training.config import TrainConfig
 from openllm.training.distributed import DistInfo
+from openllm.training.optim import MuonAdamW
 
 
 class TrainingStopped(OpenLLMError):
@@ -36,7 +37,7 @@ class Run:
     model_config: ModelConfig
     raw_model: GPT
     model: torch.nn.Module  # raw_model, possibly compiled and/or wrapped in DDP
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | MuonAdamW
     scaler: torch.amp.GradScaler
     sampler: BatchSampler
     val_batches: EvalBatches

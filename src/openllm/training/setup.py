@@ -303,13 +303,15 @@ def restore(run: Run, ckpt: dict) -> None:
     """Load model, optimizer, scaler, RNG and progress from a checkpoint into ``run``."""
     run.raw_model.load_state_dict(ckpt["model_state_dict"])
     opt_state = ckpt.get("optimizer_state_dict") or {}
-    if opt_state.get("state"):
+    if ck.has_optimizer_state(opt_state):
         # the checkpoint gives the moments; the settings (weight decay, betas, fused) are this run's
         settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
         try:
             run.optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError) as exc:
-            raise OpenLLMError(f"the checkpoint's optimizer state does not fit this model ({exc})") from None
+            raise OpenLLMError(
+                f"the checkpoint's optimizer state does not fit this model and --optimizer {run.cfg.optimizer} ({exc})"
+            ) from None
         for group, own in zip(run.optimizer.param_groups, settings, strict=True):
             group.update(own)
     elif run.dist.is_main:
