@@ -455,23 +455,12 @@ def test_resuming_a_converted_model_on_new_text_uses_its_tokenizer_and_a_refusal
     assert cli("convert", "--input-dir", str(hf), "--output-dir", str(conv), "--training-steps", "6").returncode == 0
     more = tmp_path / "more.txt"
     more.write_text(shakespeare_path.read_text()[-60000:])
-    r = cli(
-        "train",
-        "--resume",
-        str(conv / "best_model.pt"),
-        "--data-file",
-        str(more),
-        "--max-steps",
-        "8",
-        "--output-dir",
-        str(tmp_path / "next"),
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "32",
-        "--sample-tokens",
-        "0",
-    )
+
+    def resume_on_more(checkpoint, out):
+        options = ["--max-steps", "8", "--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0"]
+        return cli("train", "--resume", str(checkpoint), "--data-file", str(more), "--output-dir", str(out), *options)
+
+    r = resume_on_more(conv / "best_model.pt", tmp_path / "next")
     assert r.returncode == 0, r.stderr
     assert "resumed model's tokenizer" in r.stdout
     assert (
@@ -479,22 +468,6 @@ def test_resuming_a_converted_model_on_new_text_uses_its_tokenizer_and_a_refusal
         == load(conv / "best_model.pt")["tokenizer_sha256"]
     )
     # a resume the checks refuse (other text for a run that knows its data) leaves no directory behind
-    r = cli(
-        "train",
-        "--resume",
-        str(run / "best_model.pt"),
-        "--data-file",
-        str(more),
-        "--max-steps",
-        "8",
-        "--output-dir",
-        str(tmp_path / "refused"),
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "32",
-        "--sample-tokens",
-        "0",
-    )
+    r = resume_on_more(run / "best_model.pt", tmp_path / "refused")
     assert r.returncode == 2 and "--allow-data-change" in r.stderr, r.stderr
     assert not (tmp_path / "refused").exists()

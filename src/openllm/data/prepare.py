@@ -60,14 +60,9 @@ def pack(tokenizer: Tokenizer, docs: Sequence[str], dtype: np.dtype, doc_mode: s
     """Encode documents as the tokenizer frames them (bos? + ids + eos), concatenated without padding."""
     head, tail = tokenizer.prefix(), tokenizer.document_end(SEPARATORS[doc_mode])
     encoded = tokenizer.encode_batch(list(docs))
-    framing = len(head) + len(tail)
-    out = np.empty(sum(len(ids) + framing for ids in encoded), dtype=dtype)
-    pos = 0
-    for ids in encoded:
-        for part in (head, ids, tail):
-            out[pos : pos + len(part)] = part
-            pos += len(part)
-    return out
+    total = sum(len(ids) + len(head) + len(tail) for ids in encoded)
+    flat = itertools.chain.from_iterable(part for ids in encoded for part in (head, ids, tail))
+    return np.fromiter(flat, dtype=dtype, count=total)
 
 
 class Spool:
@@ -132,11 +127,10 @@ def _init_worker(tokenizer_dir: str, doc_mode: str, dtype: str) -> None:
     tok = load_tokenizer(tokenizer_dir)
     if hasattr(tok, "threads"):
         tok.threads = 1
-    _WORKER.update(tok=tok, head=tok.prefix(), tail=tok.document_end(SEPARATORS[doc_mode]), dtype=np.dtype(dtype))
+    _WORKER.update(tok=tok, doc_mode=doc_mode, dtype=np.dtype(dtype))
 
 
 def _encode_chunk(path: str, start: int, lengths: list[int]) -> bytes:
-    tok, head, tail = _WORKER["tok"], _WORKER["head"], _WORKER["tail"]
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(sum(abs(n) for n in lengths))
@@ -145,12 +139,7 @@ def _encode_chunk(path: str, start: int, lengths: list[int]) -> bytes:
         if n >= 0:
             docs.append(data[pos : pos + n].decode("utf-8"))
         pos += abs(n)
-    encoded = tok.encode_batch(docs)
-    del docs
-    framing = len(head) + len(tail)
-    total = sum(len(ids) + framing for ids in encoded)
-    flat = itertools.chain.from_iterable(part for ids in encoded for part in (head, ids, tail))
-    return np.fromiter(flat, dtype=_WORKER["dtype"], count=total).tobytes()
+    return pack(_WORKER["tok"], docs, _WORKER["dtype"], _WORKER["doc_mode"]).tobytes()
 
 
 def _encode_spool(
@@ -292,11 +281,23 @@ def prepare_dataset(
             work = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=out))
             try:
                 plan = _Plan(
-                    files, val_path, work, tokenizer, vocab_size, tokenizer_type, seed, val_fraction, doc_mode,
-                    text_field, skip_bad_records, workers, int(tokenizer_sample_mb * 1e6),
-                )  # fmt: skip
+                    files=files,
+                    input_info=input_info,
+                    val_path=val_path,
+                    work=work,
+                    tokenizer=tokenizer,
+                    vocab_size=vocab_size,
+                    tokenizer_type=tokenizer_type,
+                    seed=seed,
+                    val_fraction=val_fraction,
+                    doc_mode=doc_mode,
+                    text_field=text_field,
+                    skip_bad_records=skip_bad_records,
+                    workers=workers,
+                    sample_bytes=int(tokenizer_sample_mb * 1e6),
+                )
                 meta, tok = _prepare(plan, tok)
-                meta.update(inputs=input_info, validation_file=val_info, source_fingerprint=key)
+                meta.update(validation_file=val_info, source_fingerprint=key)
                 # commit: the old meta.json goes first, so no moment pairs it with new token files
                 existing.unlink(missing_ok=True)
                 for name in ("train.bin", "val.bin"):
@@ -318,6 +319,7 @@ class _Plan:
     """What one preparation reads and how (the options of :func:`prepare_dataset`, resolved)."""
 
     files: list[Path]
+    input_info: list[dict]  # each file's path, size and sha256
     val_path: Path | None
     work: Path  # the spool directory
     tokenizer: str | os.PathLike | None
@@ -434,41 +436,48 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
         digest.update(b"|")
         val_tokens = _encode_spool(val, work / "val.bin", workers, init, digest, progress)
     encode_seconds = time.perf_counter() - t_enc
-    skipped_bytes = lowest[2].encode("utf-8").__len__() if skip is not None and lowest else 0
-    return {
-        "format": FORMAT,
-        "documents_read": read,
-        "duplicates_dropped": duplicates,
-        "unique_documents": unique,
-        "train_documents": n_train,
-        "val_documents": len(val.lengths),
-        "validation_overlap_dropped": overlap,
-        "bad_records_skipped": dict(reader.stats.skipped),
-        "train_tokens": train_tokens,
-        "val_tokens": val_tokens,
-        "train_text_bytes": train.bytes - skipped_bytes,
-        "val_text_bytes": val.bytes,
-        "vocab_size": tok.vocab_size,
-        "dtype": dtype.name,
-        "tokenizer_sha256": tok.sha256,
-        "tokenizer": tok.describe(),
-        "tokenizer_source": str(tokenizer)
-        if tokenizer is not None
-        else f"trained on a hash-chosen sample of {sample.bytes:,} bytes of the training documents",
-        "split": "validation file" if val_path else f"hash: {SPLIT_RULE} ({val_fraction:g})",
-        "split_seed": seed,
-        "val_fraction": None if val_path else val_fraction,
-        "doc_mode": doc_mode,
-        "text_field": plan.text_field,
-        "fingerprint": digest.hexdigest(),
-        "timing": {
-            "read_seconds": round(read_seconds, 3),
-            "tokenizer_seconds": round(tok_seconds, 3),
-            "encode_seconds": round(encode_seconds, 3),
-            "workers": workers,
-            "peak_rss_mb": peak_rss_mb(),
+    skipped_bytes = len(lowest[2].encode("utf-8")) if skip is not None and lowest else 0
+    return (
+        {
+            "format": FORMAT,
+            "documents_read": read,
+            "duplicates_dropped": duplicates,
+            "unique_documents": unique,
+            "train_documents": n_train,
+            "val_documents": len(val.lengths),
+            "validation_overlap_dropped": overlap,
+            "bad_records_skipped": dict(reader.stats.skipped),
+            "inputs": [  # each input as recorded before reading, with what reading found in it
+                {**info, "format": found["format"], "documents": found["documents"]}
+                for info, found in zip(plan.input_info, reader.stats.files[-len(files) :], strict=True)
+            ],
+            "train_tokens": train_tokens,
+            "val_tokens": val_tokens,
+            "train_text_bytes": train.bytes - skipped_bytes,
+            "val_text_bytes": val.bytes,
+            "vocab_size": tok.vocab_size,
+            "dtype": dtype.name,
+            "tokenizer_sha256": tok.sha256,
+            "tokenizer": tok.describe(),
+            "tokenizer_source": str(tokenizer)
+            if tokenizer is not None
+            else f"trained on a hash-chosen sample of {sample.bytes:,} bytes of the training documents",
+            "split": "validation file" if val_path else f"hash: {SPLIT_RULE} ({val_fraction:g})",
+            "split_seed": seed,
+            "val_fraction": None if val_path else val_fraction,
+            "doc_mode": doc_mode,
+            "text_field": plan.text_field,
+            "fingerprint": digest.hexdigest(),
+            "timing": {
+                "read_seconds": round(read_seconds, 3),
+                "tokenizer_seconds": round(tok_seconds, 3),
+                "encode_seconds": round(encode_seconds, 3),
+                "workers": workers,
+                "peak_rss_mb": peak_rss_mb(),
+            },
         },
-    }, tok
+        tok,
+    )
 
 
 def peak_rss_mb() -> float:

@@ -55,6 +55,9 @@ def token_texts(tokenizer: Tokenizer, ids: list[int], before: list[int] | None =
     return texts
 
 
+FIELDS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
 @dataclass
 class Logprobs:
     """The ``logprobs`` object of one choice, built token by token. A token's text is what it adds to the
@@ -98,16 +101,24 @@ class Logprobs:
         """Append ``other``'s entries (the generated tokens after an echoed prompt of ``shift`` characters)."""
         if other is None:
             return
-        self.tokens += other.tokens
-        self.token_logprobs += other.token_logprobs
-        self.top_logprobs += other.top_logprobs
-        self.text_offset += [o + shift for o in other.text_offset]
+        for name, values in other.as_dict(shift=shift).items():
+            getattr(self, name).extend(values)
         self.length = shift + other.length
 
-    def as_dict(self) -> dict:
-        return {
-            "tokens": self.tokens,
-            "token_logprobs": self.token_logprobs,
-            "top_logprobs": self.top_logprobs,
-            "text_offset": self.text_offset,
-        }
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` entries (a stop string cut the text after them)."""
+        for name in FIELDS:
+            del getattr(self, name)[n:]
+
+    def covered(self, start: int, chars: int) -> int:
+        """The end of the run of entries from ``start`` whose text lies within the first ``chars`` characters."""
+        end = start
+        while end < len(self.tokens) and self.text_offset[end] + len(self.tokens[end]) <= chars:
+            end += 1
+        return end
+
+    def as_dict(self, start: int = 0, end: int | None = None, shift: int = 0) -> dict:
+        """The API object (entries ``start:end``, text offsets moved by ``shift`` characters)."""
+        out = {name: getattr(self, name)[start:end] for name in FIELDS}
+        out["text_offset"] = [o + shift for o in out["text_offset"]]
+        return out

@@ -140,9 +140,7 @@ class Engine:
             cut = min((text.find(s) for s in req.stop if s in text), default=-1)
             if cut >= 0:
                 if lp is not None:  # the logprobs end where the text does
-                    keep = sum(1 for o in lp.text_offset if o < cut)
-                    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                        del getattr(lp, name)[keep:]
+                    lp.truncate(sum(1 for o in lp.text_offset if o < cut))
                 if cut > emitted:
                     yield text[emitted:cut]
                 return
@@ -168,17 +166,21 @@ class Engine:
                 lp.add(token, text, scores[i - 1][0], scores[i - 1][1])
         return lp
 
-    def complete(self, req: CompletionRequest, cancel: threading.Event) -> list[Choice]:
-        """Every choice of the request: for prompt p and sample i, choice p * n + i."""
+    def echo_text(self, prompt: str | list[int], ids: list[int]) -> str:
+        """What ``echo`` repeats: the prompt's text, or the text of its token ids."""
+        return prompt if isinstance(prompt, str) else self.loaded.tokenizer.decode(ids)
+
+    def complete(self, req: CompletionRequest, prompt_ids: list[list[int]], cancel: threading.Event) -> list[Choice]:
+        """Every choice of the request (``prompt_ids``: each prompt's ids): for prompt p and sample i, choice
+        p * n + i."""
         choices = []
-        for p, prompt in enumerate(req.prompts):
-            ids = self.prompt_ids(prompt)
+        for p, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids, strict=True)):
             for i in range(req.n):
                 out: dict = {}
                 text = "".join(self.pieces(req, ids, p * req.n + i, cancel, out))
                 logprobs = None
                 if req.echo:
-                    prefix = prompt if isinstance(prompt, str) else self.loaded.tokenizer.decode(ids)
+                    prefix = self.echo_text(prompt, ids)
                     if req.logprobs is not None:
                         echoed = self.echo_logprobs(ids, req.logprobs)
                         echoed.extend(out.get("logprobs"), len(prefix))
@@ -274,20 +276,20 @@ def create_app(
         return {"prompt": tok.decode(ids)}
 
     async def run(request: Request, req: CompletionRequest, chat: bool):
-        for prompt in req.prompts:  # refused before admission: a prompt the vocabulary cannot encode
-            engine.prompt_ids(prompt)
+        # encoded once, before admission: a prompt the vocabulary cannot encode is refused without waiting
+        prompt_ids = [engine.prompt_ids(prompt) for prompt in req.prompts]
         engine.admit()
         cancel = threading.Event()
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         loop = asyncio.get_running_loop()
         if req.stream:
             return StreamingResponse(
-                _stream(engine, req, cid, cancel, loop, model_id, chat),
+                _stream(engine, req, prompt_ids, cid, cancel, loop, model_id, chat),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
         try:
-            work = loop.run_in_executor(engine.pool, engine.complete, req, cancel)
+            work = loop.run_in_executor(engine.pool, engine.complete, req, prompt_ids, cancel)
             while not (await asyncio.wait({work}, timeout=0.25))[0]:
                 if await request.is_disconnected():  # the client gave up: stop generating for nobody
                     cancel.set()
@@ -433,7 +435,14 @@ def _host_name(host: str) -> str:
 
 
 async def _stream(
-    engine: Engine, req: CompletionRequest, cid: str, cancel: threading.Event, loop, model_id: str, chat: bool
+    engine: Engine,
+    req: CompletionRequest,
+    prompt_ids: list[list[int]],
+    cid: str,
+    cancel: threading.Event,
+    loop,
+    model_id: str,
+    chat: bool,
 ):
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -444,27 +453,30 @@ async def _stream(
 
     def work():
         try:
-            for p, prompt in enumerate(req.prompts):
-                ids = engine.prompt_ids(prompt)
+            for p, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids, strict=True)):
                 counts["prompt"] += len(ids)
                 for i in range(req.n):
                     index = p * req.n + i
                     out: dict = {}
                     shift = 0
                     if req.echo:
-                        prefix = prompt if isinstance(prompt, str) else engine.loaded.tokenizer.decode(ids)
+                        prefix = engine.echo_text(prompt, ids)
                         echoed = engine.echo_logprobs(ids, req.logprobs) if req.logprobs is not None else None
                         send(index, prefix, None, echoed.as_dict() if echoed else None)
                         shift = len(prefix)
                     sent = chars = 0  # logprobs entries and characters of the completion sent so far
                     for piece in engine.pieces(req, ids, index, cancel, out):
                         chars += len(piece)
-                        entries, sent = _entries(out.get("logprobs"), sent, chars, shift)
+                        lp, entries = out.get("logprobs"), None
+                        if lp is not None:  # each token's entry goes with the chunk that holds its text
+                            end = lp.covered(sent, chars)
+                            entries, sent = lp.as_dict(sent, end, shift), end
                         send(index, piece, None, entries)
                     counts["completion"] += out.get("tokens", 0)
                     if cancel.is_set():
                         return
-                    send(index, "", out["reason"], _entries(out.get("logprobs"), sent, None, shift)[0])
+                    rest = out["logprobs"].as_dict(sent, None, shift) if out.get("logprobs") is not None else None
+                    send(index, "", out["reason"], rest)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
@@ -506,22 +518,6 @@ async def _stream(
         yield "data: [DONE]\n\n"
     finally:
         cancel.set()  # the client went away (or we finished): the worker stops at its next token
-
-
-def _entries(lp: Logprobs | None, start: int, chars: int | None, shift: int) -> tuple[dict | None, int]:
-    """The logprobs entries from ``start`` whose text lies within the first ``chars`` characters sent (all
-    the rest when ``chars`` is None), offsets shifted past an echoed prompt; and the new start."""
-    if lp is None:
-        return None, start
-    end = start
-    while end < len(lp.tokens) and (chars is None or lp.text_offset[end] + len(lp.tokens[end]) <= chars):
-        end += 1
-    return {
-        "tokens": lp.tokens[start:end],
-        "token_logprobs": lp.token_logprobs[start:end],
-        "top_logprobs": lp.top_logprobs[start:end],
-        "text_offset": [o + shift for o in lp.text_offset[start:end]],
-    }, end
 
 
 def serve(

@@ -17,6 +17,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 from openllm.core.fileio import atomic_write_json, ensure_dir
@@ -60,8 +61,8 @@ class Tokenizer(ABC):
     def identity_bytes(self) -> bytes:
         """Bytes that identify this tokenizer exactly (its hash is the run's tokenizer_sha256)."""
 
-    @property
-    def sha256(self) -> str:
+    @cached_property
+    def sha256(self) -> str:  # (a tokenizer does not change once built; every checkpoint save asks for this)
         return hashlib.sha256(self.identity_bytes()).hexdigest()
 
     @abstractmethod
