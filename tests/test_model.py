@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from openllm.core.errors import OpenLLMError
+from openllm.model import build_model
 from openllm.model.config import PRESETS, ModelConfig, model_config_for
 from openllm.model.gpt import GPT
+
+# every architecture, and llama with each of its options away from the default
+ARCHS = {
+    "gpt2": {},
+    "llama": dict(arch="llama", bias=False),
+    "llama-gqa-qknorm-untied": dict(arch="llama", bias=False, n_kv_head=1, qk_norm=True, tie_embeddings=False),
+}
 
 
 @pytest.mark.parametrize("name,expected", [("small", 35_823_616), ("medium", 111_204_864), ("large", 337_176_576)])
@@ -21,9 +29,10 @@ def tiny_config(**kw):
     return ModelConfig(**base)
 
 
-def test_causality_later_tokens_never_change_earlier_logits():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_causality_later_tokens_never_change_earlier_logits(arch):
     torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
+    model = build_model(tiny_config(**ARCHS[arch])).eval()
     x = torch.randint(0, 97, (3, 24))
     with torch.no_grad():
         base, _ = model(x)
@@ -56,28 +65,53 @@ def test_init_scales_residual_projections():
     assert torch.count_nonzero(model.transformer.h[0].attn.c_attn.bias) == 0
 
 
-def test_loss_at_init_is_near_uniform():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_at_init_is_near_uniform(arch):
     torch.manual_seed(0)
-    model = GPT(tiny_config())
+    model = build_model(tiny_config(**ARCHS[arch]))
     x, y = torch.randint(0, 97, (2, 4, 24))
     _, loss = model(x, y)
     assert abs(loss.item() - math.log(97)) < 0.1
 
 
-def test_kv_cache_matches_full_forward():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_cache_matches_full_forward(arch):
     torch.manual_seed(0)
-    model = GPT(tiny_config()).eval()
+    model = build_model(tiny_config(**ARCHS[arch])).eval()
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         full, _ = model(x)
-        logits, cache = model.forward_with_cache(x[:, :7])
-        steps = [logits]
-        logits, cache = model.forward_with_cache(x[:, 7:12], cache)  # a chunk after a cache
-        steps.append(logits)
+        cache = model.new_cache(slots=2)
+        steps = [model.forward_cached(x[:, :7], cache)]
+        steps.append(model.forward_cached(x[:, 7:12], cache))  # a chunk after a cache
         for t in range(12, 20):
-            logits, cache = model.forward_with_cache(x[:, t : t + 1], cache)
-            steps.append(logits)
+            steps.append(model.forward_cached(x[:, t : t + 1], cache))
+    assert cache.lengths == [20, 20]
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_of_different_lengths_decode_together_as_they_would_alone(arch):
+    """The server's continuous batching: each slot is prefilled alone, then all decode in one batched step."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(**ARCHS[arch])).eval()
+    prompts = [torch.randint(0, 97, (1, n)) for n in (3, 11, 6)]
+    nxt = torch.randint(0, 97, (3, 2))
+    with torch.no_grad():
+        cache = model.new_cache(slots=3)
+        for i, p in enumerate(prompts):
+            view = cache.slot(i)
+            model.forward_cached(p, view)
+            cache.commit_slot(i, view)
+        batched = [model.forward_cached(nxt[:, t : t + 1], cache) for t in range(2)]
+        for i, p in enumerate(prompts):
+            alone, _ = model(torch.cat([p, nxt[i : i + 1]], 1))
+            for t in range(2):
+                assert torch.allclose(batched[t][i, 0], alone[0, p.size(1) + t], atol=1e-5)
+        cache.move(2, 0)  # a finished row's slot refilled by another row: it carries on unchanged
+        moved = model.forward_cached(nxt[2:3, :1], cache.slot(0))
+        alone, _ = model(torch.cat([prompts[2], nxt[2:3], nxt[2:3, :1]], 1))
+        assert torch.allclose(moved[0, 0], alone[0, -1], atol=1e-5)
 
 
 def test_context_overflow_is_an_error():
@@ -99,9 +133,10 @@ def test_every_preset_builds_and_tiny_is_cpu_sized():
     assert tiny.num_parameters() < 2_000_000
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(arch):
     torch.manual_seed(0)
-    model = GPT(tiny_config(dropout=0.0))
+    model = build_model(tiny_config(dropout=0.0, **ARCHS[arch]))
     x, y = torch.randint(0, 97, (2, 2, 24))
     _, plain = model(x, y)
     plain.backward()

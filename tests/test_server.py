@@ -265,3 +265,56 @@ def test_chat_uses_the_tokenizers_own_template(small_dataset):
     assert render_chat(tok, messages) == ("User: hi\n\nAssistant:", True)
     tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     assert render_chat(tok, messages) == ("<user>hi<assistant>", False)
+
+
+def test_sixteen_concurrent_greedy_requests_equal_their_sequential_answers(server):
+    url, app = server
+    prompts = [f"{name}:" for name in ("ROMEO", "JULIET", "A", "The", "O", "What", "KING", "Be")] * 2
+    prompts = [p + " " * (i // 8) for i, p in enumerate(prompts)]  # 16 different prompts
+    body = {"max_tokens": 12, "temperature": 0}
+    sequential = [
+        httpx.post(url + "/v1/completions", json={"prompt": p, **body}).json()["choices"][0]["text"] for p in prompts
+    ]
+    steps = app.state.engine.batcher.steps
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            rs = await asyncio.gather(
+                *[client.post(url + "/v1/completions", json={"prompt": p, **body}) for p in prompts]
+            )
+            return [r.json()["choices"][0]["text"] for r in rs]
+
+    assert asyncio.run(run()) == sequential
+    assert app.state.engine.batcher.steps - steps < 16 * 12 / 2  # answered in shared batched steps
+
+
+def test_a_hundred_clients_some_malformed_some_leaving(server):
+    url, app = server
+
+    async def client_call(client, i):
+        if i % 4 == 0:  # malformed
+            return (await client.post(url + "/v1/completions", json={"prompt": 5, "max_tokens": "x"})).status_code
+        if i % 4 == 1:  # leaves after the first event
+            async with client.stream(
+                "POST", url + "/v1/completions", json={"prompt": "A", "max_tokens": 40, "stream": True}
+            ) as r:
+                async for _ in r.aiter_lines():
+                    break
+                return r.status_code
+        r = await client.post(url + "/v1/completions", json={"prompt": "ROMEO:", "max_tokens": 6, "stream": i % 2 == 0})
+        return r.status_code
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=100)) as client:
+            return await asyncio.gather(*[client_call(client, i) for i in range(100)])
+
+    codes = asyncio.run(run())
+    assert not [c for c in codes if c >= 500]
+    assert codes.count(400) == 25 and codes.count(200) == 75
+    engine = app.state.engine
+    for _ in range(200):
+        if engine.waiting == 0 and engine.batcher.busy == 0:
+            break
+        time.sleep(0.05)
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["waiting"] == 0 and engine.batcher.busy == 0

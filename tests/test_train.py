@@ -102,8 +102,11 @@ def test_best_model_is_never_overwritten_by_a_worse_final(small_dataset, tmp_pat
         assert not same_weights(best["model_state_dict"], final["model_state_dict"])
 
 
-@pytest.mark.parametrize("accum, optimizer", [(1, "adamw"), (3, "adamw"), (1, "muon")])
-def test_exact_resume_is_bit_identical(small_dataset, tmp_path, small_corpus, accum, optimizer):
+@pytest.mark.parametrize(
+    "accum, optimizer, arch",
+    [(1, "adamw", "gpt2"), (3, "adamw", "gpt2"), (1, "muon", "gpt2"), (1, "adamw", "llama"), (1, "muon", "llama")],
+)
+def test_exact_resume_is_bit_identical(small_dataset, tmp_path, small_corpus, accum, optimizer, arch):
     paras = small_corpus.read_text().split("\n\n")
     val_file = tmp_path / "val.txt"
     val_file.write_text("\n\n".join(paras[:20]))
@@ -116,6 +119,7 @@ def test_exact_resume_is_bit_identical(small_dataset, tmp_path, small_corpus, ac
         validation_data=str(val_file),
         vocab_size=400,
         optimizer=optimizer,
+        arch=arch,
     )
     straight = train(config(small_dataset, tmp_path / "a", max_steps=16, **common), log=quiet)
     train(config(small_dataset, tmp_path / "b", max_steps=8, **common), log=quiet)
@@ -127,7 +131,9 @@ def test_exact_resume_is_bit_identical(small_dataset, tmp_path, small_corpus, ac
     assert a["resume_state"]["samples_seen"] == b["resume_state"]["samples_seen"]
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
-    assert a["training_config"]["optimizer"] == optimizer
+    assert a["training_config"]["optimizer"] == optimizer and a["config"]["arch"] == arch
+    if arch == "llama":
+        assert "model.layers.0.mlp.gate_proj.weight" in a["model_state_dict"]
     if optimizer == "muon":  # both parts' state is in the checkpoint, and AdamW cannot take it over
         assert set(a["optimizer_state_dict"]) == {"muon", "adamw"} and a["optimizer_state_dict"]["muon"]["state"]
         with pytest.raises(OpenLLMError, match="--optimizer adamw"):

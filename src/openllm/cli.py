@@ -181,8 +181,9 @@ def _add_convert(sub: Any) -> None:
 
     p = sub.add_parser(
         "convert",
-        help="import raw weights (legacy, Hugging Face GPT-2, nanoGPT) as a full checkpoint",
-        description="Convert a legacy OpenLLM export, a Hugging Face GPT-2 directory, a nanoGPT ckpt.pt or "
+        help="import raw weights (legacy, Hugging Face GPT-2 or Llama, nanoGPT) as a full checkpoint",
+        description="Convert a legacy OpenLLM export, a Hugging Face GPT-2, Llama or Qwen3 directory, a nanoGPT "
+        "ckpt.pt or "
         "an openllm export into a run directory whose best_model.pt can be resumed, inspected and compared. "
         "The input kind is detected.",
     )
@@ -213,9 +214,10 @@ def _add_export(sub: Any) -> None:
 
     p = sub.add_parser(
         "export",
-        help="write a Hugging Face directory that stock transformers loads",
-        description="Export a checkpoint (or a run directory's best model) as a GPT-2 directory: "
-        "config.json, model.safetensors, tokenizer files, generation_config.json and a model card.",
+        help="write a Hugging Face directory that stock transformers loads, or a GGUF file for llama.cpp",
+        description="Export a checkpoint (or a run directory's best model) as a Hugging Face directory (GPT-2, "
+        "Llama or Qwen3 by the model's architecture): config.json, model.safetensors, tokenizer files, "
+        "generation_config.json and a model card; or, with --format gguf, as OUTPUT_DIR/model.gguf.",
     )
     add_options(p, export_checkpoint)
     p.set_defaults(func=_run_export)

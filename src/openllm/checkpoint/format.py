@@ -411,40 +411,13 @@ def verify_checkpoint(path: str | os.PathLike, ckpt: dict | None = None) -> Veri
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every state-dict key of the GPT model for a config dict, with its shape."""
-    V, L, C, T = (int(config[k]) for k in ("vocab_size", "n_layer", "n_embd", "block_size"))
-    bias = bool(config.get("bias", True))
-    shapes = {
-        "transformer.wte.weight": (V, C),
-        "transformer.wpe.weight": (T, C),
-        "lm_head.weight": (V, C),
-        "transformer.ln_f.weight": (C,),
-    }
-    if bias:
-        shapes["transformer.ln_f.bias"] = (C,)
-    for i in range(L):
-        p = f"transformer.h.{i}."
-        layer = {
-            "ln_1.weight": (C,),
-            "ln_2.weight": (C,),
-            "attn.c_attn.weight": (3 * C, C),
-            "attn.c_proj.weight": (C, C),
-            "mlp.c_fc.weight": (4 * C, C),
-            "mlp.c_proj.weight": (C, 4 * C),
-        }
-        if bias:
-            layer.update(
-                {
-                    "ln_1.bias": (C,),
-                    "ln_2.bias": (C,),
-                    "attn.c_attn.bias": (3 * C,),
-                    "attn.c_proj.bias": (C,),
-                    "mlp.c_fc.bias": (4 * C,),
-                    "mlp.c_proj.bias": (C,),
-                }
-            )
-        shapes.update({p + k: s for k, s in layer.items()})
-    return shapes
+    """Every state-dict key of the model a config dict describes, with its shape (the model is built on the
+    meta device, so this costs no memory and the architecture is declared only in its module)."""
+    from openllm.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig.from_dict(config))
+    return {k: tuple(t.shape) for k, t in model.state_dict().items()}
 
 
 def shape_problems(state: dict, config: dict) -> list[str]:
@@ -454,9 +427,12 @@ def shape_problems(state: dict, config: dict) -> list[str]:
     them, so an absurd config (a billion layers, an enormous vocabulary) is one problem, not a memory bomb.
     """
     try:
-        wte = state.get("transformer.wte.weight")
+        llama = config.get("arch") == "llama"
+        embedding = "model.embed_tokens.weight" if llama else "transformer.wte.weight"
+        wte = state.get(embedding)
         n_layer = int(config["n_layer"])
-        layers_present = {k.split(".")[2] for k in state if k.startswith("transformer.h.")}
+        blocks = "model.layers." if llama else "transformer.h."
+        layers_present = {k[len(blocks) :].split(".")[0] for k in state if k.startswith(blocks)}
         if n_layer > len(layers_present) + 1:
             return [
                 f"model_state_dict lacks the tensors of {n_layer - len(layers_present):,} of the config's "
@@ -464,11 +440,11 @@ def shape_problems(state: dict, config: dict) -> list[str]:
             ]
         if isinstance(wte, torch.Tensor) and tuple(wte.shape) != (int(config["vocab_size"]), int(config["n_embd"])):
             return [
-                f"transformer.wte.weight has shape {tuple(wte.shape)}, the config needs "
+                f"{embedding} has shape {tuple(wte.shape)}, the config needs "
                 f"{(int(config['vocab_size']), int(config['n_embd']))}"
             ]
         want = expected_shapes(config)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OpenLLMError) as exc:
         return [f"config is incomplete or invalid ({exc})"]
     problems = []
     missing = [k for k in want if k not in state]

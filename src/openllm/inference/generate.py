@@ -11,7 +11,7 @@ import torch
 
 from openllm.core.options import Opt, fraction_incl, int_value, nonneg_float, nonneg_int, positive_float, positive_int
 from openllm.data.tokenizer import Tokenizer
-from openllm.model.gpt import GPT
+from openllm.model import LanguageModel
 
 # Temperatures below this sample so sharply that float32 overflows; they are greedy decoding in effect.
 GREEDY_BELOW = 1e-4
@@ -34,6 +34,13 @@ class SamplingOptions:
     logit_bias: dict[int, float] | None = None
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per earlier occurrence in the generated tokens
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no adjustment of the logits: the next token is the row's argmax."""
+        return self.temperature < GREEDY_BELOW and not (
+            self.logit_bias or self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+        )
 
 
 def adjusted_logits(
@@ -72,6 +79,30 @@ def next_token_logits_filter(
     return logits
 
 
+def choose_token(
+    row: torch.Tensor,
+    opts: SamplingOptions,
+    history: torch.Tensor,
+    generated: torch.Tensor | None,
+    gen: torch.Generator,
+) -> int:
+    """The next token from one row of logits: greedy, or sampled with ``gen`` after the adjustments."""
+    if opts.temperature < GREEDY_BELOW:
+        return int(torch.argmax(adjusted_logits(row, opts, history, generated)))
+    filtered = next_token_logits_filter(row, opts, history, generated)
+    probs = torch.softmax(filtered, dim=-1).cpu()
+    if torch.isfinite(probs).all() and float(probs.sum()) > 0:
+        return int(torch.multinomial(probs, 1, generator=gen))
+    # extreme settings overflowed the logits: the distribution is a point mass on the top token
+    return int(torch.argmax(torch.nan_to_num(filtered, nan=-math.inf)))
+
+
+def sampling_generator(opts: SamplingOptions) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+    return gen
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int) -> tuple[list[int], int]:
     """Encode a prompt as training encoded a document start (the tokenizer's bos framing + ids), keeping its
     last ``context`` tokens.
@@ -85,7 +116,11 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int) -> tuple[list[in
 
 
 def generate_ids(
-    model: GPT, ids: list[int], opts: SamplingOptions, device: torch.device | str = "cpu", eos_id: int | None = None
+    model: LanguageModel,
+    ids: list[int],
+    opts: SamplingOptions,
+    device: torch.device | str = "cpu",
+    eos_id: int | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time until ``eos_id`` or ``max_new_tokens`` (EOS is not yielded; without
     an eos token, as in a character vocabulary, generation runs to ``max_new_tokens``)."""
@@ -95,42 +130,37 @@ def generate_ids(
 
 @torch.no_grad()
 def generate_steps(
-    model: GPT, ids: list[int], opts: SamplingOptions, device: torch.device | str = "cpu", eos_id: int | None = None
+    model: LanguageModel,
+    ids: list[int],
+    opts: SamplingOptions,
+    device: torch.device | str = "cpu",
+    eos_id: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """:func:`generate_ids`, each token with the model's log-probabilities for that step (before any
     adjustment or temperature: the distribution the API's ``logprobs`` report)."""
     model.eval()
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+    gen = sampling_generator(opts)
     context = model.config.block_size
     x = torch.tensor([ids], dtype=torch.long, device=device)
     history = x[0]
-    logits, cache = model.forward_with_cache(x)
+    cache = model.new_cache()
+    logits = model.forward_cached(x, cache)
     for step in range(opts.max_new_tokens):
         row = logits[0, -1]
-        generated = history[len(ids) :] if step else None
-        if opts.temperature < GREEDY_BELOW:
-            token = int(torch.argmax(adjusted_logits(row, opts, history, generated)))
-        else:
-            filtered = next_token_logits_filter(row, opts, history, generated)
-            probs = torch.softmax(filtered, dim=-1).cpu()
-            if torch.isfinite(probs).all() and float(probs.sum()) > 0:
-                token = int(torch.multinomial(probs, 1, generator=gen))
-            else:  # extreme settings overflowed the logits: the distribution is a point mass on the top token
-                token = int(torch.argmax(torch.nan_to_num(filtered, nan=-math.inf)))
+        token = choose_token(row, opts, history, history[len(ids) :] if step else None, gen)
         if token == eos_id:
             return
         yield token, torch.log_softmax(row.float(), dim=-1)
         history = torch.cat([history, torch.tensor([token], device=history.device)])
-        if cache[0][0].size(2) >= context:  # context full: slide the window and recompute
-            window = history[-(context - 1) :][None]
-            logits, cache = model.forward_with_cache(window)
+        if cache.lengths[0] >= context:  # context full: slide the window and recompute
+            cache.reset(0)
+            logits = model.forward_cached(history[-(context - 1) :][None], cache)
         else:
-            logits, cache = model.forward_with_cache(torch.tensor([[token]], device=device), cache)
+            logits = model.forward_cached(torch.tensor([[token]], device=device), cache)
 
 
 def generate_text(
-    model: GPT, tokenizer: Tokenizer, prompt: str, opts: SamplingOptions, device: torch.device | str = "cpu"
+    model: LanguageModel, tokenizer: Tokenizer, prompt: str, opts: SamplingOptions, device: torch.device | str = "cpu"
 ) -> str:
     ids, _ = prompt_ids(tokenizer, prompt, model.config.block_size)
     stream = TextStream(tokenizer, ids)

@@ -13,14 +13,15 @@ from openllm.checkpoint import format as ck
 from openllm.checkpoint.rundir import resolve_checkpoint_path
 from openllm.core.errors import OpenLLMError
 from openllm.data.tokenizer import Tokenizer, load_tokenizer
-from openllm.interop.gpt2 import is_export_dir, load_hf_model
+from openllm.interop.gpt2 import is_export_dir
+from openllm.interop.hf import load_hf_model
+from openllm.model import LanguageModel, build_model
 from openllm.model.config import ModelConfig
-from openllm.model.gpt import GPT
 
 
 @dataclass
 class LoadedModel:
-    model: GPT
+    model: LanguageModel
     tokenizer: Tokenizer
     source: Path
     checkpoint: dict | None = None  # the checkpoint's metadata (no tensors), when loaded from one
@@ -34,7 +35,7 @@ class LoadedModel:
         return ck.read_info(self.checkpoint or {})
 
 
-def model_from_checkpoint(ckpt: dict, origin: str) -> GPT:
+def model_from_checkpoint(ckpt: dict, origin: str) -> LanguageModel:
     if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model_state_dict"), dict):
         raise OpenLLMError(
             f"{origin} is not a full checkpoint (no config/model_state_dict); convert raw weights with "
@@ -43,12 +44,12 @@ def model_from_checkpoint(ckpt: dict, origin: str) -> GPT:
     problems = ck.shape_problems(ckpt["model_state_dict"], ckpt["config"])
     if problems:
         raise OpenLLMError(f"{origin}: {problems[0]}")
-    model = GPT(ModelConfig.from_dict(ckpt["config"], dropout=0.0))
+    model = build_model(ModelConfig.from_dict(ckpt["config"], dropout=0.0))
     model.load_state_dict(ckpt["model_state_dict"])
     return model.eval()
 
 
-def _checked_tokenizer(directory: Path, model: GPT, model_config: dict | None = None) -> Tokenizer:
+def _checked_tokenizer(directory: Path, model: LanguageModel, model_config: dict | None = None) -> Tokenizer:
     """The tokenizer beside the model, which must have exactly the embedding's number of tokens."""
     tokenizer = load_tokenizer(directory, model_config)
     if tokenizer.vocab_size != model.config.vocab_size:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from openllm.data.tokenizer import Tokenizer
-from openllm.model.gpt import GPT
+from openllm.model import LanguageModel
 
 
 def top_pairs(row: torch.Tensor, k: int) -> list[tuple[int, float]]:
@@ -21,7 +21,9 @@ def top_pairs(row: torch.Tensor, k: int) -> list[tuple[int, float]]:
 
 
 @torch.no_grad()
-def score_tokens(model: GPT, ids: list[int], k: int, device="cpu") -> list[tuple[float, list[tuple[int, float]]]]:
+def score_tokens(
+    model: LanguageModel, ids: list[int], k: int, device="cpu"
+) -> list[tuple[float, list[tuple[int, float]]]]:
     """For each token after the first: its log-probability given the ones before it, and the ``k`` most likely
     tokens there. Prompts longer than the context are scored in windows that overlap by half a context."""
     model.eval()
@@ -56,6 +58,13 @@ def token_texts(tokenizer: Tokenizer, ids: list[int], before: list[int] | None =
 
 
 FIELDS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+
+
+def join_logprobs(a: dict | None, b: dict | None) -> dict | None:
+    """Two consecutive logprobs objects (as :meth:`Logprobs.as_dict` gives them) as one."""
+    if a is None or b is None:
+        return a if b is None else b
+    return {k: a[k] + b[k] for k in FIELDS}
 
 
 @dataclass

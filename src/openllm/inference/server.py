@@ -6,9 +6,10 @@ penalties, stop, n, seed, stream with an optional usage chunk), ``POST /v1/chat/
 ``/v1/models/{id}``, ``POST /tokenize`` and ``/detokenize``, ``GET /health`` and ``GET /`` (a page
 to try the model). Request validation is in :mod:`openllm.inference.api`.
 
-Generation runs on one worker thread, off the event loop: requests wait their turn in a bounded
-queue (a full queue answers 429), so two requests never share a model call. A streaming client
-that disconnects cancels its generation. Errors use the OpenAI error shape.
+Generation runs off the event loop, continuously batched (:mod:`openllm.inference.batching`): up to
+``max_batch`` sequences, from any requests, advance together one batched model call per step, and
+a finished sequence's row is refilled from the waiting ones between steps. Requests beyond
+``max_queue`` answer 429. A client that disconnects frees its rows. Errors use the OpenAI error shape.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at run time
@@ -35,9 +36,10 @@ from openllm.inference.api import (
     parse_chat,
     parse_completion,
 )
-from openllm.inference.generate import SamplingOptions, TextStream, generate_steps, prompt_ids
+from openllm.inference.batching import Batcher, TokenStream
+from openllm.inference.generate import SamplingOptions, TextStream, prompt_ids
 from openllm.inference.loading import LoadedModel, load_model
-from openllm.inference.logprobs import Logprobs, score_tokens, token_texts
+from openllm.inference.logprobs import Logprobs, join_logprobs, score_tokens, token_texts
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -49,6 +51,9 @@ class ServerLimits:
     max_n: int = 8
     max_queue: Annotated[int, Opt("requests waiting before the server answers 429", parse=positive_int)] = 64
     max_prompts: int = 32  # prompts in one request (a batch)
+    max_batch: Annotated[
+        int, Opt("sequences generated together, one batched model call per step", parse=positive_int)
+    ] = 16
 
 
 @dataclass
@@ -63,11 +68,13 @@ class Choice:
 
 
 class Engine:
-    """Owns the model; runs one generation at a time on a worker thread."""
+    """Owns the model and its batcher; each admitted request is served by a thread of ``pool`` that reads its
+    sequences' tokens from the batcher."""
 
     def __init__(self, loaded: LoadedModel, limits: ServerLimits, device="cpu"):
         self.loaded, self.limits, self.device = loaded, limits, device
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openllm-gen")
+        self.batcher = Batcher(loaded.model, limits.max_batch, device)
+        self.pool = ThreadPoolExecutor(max_workers=limits.max_queue, thread_name_prefix="openllm-req")
         self.waiting = 0
         self.served = 0
         self.cancelled = 0  # generations stopped because their client went away
@@ -100,18 +107,8 @@ class Engine:
                 raise APIError(400, str(exc), "prompt") from None
         return list(prompt[-context:])
 
-    def pieces(
-        self, req: CompletionRequest, ids: list[int], index: int, cancel: threading.Event, out: dict
-    ) -> Iterator[str]:
-        """Text pieces of one completion of prompt ``ids``; stops at EOS, max_tokens, a stop string or ``cancel``.
-
-        ``out`` receives "reason" ("length" or "stop"), "tokens" (how many were generated) and, when asked,
-        "logprobs" (a :class:`Logprobs` of the generated tokens; echoed prompt tokens are added by the caller)."""
-        out.update(reason="stop", tokens=0)
-        tok, model = self.loaded.tokenizer, self.loaded.model
-        if req.max_tokens == 0:
-            out["reason"] = "length"
-            return
+    def start(self, req: CompletionRequest, ids: list[int], index: int, cancel: threading.Event) -> TokenStream:
+        """Queue choice ``index`` (of prompt ``ids``) with the batcher; its tokens come as they are made."""
         opts = SamplingOptions(
             max_new_tokens=req.max_tokens,
             temperature=req.temperature,
@@ -122,15 +119,40 @@ class Engine:
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
         )
+        return self.batcher.submit(ids, opts, self.loaded.tokenizer.eos_id, cancel)
+
+    def pieces(
+        self, req: CompletionRequest, ids: list[int], tokens: TokenStream, cancel: threading.Event, out: dict
+    ) -> Iterator[str]:
+        """Text pieces of one completion of prompt ``ids`` (its ``tokens`` from :meth:`start`); stops at EOS,
+        max_tokens, a stop string or ``cancel``, and then gives the sequence's row back.
+
+        ``out`` receives "reason" ("length" or "stop"), "tokens" (how many were generated) and, when asked,
+        "logprobs" (a :class:`Logprobs` of the generated tokens; echoed prompt tokens are added by the caller)."""
+        out.update(reason="stop", tokens=0)
+        if req.max_tokens == 0:
+            out["reason"] = "length"
+            tokens.close()
+            return
+        try:
+            yield from self._pieces(req, ids, tokens, cancel, out)
+        finally:
+            tokens.close()
+            if cancel.is_set():
+                with self.lock:
+                    self.cancelled += 1
+
+    def _pieces(
+        self, req: CompletionRequest, ids: list[int], tokens: TokenStream, cancel: threading.Event, out: dict
+    ) -> Iterator[str]:
+        tok = self.loaded.tokenizer
         stream = TextStream(tok, ids)
         lp = Logprobs(tok, req.logprobs, context=ids[-8:]) if req.logprobs is not None else None
         out["logprobs"] = lp
         emitted = 0  # characters of stream.text already sent
         hold = max((len(s) - 1 for s in req.stop), default=0)  # keep back a possible stop-string prefix
-        for token, logp in generate_steps(model, ids, opts, self.device, tok.eos_id):
+        for token, logp in tokens:
             if cancel.is_set():
-                with self.lock:
-                    self.cancelled += 1
                 return
             piece = stream.push(token)
             out["tokens"] += 1
@@ -150,6 +172,8 @@ class Engine:
             if safe > emitted:
                 yield text[emitted:safe]
                 emitted = safe
+        if cancel.is_set():  # the batcher ended it: nobody reads the rest
+            return
         stream.finish()
         if len(stream.text) > emitted:
             yield stream.text[emitted:]
@@ -170,26 +194,42 @@ class Engine:
         """What ``echo`` repeats: the prompt's text, or the text of its token ids."""
         return prompt if isinstance(prompt, str) else self.loaded.tokenizer.decode(ids)
 
+    def start_all(
+        self, req: CompletionRequest, prompt_ids: list[list[int]], cancel: threading.Event
+    ) -> list[TokenStream]:
+        """Every choice queued at once (choice p * n + i: prompt p, sample i), so they are batched together."""
+        return [self.start(req, ids, p * req.n + i, cancel) for p, ids in enumerate(prompt_ids) for i in range(req.n)]
+
     def complete(self, req: CompletionRequest, prompt_ids: list[list[int]], cancel: threading.Event) -> list[Choice]:
         """Every choice of the request (``prompt_ids``: each prompt's ids): for prompt p and sample i, choice
         p * n + i."""
-        choices = []
-        for p, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids, strict=True)):
-            for i in range(req.n):
-                out: dict = {}
-                text = "".join(self.pieces(req, ids, p * req.n + i, cancel, out))
-                logprobs = None
-                if req.echo:
-                    prefix = self.echo_text(prompt, ids)
-                    if req.logprobs is not None:
-                        echoed = self.echo_logprobs(ids, req.logprobs)
-                        echoed.extend(out.get("logprobs"), len(prefix))
-                        logprobs = echoed.as_dict()
-                    text = prefix + text
-                elif out.get("logprobs") is not None:
-                    logprobs = out["logprobs"].as_dict()
-                choices.append(Choice(text, out["reason"], logprobs, out["tokens"], len(ids)))
-        return choices
+        streams = self.start_all(req, prompt_ids, cancel)  # all choices generate together
+        try:
+            return [
+                self._choice(req, prompt, ids, streams[p * req.n + i], cancel)
+                for p, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids, strict=True))
+                for i in range(req.n)
+            ]
+        finally:
+            for stream in streams:
+                stream.close()
+
+    def _choice(
+        self, req: CompletionRequest, prompt: str | list[int], ids: list[int], tokens: TokenStream, cancel
+    ) -> Choice:
+        out: dict = {}
+        text = "".join(self.pieces(req, ids, tokens, cancel, out))
+        logprobs = None
+        if req.echo:
+            prefix = self.echo_text(prompt, ids)
+            if req.logprobs is not None:
+                echoed = self.echo_logprobs(ids, req.logprobs)
+                echoed.extend(out.get("logprobs"), len(prefix))
+                logprobs = echoed.as_dict()
+            text = prefix + text
+        elif out.get("logprobs") is not None:
+            logprobs = out["logprobs"].as_dict()
+        return Choice(text, out["reason"], logprobs, out["tokens"], len(ids))
 
 
 def usage(choices: list[Choice], n: int) -> dict:
@@ -242,7 +282,13 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "waiting": engine.waiting, "served": engine.served}
+        return {
+            "status": "ok",
+            "model": model_id,
+            "waiting": engine.waiting,
+            "served": engine.served,
+            "generating": engine.batcher.busy,
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -434,6 +480,18 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def coalesce(items: list[tuple]) -> list[tuple]:
+    """Consecutive pieces of the same choice (none of them its last) joined into one, logprobs too."""
+    out: list[tuple] = []
+    for item in items:
+        if out and out[-1][0] == item[0] and out[-1][2] is None and item[2] is None:
+            i, piece, _, logprobs = out[-1]
+            out[-1] = (i, piece + item[1], None, join_logprobs(logprobs, item[3]))
+        else:
+            out.append(item)
+    return out
+
+
 async def _stream(
     engine: Engine,
     req: CompletionRequest,
@@ -452,6 +510,7 @@ async def _stream(
         loop.call_soon_threadsafe(queue.put_nowait, (index, piece, finish, logprobs))
 
     def work():
+        streams = engine.start_all(req, prompt_ids, cancel)
         try:
             for p, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids, strict=True)):
                 counts["prompt"] += len(ids)
@@ -465,7 +524,7 @@ async def _stream(
                         send(index, prefix, None, echoed.as_dict() if echoed else None)
                         shift = len(prefix)
                     sent = chars = 0  # logprobs entries and characters of the completion sent so far
-                    for piece in engine.pieces(req, ids, index, cancel, out):
+                    for piece in engine.pieces(req, ids, streams[index], cancel, out):
                         chars += len(piece)
                         lp, entries = out.get("logprobs"), None
                         if lp is not None:  # each token's entry goes with the chunk that holds its text
@@ -478,6 +537,8 @@ async def _stream(
                     rest = out["logprobs"].as_dict(sent, None, shift) if out.get("logprobs") is not None else None
                     send(index, "", out["reason"], rest)
         finally:
+            for stream in streams:  # choices never read (a cancelled stream) give their rows back
+                stream.close()
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
     future = loop.run_in_executor(engine.pool, work)
@@ -485,21 +546,28 @@ async def _stream(
     kind = "chat.completion.chunk" if chat else "text_completion"
     started: set[int] = set()
     try:
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            i, piece, finish, logprobs = item
-            if chat:
-                delta = {} if finish else {"content": piece}
-                if i not in started:  # the first chunk of a choice names the role
-                    delta = {"role": "assistant", **delta}
-                    started.add(i)
-                choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"text": piece, "index": i, "logprobs": logprobs, "finish_reason": finish}
-            chunk = {"id": cid, "object": kind, "created": int(time.time()), "model": model_id, "choices": [choice]}
-            yield f"data: {json.dumps(chunk)}\n\n"
+        finished = False
+        while not finished:
+            items = [await queue.get()]
+            while not queue.empty():  # under load, what piled up since goes out in fewer, larger chunks
+                items.append(queue.get_nowait())
+            if items[-1] is done:
+                items.pop()
+                finished = True
+            events = []
+            for i, piece, finish, logprobs in coalesce(items):
+                if chat:
+                    delta = {} if finish else {"content": piece}
+                    if i not in started:  # the first chunk of a choice names the role
+                        delta = {"role": "assistant", **delta}
+                        started.add(i)
+                    choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+                else:
+                    choice = {"text": piece, "index": i, "logprobs": logprobs, "finish_reason": finish}
+                chunk = {"id": cid, "object": kind, "created": int(time.time()), "model": model_id, "choices": [choice]}
+                events.append(f"data: {json.dumps(chunk)}\n\n")
+            if events:
+                yield "".join(events)
         if req.include_usage and not cancel.is_set():
             total = counts["prompt"] + counts["completion"]
             usage_chunk = {

@@ -33,9 +33,10 @@ from openllm.core.numbers import perplexity
 from openllm.core.options import Opt, nonneg_int
 from openllm.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 from openllm.interop import nanogpt
-from openllm.interop.gpt2 import config_from_hf, from_hf, read_config_json, read_hf_dir, tie_head, without_mask_buffers
+from openllm.interop.gpt2 import read_config_json, read_hf_dir, tie_head, without_mask_buffers
+from openllm.interop.hf import MODEL_TYPES, import_hf_weights
+from openllm.model import LanguageModel, build_model
 from openllm.model.config import PRESETS, ModelConfig
-from openllm.model.gpt import GPT
 from openllm.model.scoring import evaluate_file
 
 
@@ -63,12 +64,13 @@ def detect(path: Path) -> str:
         return "nanogpt"
     cfg = read_config_json(path, " (and is not a nanoGPT ckpt.pt): cannot tell what it holds")
     cfg_file = path / "config.json"
-    if cfg.get("model_type") == "gpt2":
-        return "openllm-export" if "openllm" in cfg else "hf-gpt2"
+    if cfg.get("model_type") in MODEL_TYPES:
+        return "openllm-export" if "openllm" in cfg else f"hf-{cfg['model_type']}"
     if cfg.get("model_type") == "gpt" or "GPTModel" in (cfg.get("architectures") or []):
         return "legacy"
     raise OpenLLMError(
-        f"{cfg_file}: unknown model_type {cfg.get('model_type')!r} (expected gpt2 or legacy OpenLLM gpt)"
+        f"{cfg_file}: unknown model_type {cfg.get('model_type')!r} (expected {', '.join(MODEL_TYPES)} or legacy "
+        "OpenLLM gpt)"
     )
 
 
@@ -130,11 +132,9 @@ def import_legacy(path: Path, tokenizer: str | None) -> Imported:
 
 def import_hf(path: Path, tokenizer: str | None, kind: str) -> Imported:
     cfg, state = read_hf_dir(path)
-    config = config_from_hf(cfg, str(path))
+    config, state = import_hf_weights(cfg, state, str(path))
     meta = cfg.get("openllm") or {}
-    imp = Imported(kind, config, from_hf(state), _tokenizer(path, tokenizer, cfg), step=meta.get("step"))
-    if not config.bias:  # our export of a bias-free model writes zero biases: drop them again
-        imp.state = {k: v for k, v in imp.state.items() if not k.endswith(".bias")}
+    imp = Imported(kind, config, state, _tokenizer(path, tokenizer, cfg), step=meta.get("step"))
     if meta.get("best_validation_loss") is not None:
         imp.source_reported["best_validation_loss"] = meta["best_validation_loss"]
     return imp
@@ -177,7 +177,7 @@ def _trim_padded_vocabulary(imp: Imported) -> None:
     imp.notes.append(f"dropped the {rows - n} padding rows of nanoGPT's embedding ({rows} -> {n}, the tokenizer size)")
 
 
-def _optimizer_state(model: GPT, imp: Imported) -> dict:
+def _optimizer_state(model: LanguageModel, imp: Imported) -> dict:
     """The imported AdamW moments in the layout of OpenLLM's optimizer for ``model`` (empty when none)."""
     groups = model.optimizer_groups()
     names = [n for g in groups for n in g]
@@ -256,7 +256,7 @@ def convert(
         raise OpenLLMError(f"{out} already holds {BEST}; choose another --output-dir or pass --force")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OpenLLMError(f"{out} is not empty; choose another --output-dir or pass --force (which replaces it)")
-    model = GPT(imp.config.replace(dropout=0.0))
+    model = build_model(imp.config.replace(dropout=0.0))
     model.load_state_dict(imp.state)
     model.eval()
     step = int(training_steps if training_steps is not None else (imp.step or 0))

@@ -1,15 +1,18 @@
-"""``openllm export``: a Hugging Face GPT-2 directory that stock ``transformers`` loads.
+"""``openllm export``: a Hugging Face directory that stock ``transformers`` loads, or a GGUF file.
 
-Layout of an export directory::
+Layout of an export directory (``--format hf``)::
 
-    config.json              a standard GPT2Config ("model_type": "gpt2"), plus an "openllm" block
-    model.safetensors        GPT-2 key names, Conv1D (in, out) weight layout, tied head stored once
+    config.json              a standard GPT2Config ("model_type": "gpt2"), LlamaConfig ("llama") or, for a
+                             Llama model with QK-norm, Qwen3Config ("qwen3"); plus an "openllm" block
+    model.safetensors        the family's key names (GPT-2: Conv1D (in, out) layout), a tied head stored once
     tokenizer.json           the run's tokenizer for `tokenizers` (a SentencePiece BPE converted with the same ids)
     tokenizer_config.json    PreTrainedTokenizerFast with the tokenizer's own special tokens
     special_tokens_map.json
     tokenizer.model          the original SentencePiece model, when the run has one (for OpenLLM itself)
     generation_config.json   the tokenizer's bos / eos / pad ids, max_length at the context
     README.md                model card with the training figures
+
+``--format gguf`` writes ``model.gguf`` (see :mod:`openllm.interop.gguf_file`) and the model card.
 """
 
 from __future__ import annotations
@@ -33,9 +36,14 @@ from openllm.core.fileio import (
 )
 from openllm.core.options import Opt
 from openllm.data.tokenizer import Tokenizer, load_tokenizer
-from openllm.interop.gpt2 import EXPORT_WEIGHTS, config_to_hf, to_hf
+from openllm.interop.gguf_file import GGUF_DTYPES, check_exportable, write_gguf
+from openllm.interop.gpt2 import EXPORT_WEIGHTS
+from openllm.interop.hf import config_to_hf, to_hf
 from openllm.interop.tokenizer_json import hf_tokenizer_config, hf_tokenizer_json
 from openllm.model.config import ModelConfig
+
+FORMATS = ("hf", "gguf")
+GGUF_FILE = "model.gguf"
 
 
 @dataclass
@@ -48,8 +56,18 @@ def export_checkpoint(
     checkpoint: Annotated[str | os.PathLike, Opt("checkpoint file or run directory")],
     output_dir: Annotated[str | os.PathLike, Opt("directory to write")],
     force: Annotated[bool, Opt("replace a non-empty --output-dir")] = False,
+    format: Annotated[
+        str, Opt("hf: a Hugging Face directory; gguf: OUTPUT_DIR/model.gguf for llama.cpp", choices=FORMATS)
+    ] = "hf",
+    gguf_dtype: Annotated[str, Opt("weight type of a GGUF file", choices=GGUF_DTYPES)] = "f16",
 ) -> ExportResult:
-    """Write a Hugging Face GPT-2 directory for a checkpoint file (or a run directory's best model)."""
+    """Write a Hugging Face directory (or a GGUF file) for a checkpoint file (or a run directory's best model)."""
+    if format not in FORMATS:
+        raise OpenLLMError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
+    if gguf_dtype not in GGUF_DTYPES:
+        raise OpenLLMError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, got {gguf_dtype!r}")
+    if gguf_dtype != "f16" and format != "gguf":
+        raise OpenLLMError("--gguf-dtype applies to --format gguf only")
 
     src = resolve_checkpoint_path(checkpoint)
     ckpt = ck.load_checkpoint(src)
@@ -63,6 +81,8 @@ def export_checkpoint(
         raise OpenLLMError(
             f"the tokenizer in {src.parent} has {tok.vocab_size} tokens, the model's embedding {config.vocab_size}"
         )
+    if format == "gguf":
+        check_exportable(config, tok)
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not force:
         raise OpenLLMError(f"output directory {out} is not empty; choose another or pass --force")
@@ -78,9 +98,41 @@ def export_checkpoint(
     }
     with directory_lock(out, "export directory"):
         staging = staging_dir(out)
-        _write_export(staging, ckpt, src, config, tok, info, extra)
+        if format == "gguf":
+            _write_gguf(staging, ckpt, config, tok, info, gguf_dtype)
+        else:
+            _write_export(staging, ckpt, src, config, tok, info, extra)
         commit_directory(staging, out)
     return ExportResult(out, {p.name: p.stat().st_size for p in sorted(out.iterdir())})
+
+
+def _write_gguf(staging: Path, ckpt: dict, config: ModelConfig, tok: Tokenizer, info, dtype: str) -> None:
+    try:
+        write_gguf(staging / GGUF_FILE, ckpt["model_state_dict"], config, tok, dtype, name="openllm")
+        atomic_write_text(
+            staging / "README.md",
+            _card(ckpt, config, info, "OpenLLM model (GGUF export)")
+            + f"\nRun with llama.cpp: `llama-cli -m {GGUF_FILE}` ({dtype} weights).\n",
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _card(ckpt: dict, config: ModelConfig, info: ck.CheckpointInfo, title: str) -> str:
+    model_info = dict(ckpt.get("model_info") or {})
+    model_info.setdefault(
+        "parameters", sum(t.numel() for k, t in ckpt["model_state_dict"].items() if k != "lm_head.weight")
+    )
+    model_info.setdefault("vocab_size", config.vocab_size)
+    model_info.setdefault("context", config.block_size)
+    return model_card(
+        title,
+        model_info,
+        info.training_stats,
+        info.training_config,
+        info.provenance.get("source", "trained with openllm"),
+    )
 
 
 def _write_export(
@@ -112,21 +164,9 @@ def _write_export(
             staging / "generation_config.json",
             {**generation_config(config.block_size, tok.special), "transformers_version": "4.40.0"},
         )
-        model_info = dict(ckpt.get("model_info") or {})
-        model_info.setdefault(
-            "parameters", sum(t.numel() for k, t in ckpt["model_state_dict"].items() if k != "lm_head.weight")
-        )
-        model_info.setdefault("vocab_size", config.vocab_size)
-        model_info.setdefault("context", config.block_size)
         atomic_write_text(
             staging / "README.md",
-            model_card(
-                "OpenLLM model (Hugging Face export)",
-                model_info,
-                info.training_stats,
-                info.training_config,
-                info.provenance.get("source", "trained with openllm"),
-            )
+            _card(ckpt, config, info, "OpenLLM model (Hugging Face export)")
             + "\nLoad with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`.\n",
         )
     except BaseException:

@@ -2,13 +2,11 @@
 nanoGPT-layout checkpoints (legacy OpenLLM, nanoGPT) that share our key names.
 
 ``to_hf`` / ``from_hf`` translate state dicts, ``config_to_hf`` / ``config_from_hf`` configs (as
-torchtitan's state-dict adapters do); :func:`read_hf_dir` reads a Hugging Face directory and
-:func:`load_hf_model` builds our model from one.
+torchtitan's state-dict adapters do); :func:`read_hf_dir` reads a Hugging Face directory (of any family).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -20,7 +18,6 @@ from openllm.core.fileio import read_json
 from openllm.core.progress import Progress
 from openllm.data.tokenizer import SpecialTokens
 from openllm.model.config import ModelConfig
-from openllm.model.gpt import GPT
 
 EXPORT_WEIGHTS = "model.safetensors"
 
@@ -181,19 +178,3 @@ def _config_from_hf(cfg: dict, origin: str) -> ModelConfig:
         )
     except KeyError as exc:
         raise OpenLLMError(f"{origin}: config.json lacks {exc.args[0]}") from None
-
-
-def load_hf_model(path: str | os.PathLike) -> tuple[GPT, dict]:
-    """Our model (eval mode, CPU, no dropout) from a GPT-2 directory, and the directory's config.json."""
-    path = Path(path)
-    cfg, state = read_hf_dir(path)
-    config = config_from_hf(cfg, str(path)).replace(dropout=0.0)
-    state = from_hf(state)
-    if not config.bias:  # our export of a bias-free model writes zero biases: drop them again
-        state = {k: v for k, v in state.items() if not k.endswith(".bias")}
-    problems = ck.shape_problems(state, config.to_dict())
-    if problems:
-        raise OpenLLMError(f"{path}: {problems[0]}")
-    model = GPT(config)
-    model.load_state_dict(state)
-    return model.eval(), cfg

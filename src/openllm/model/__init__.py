@@ -1,2 +1,18 @@
 """Models: the configuration and preset registry, the architectures, and scoring text with a model.
 Imports only :mod:`openllm.core` and :mod:`openllm.data`."""
+
+from __future__ import annotations
+
+from openllm.model.base import LanguageModel
+from openllm.model.config import ModelConfig
+
+
+def build_model(config: ModelConfig) -> LanguageModel:
+    """The model of ``config.arch`` (randomly initialised)."""
+    from openllm.model.gpt import GPT
+    from openllm.model.llama import Llama
+
+    return {"gpt2": GPT, "llama": Llama}[config.arch](config)
+
+
+__all__ = ["LanguageModel", "ModelConfig", "build_model"]

@@ -2,6 +2,10 @@
 
 Every preset lives in :data:`PRESETS`; ``small``/``medium``/``large`` are the legacy OpenLLM
 shapes (vocab 32,000), ``tiny`` is sized to train well on two CPU cores in a couple of minutes.
+
+``arch`` picks the architecture: ``gpt2`` (the legacy layout, :mod:`openllm.model.gpt`) or ``llama``
+(rotary positions, RMSNorm, SwiGLU, no biases, :mod:`openllm.model.llama`). The fields after ``arch``
+belong to ``llama``; a ``gpt2`` config refuses any of them set to something it cannot honour.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from openllm.core.errors import OpenLLMError
+
+ARCHS = ("gpt2", "llama")
 
 # Sanity bounds checked before any model is built from a config (an untrusted file may ask for anything).
 LIMITS = {"vocab_size": 2**24, "n_layer": 1024, "n_head": 1024, "n_embd": 65536, "block_size": 2**20}
@@ -26,6 +32,13 @@ class ModelConfig:
     dropout: float = 0.1
     bias: bool = True
     activation: str = "gelu"  # exact GELU; "gelu_tanh" for imported Hugging Face GPT-2 weights
+    arch: str = "gpt2"
+    n_kv_head: int | None = None  # grouped-query attention: key/value heads (None: n_head)
+    intermediate_size: int | None = None  # SwiGLU hidden width (None: 8/3 n_embd rounded up to 64)
+    rope_theta: float = 10000.0
+    qk_norm: bool = False  # RMSNorm over each query and key head before the rotation
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         for name, limit in LIMITS.items():
@@ -36,6 +49,31 @@ class ModelConfig:
                 raise OpenLLMError(f"model config: {name} {value:,} is beyond what OpenLLM builds (at most {limit:,})")
         if self.n_embd % self.n_head:
             raise OpenLLMError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.arch not in ARCHS:
+            raise OpenLLMError(f"model config: arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.arch == "gpt2":
+            llama_only = {"n_kv_head": None, "intermediate_size": None, "rope_theta": 10000.0, "qk_norm": False}
+            for name, neutral in {**llama_only, "tie_embeddings": True, "norm_eps": 1e-5}.items():
+                if getattr(self, name) != neutral and not (name == "n_kv_head" and self.n_kv_head == self.n_head):
+                    raise OpenLLMError(f"model config: {name} {getattr(self, name)!r} needs arch llama")
+        else:
+            if self.bias:
+                raise OpenLLMError("model config: arch llama has no biases (bias must be false)")
+            for name in ("n_kv_head", "intermediate_size"):
+                value = getattr(self, name)
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                    raise OpenLLMError(f"model config: {name} must be a positive integer, got {value!r}")
+            if self.n_head % self.kv_heads:
+                raise OpenLLMError(f"model config: n_head ({self.n_head}) must be a multiple of n_kv_head")
+            if (self.n_embd // self.n_head) % 2:
+                raise OpenLLMError("model config: rotary positions need an even head size (n_embd / n_head)")
+            for name in ("rope_theta", "norm_eps"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                    raise OpenLLMError(f"model config: {name} must be a positive number, got {value!r}")
+            for name in ("qk_norm", "tie_embeddings"):
+                if not isinstance(getattr(self, name), bool):
+                    raise OpenLLMError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
         if self.activation not in ("gelu", "gelu_tanh"):
             raise OpenLLMError(f"model config: activation must be gelu or gelu_tanh, got {self.activation!r}")
         if (
@@ -44,6 +82,22 @@ class ModelConfig:
             or not 0.0 <= self.dropout < 1.0
         ):
             raise OpenLLMError(f"model config: dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 4x for gpt2; for llama ``intermediate_size`` or 8/3 n_embd rounded up to 64
+        (the SwiGLU MLP's three matrices then hold about as many weights as GPT-2's two)."""
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        return self.intermediate_size or -(-8 * self.n_embd // 3 // 64) * 64
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,9 +193,17 @@ def get_preset(name: str) -> Preset:
         raise OpenLLMError(f"unknown model size {name!r}; choose one of: {', '.join(PRESETS)}") from None
 
 
-def model_config_for(name: str, vocab_size: int | None = None, **overrides: Any) -> ModelConfig:
-    """The preset's model config with the vocabulary size and any other field replaced."""
+def model_config_for(
+    name: str, vocab_size: int | None = None, arch: str | None = None, **overrides: Any
+) -> ModelConfig:
+    """The preset's model config with the vocabulary size, the architecture and any other field replaced.
+
+    Another ``arch`` keeps the preset's shape (layers, heads, width, context, dropout) and takes that
+    architecture's defaults for the rest: a ``gpt2`` preset as ``llama`` has no biases and a SwiGLU MLP."""
     config = get_preset(name).model
+    if arch is not None and arch != config.arch:
+        shape = {k: getattr(config, k) for k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "dropout")}
+        config = ModelConfig(**shape, arch=arch, bias=arch == "gpt2")
     if vocab_size is not None:
         config = config.replace(vocab_size=vocab_size)
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -28,7 +28,7 @@ from openllm.data.corpus import read_text, split_documents
 from openllm.data.dataset import load_dataset, token_dtype
 from openllm.data.prepare import pack
 from openllm.data.tokenizer import Tokenizer
-from openllm.model.gpt import GPT
+from openllm.model import LanguageModel
 
 
 @dataclass
@@ -61,7 +61,12 @@ def window_plan(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int
 
 @torch.no_grad()
 def stream_nll(
-    model: GPT, tokens: np.ndarray, seq_len: int, stride: int, batch_size: int = 8, device: torch.device | str = "cpu"
+    model: LanguageModel,
+    tokens: np.ndarray,
+    seq_len: int,
+    stride: int,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
 ) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) and count of scored targets over a token stream."""
     model.eval()
@@ -108,7 +113,7 @@ def encode_file(tokenizer: Tokenizer, path: str | os.PathLike) -> tuple[np.ndarr
 
 
 def evaluate_file(
-    model: GPT,
+    model: LanguageModel,
     tokenizer: Tokenizer,
     path: str | os.PathLike,
     seq_len: int | None = None,
@@ -123,7 +128,7 @@ def evaluate_file(
 
 
 def evaluate_dataset(
-    model: GPT,
+    model: LanguageModel,
     dataset_dir: str | os.PathLike,
     split: str = "val",
     seq_len: int | None = None,

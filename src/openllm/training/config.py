@@ -19,7 +19,7 @@ from openllm.core.device import DEVICES, DTYPES
 from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt, builtin_defaults
 from openllm.data.tokenizer import TOKENIZER_TYPES
-from openllm.model.config import get_preset
+from openllm.model.config import ARCHS, get_preset
 
 PRESET = "the preset's"
 
@@ -48,6 +48,15 @@ class TrainConfig:
         Opt("kind of tokenizer to train for --data-file", choices=TOKENIZER_TYPES, default="sentencepiece"),
     ] = None
     model_size: Annotated[str | None, Opt("preset: tiny, small, medium or large", default="tiny")] = None
+    arch: Annotated[
+        str | None,
+        Opt(
+            "model architecture: gpt2 (the legacy layout) or llama (rotary positions, RMSNorm, SwiGLU, no biases) "
+            "at the preset's size",
+            choices=ARCHS,
+            default_text=PRESET,
+        ),
+    ] = None
     vocab_size: Annotated[int | None, Opt("tokenizer vocabulary when one is trained", default_text=PRESET)] = None
     max_steps: Annotated[int | None, Opt("optimizer steps to train to", default_text=PRESET)] = None
     output_dir: Annotated[str | None, Opt("run directory", default="runs/openllm")] = None
@@ -157,6 +166,8 @@ class TrainConfig:
                 setattr(out, name, getattr(preset, name))
         if out.dropout is None:
             out.dropout = preset.model.dropout
+        if out.arch is None:
+            out.arch = preset.model.arch
         if out.min_lr is None or (
             "min_lr" not in given
             and _is_number(out.learning_rate)
@@ -221,6 +232,8 @@ class TrainConfig:
         for name in ("data", "data_file", "validation_data", "tokenizer_dir", "output_dir", "resume", "model_size"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise bad(name, "a path" if name != "model_size" else "a preset name", getattr(self, name))
+        if self.arch not in ARCHS:
+            raise bad("arch", " or ".join(ARCHS), self.arch)
         if self.optimizer not in ("adamw", "muon"):
             raise bad("optimizer", "adamw or muon", self.optimizer)
         if self.tokenizer_type not in TOKENIZER_TYPES:

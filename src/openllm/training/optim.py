@@ -7,18 +7,20 @@ import random
 import numpy as np
 import torch
 
-from openllm.model.gpt import GPT
+from openllm.model import LanguageModel
 from openllm.training.config import TrainConfig
 
 OPTIMIZERS = ("adamw", "muon")
 
 
-def configure_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | MuonAdamW:
+def configure_optimizer(
+    model: LanguageModel, cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer | MuonAdamW:
     """``--optimizer adamw``: AdamW with weight decay on matrices only (not biases, LayerNorms); fused on CUDA.
     ``--optimizer muon``: PyTorch's Muon for the transformer blocks' weight matrices, AdamW for the rest."""
     params = dict(model.named_parameters())
     decay, no_decay = model.optimizer_groups()
-    hidden = [n for n in decay if n.startswith("transformer.h.")] if cfg.optimizer == "muon" else []
+    hidden = [n for n in decay if n.startswith(model.BLOCKS)] if cfg.optimizer == "muon" else []
     decay = [n for n in decay if n not in hidden]
     groups = [
         {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},

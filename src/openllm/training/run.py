@@ -14,8 +14,8 @@ from openllm.core.errors import OpenLLMError
 from openllm.data.batches import BatchSampler, EvalBatches
 from openllm.data.dataset import PreparedDataset
 from openllm.data.tokenizer import Tokenizer
+from openllm.model import LanguageModel
 from openllm.model.config import ModelConfig
-from openllm.model.gpt import GPT
 from openllm.training.config import TrainConfig
 from openllm.training.distributed import DistInfo
 from openllm.training.optim import MuonAdamW
@@ -35,7 +35,7 @@ class Run:
     run_dir: Path
     dataset: PreparedDataset
     model_config: ModelConfig
-    raw_model: GPT
+    raw_model: LanguageModel
     model: torch.nn.Module  # raw_model, possibly compiled and/or wrapped in DDP
     optimizer: torch.optim.Optimizer | MuonAdamW
     scaler: torch.amp.GradScaler

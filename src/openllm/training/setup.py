@@ -22,8 +22,8 @@ from openllm.data.batches import BatchSampler, EvalBatches
 from openllm.data.dataset import PreparedDataset, load_dataset
 from openllm.data.prepare import prepare_dataset, prepared_request_key
 from openllm.data.tokenizer import Tokenizer, find_tokenizer
+from openllm.model import build_model
 from openllm.model.config import ModelConfig, get_preset, model_config_for
-from openllm.model.gpt import GPT
 from openllm.model.scoring import encode_file
 from openllm.training import records
 from openllm.training.config import TrainConfig
@@ -71,13 +71,21 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
         tokenizer = dataset.tokenizer
         if ckpt and not given.get("model_size"):  # a resumed model keeps its own shape (converted ones need no preset)
             model_config = ModelConfig.from_dict(ckpt["config"], dropout=cfg.dropout)
+            if given.get("arch") and given["arch"] != model_config.arch:
+                raise OpenLLMError(
+                    f"cannot resume: the checkpoint's model is arch {model_config.arch}, not {given['arch']} "
+                    "(give --model-size too to start a new model)"
+                )
             if model_config.vocab_size != tokenizer.vocab_size:
                 raise OpenLLMError(
                     f"cannot resume: the model's vocabulary is {model_config.vocab_size} tokens but the "
                     f"dataset's tokenizer has {tokenizer.vocab_size}"
                 )
         else:
-            model_config = model_config_for(cfg.model_size, vocab_size=tokenizer.vocab_size, dropout=cfg.dropout)
+            model_config = model_config_for(
+                cfg.model_size, vocab_size=tokenizer.vocab_size, arch=cfg.arch, dropout=cfg.dropout
+            )
+        cfg.arch = model_config.arch  # the training config records the architecture the run has
         if ckpt:
             check_compatible(ckpt, model_config, tokenizer.sha256, dataset.fingerprint, cfg, say)
     except OpenLLMError:
@@ -90,7 +98,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
     use_recorded_threads(ckpt, say)
     seed_everything(cfg.seed + dist.rank)
     dtype = resolve_dtype(cfg.dtype, device, get_preset(cfg.model_size).cpu_dtype)
-    raw = GPT(model_config).to(device)
+    raw = build_model(model_config).to(device)
     raw.activation_checkpointing = bool(cfg.activation_checkpointing)
     model = torch.compile(raw) if cfg.compile else raw
     if dist.enabled:
@@ -203,7 +211,7 @@ def already_done(ckpt: dict, cfg: TrainConfig) -> str | None:
 
 
 def check_compatible(ckpt: dict, model_config, tokenizer_sha: str, dataset_fp: str, cfg: TrainConfig, say) -> None:
-    old = ckpt.get("config") or {}
+    old = ModelConfig.from_dict(ckpt.get("config") or {}).to_dict()  # fields newer than the file: their defaults
     diffs = [
         f"{k} {old.get(k)!r} -> {v!r}" for k, v in model_config.to_dict().items() if k != "dropout" and old.get(k) != v
     ]
