@@ -171,6 +171,12 @@ def test_echo_with_logprobs_scores_token_prompts_as_evaluation_harnesses_ask(ser
     assert out["usage"]["prompt_tokens"] == sum(map(len, ids)) and out["usage"]["completion_tokens"] == 0
     one = post(url, "/v1/completions", {**body, "max_tokens": 1})["choices"][0]["logprobs"]
     assert len(one["tokens"]) == len(ids[0]) + 1  # the prompt's tokens, then the generated one
+    # also when that token is the end of text (the harness drops the last entry as the generated one)
+    eos = loaded.tokenizer.eos_id
+    ended = post(url, "/v1/completions", {**body, "max_tokens": 1, "logit_bias": {str(eos): 100}})["choices"][0]
+    assert ended["text"] == loaded.tokenizer.decode(ids[0]) and ended["finish_reason"] == "stop"
+    assert len(ended["logprobs"]["tokens"]) == len(ids[0]) + 1 and ended["logprobs"]["tokens"][-1] == "</s>"
+    assert ended["logprobs"]["token_logprobs"][: len(ids[0])] == one["token_logprobs"][: len(ids[0])]
 
 
 def test_generated_logprobs_bias_and_penalties_are_honoured(server):

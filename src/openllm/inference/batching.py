@@ -27,6 +27,14 @@ from openllm.model import LanguageModel
 _END = None  # what a stream's queue holds after its last token
 
 
+@dataclass
+class EndOfText:
+    """The end-of-text token that ended a sequence, with its log-probabilities (reported, never yielded)."""
+
+    token: int
+    logp: torch.Tensor
+
+
 @dataclass(eq=False)
 class Sequence:
     ids: list[int]
@@ -48,12 +56,16 @@ class TokenStream:
 
     def __init__(self, seq: Sequence):
         self.seq = seq
+        self.end: EndOfText | None = None  # set when the sequence ended with its end-of-text token
 
     def __iter__(self) -> TokenStream:
         return self
 
     def __next__(self) -> tuple[int, torch.Tensor]:
         item = self.seq.out.get()
+        if isinstance(item, EndOfText):
+            self.end = item
+            item = self.seq.out.get()
         if item is _END:
             raise StopIteration
         if isinstance(item, BaseException):
@@ -159,6 +171,7 @@ class Batcher:
             generated = history[len(seq.ids) :] if produced else None
             token = choose_token(seq.row, seq.opts, history, generated, seq.generator)
         if token == seq.eos_id:
+            seq.out.put(EndOfText(token, logp))
             return False
         seq.out.put((token, logp))
         seq.history.append(token)

@@ -177,6 +177,10 @@ class Engine:
         stream.finish()
         if len(stream.text) > emitted:
             yield stream.text[emitted:]
+        if lp is not None and tokens.end is not None:
+            # the end-of-text token closes the logprobs (with no text), as OpenAI-style servers report it: a
+            # harness scoring `echo` + `max_tokens: 1` drops the last entry as the generated one
+            lp.add_step(tokens.end.token, "", tokens.end.logp)
 
     def echo_logprobs(self, ids: list[int], k: int) -> Logprobs:
         """The prompt's tokens with their log-probabilities (the first has none)."""
