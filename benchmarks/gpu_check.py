@@ -14,7 +14,8 @@ Checks, each reported as ok / FAILED with its figures (the exit status is 1 if a
 4. a 1-process `torchrun` run (NCCL on the GPU, gloo on the CPU);
 5. generation tokens/s with the KV cache.
 
-The Llama architecture is not implemented yet, so it has no row. With ``--smoke`` every model is `tiny`
+The `medium` shape also runs as ``--arch llama`` (a Llama model of the same size), eager and compiled.
+With ``--smoke`` every model is `tiny`
 and the figures are CPU figures: the report says that no GPU figures were made.
 """
 
@@ -97,12 +98,12 @@ def main() -> None:
         )
         return TrainConfig(**{**base, **changes})
 
-    def throughput(size: str, compile: bool, optimizer: str):
+    def throughput(size: str, compile: bool, optimizer: str, arch: str = "gpt2"):
         def fn() -> str:
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            out = f"tp-{size}-{compile}-{optimizer}"
-            train(config(out, model_size=size, compile=compile, optimizer=optimizer), log=quiet)
+            out = f"tp-{size}-{compile}-{optimizer}" + ("" if arch == "gpt2" else f"-{arch}")
+            train(config(out, model_size=size, compile=compile, optimizer=optimizer, arch=arch), log=quiet)
             rows = [json.loads(x) for x in (work / out / "metrics.jsonl").read_text().splitlines()]
             later = rows[len(rows) // 2 :]  # past compilation and warm-up
             tps = statistics.median(r["tokens_per_second"] for r in later)
@@ -121,6 +122,12 @@ def main() -> None:
                 check.rows.append((name, "not run", "--smoke leaves compilation out"))
                 continue
             check.run(name, throughput(size, compile_, optimizer))
+    for compile_ in (False, True):
+        name = f"train {bigger} as llama {'compiled' if compile_ else 'eager'} adamw"
+        if compile_ and not gpu:
+            check.rows.append((name, "not run", "--smoke leaves compilation out"))
+            continue
+        check.run(name, throughput(bigger, compile_, "adamw", arch="llama"))
 
     def checkpoints(size: str):
         def fn() -> str:

@@ -18,6 +18,7 @@ def test_gpu_check_smoke_runs_every_path_on_the_cpu():
     table = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     results = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in table}
     expected = {"train tiny eager adamw", "train tiny eager muon", "checkpoint tiny", "torchrun", "generate tiny",
-                "resume continues the uninterrupted run", "train tiny compiled adamw"}  # fmt: skip
+                "resume continues the uninterrupted run", "train tiny compiled adamw", "train tiny as llama eager adamw",
+                "train tiny as llama compiled adamw"}  # fmt: skip
     assert set(results) == expected
     assert all(v == "ok" for k, v in results.items() if "compiled" not in k), results

@@ -75,7 +75,9 @@ def test_local_completions_against_the_server_equal_hf_on_the_export(small_datas
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = tmp_path / "run"
-    train(small_config(small_dataset, run, max_steps=200, eval_every=200, save_every=200, learning_rate=3e-3), log=quiet)
+    train(
+        small_config(small_dataset, run, max_steps=200, eval_every=200, save_every=200, learning_rate=3e-3), log=quiet
+    )
     export_checkpoint(run, tmp_path / "hf")
     (tmp_path / "tasks").mkdir()
     write_tasks(tmp_path / "tasks", tmp_path)
