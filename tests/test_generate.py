@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from openllm.inference.generate import SamplingOptions, generate_ids, next_token_logits_filter
+from openllm.model import build_model
 from openllm.model.config import ModelConfig
 from openllm.model.gpt import GPT
 
@@ -20,11 +22,13 @@ def full_recompute_greedy(model, ids, n):
     return out
 
 
-def test_kv_cache_generation_equals_full_recomputation_also_past_the_context():
+@pytest.mark.parametrize("arch", [{}, {"arch": "llama", "bias": False, "n_kv_head": 1}])
+def test_kv_cache_generation_equals_full_recomputation_also_past_the_context(arch):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=60, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)).eval()
+    config = ModelConfig(vocab_size=60, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0, **arch)
+    model = build_model(config).eval()
     with torch.no_grad():  # make EOS unlikely so the run is long enough to slide the window
-        model.transformer.wte.weight[3] -= 5.0
+        model.lm_head.weight[3] -= 5.0
     prompt = [2, 10, 11, 12]
     cached = list(generate_ids(model, prompt, SamplingOptions(max_new_tokens=40, temperature=0)))
     assert len(cached) == 40

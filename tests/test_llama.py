@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from openllm.checkpoint.format import verify_checkpoint
 from openllm.core.errors import OpenLLMError
 from openllm.inference.generate import SamplingOptions, generate_ids, prompt_ids
 from openllm.inference.loading import load_model
@@ -49,7 +50,7 @@ def test_llama_run_generates_and_resuming_it_as_gpt2_is_refused(llama_run, small
     ckpt = torch.load(llama_run / "best_model.pt", weights_only=True)
     assert ckpt["config"]["arch"] == "llama" and ckpt["training_config"]["arch"] == "llama"
     assert ckpt["model_info"]["architecture"].startswith("Llama")
-    assert cli("verify", str(llama_run / "best_model.pt")).returncode == 0
+    assert verify_checkpoint(llama_run / "best_model.pt").ok
     r = cli("generate", "--model", str(llama_run), "--prompt", "ROMEO:", "--temperature", "0", "--max-new-tokens", "8")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     resume = ("train", "--resume", str(llama_run / "best_model.pt"), "--output-dir", str(llama_run / "x"))
@@ -119,8 +120,7 @@ def test_convert_a_hugging_face_llama_or_qwen3_directory(llama_run, tmp_path, mo
 
 
 def test_convert_refuses_a_llama_variant_it_cannot_reproduce(llama_run, tmp_path):
-    r = cli("export", "--checkpoint", str(llama_run), "--output-dir", str(tmp_path / "hf"))
-    assert r.returncode == 0, r.stderr
+    export_checkpoint(llama_run, tmp_path / "hf")
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     cfg["hidden_act"] = "gelu"
