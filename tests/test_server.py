@@ -253,6 +253,27 @@ def test_openai_client_usage_chunk_chat_and_models(server):
         )
 
 
+def test_chat_logprobs_in_the_chat_shape_plain_and_streamed(server):
+    url, _ = server
+    client = openai.OpenAI(api_key="unused", base_url=url + "/v1")
+    messages = [{"role": "user", "content": "Who are you?"}]
+    ask = dict(model="tiny-test", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    reply = client.chat.completions.create(**ask)
+    content = reply.choices[0].logprobs.content
+    # one entry per generated token (and the end-of-text token when it ended the reply)
+    assert content and len(content) - reply.usage.completion_tokens in (0, 1)
+    for e in content:
+        # (alternatives are named by their text, so two byte tokens that both show as U+FFFD count once)
+        assert 1 <= len(e.top_logprobs) <= 3 and e.bytes == list(e.token.encode())
+        assert e.logprob <= max(t.logprob for t in e.top_logprobs) + 1e-6  # greedy: the top one, or tied
+    streamed = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [e.logprob for c in streamed for e in c.choices[0].logprobs.content] == [e.logprob for e in content]
+    plain = client.chat.completions.create(model="tiny-test", messages=messages, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None  # not asked, not sent
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="tiny-test", messages=messages, top_logprobs=2)
+
+
 def test_tokenize_and_detokenize(server):
     url, app = server
     tok = app.state.engine.loaded.tokenizer

@@ -3,7 +3,7 @@
 
 Every field is either honoured or refused with a 400 that names it; nothing is accepted and
 ignored. Fields this server cannot honour: ``suffix`` (no infilling), ``best_of`` other than ``n``,
-and the chat API's ``logprobs`` / ``tools``.
+and the chat API's ``tools``.
 """
 
 from __future__ import annotations
@@ -202,9 +202,17 @@ def parse_chat(body, limits: Limits, model_id: str, tokenizer: Tokenizer) -> tup
     """Validate a /v1/chat/completions body into a completion of the rendered conversation; also says whether
     the default template's stop strings apply."""
     _unknown(body, CHAT_FIELDS)
-    for name in ("logprobs", "top_logprobs", "tools", "tool_choice", "response_format"):
+    for name in ("tools", "tool_choice", "response_format"):
         if body.get(name) not in (None, False):
             raise APIError(400, f"'{name}' is not supported by this server's chat API", name)
+    if body.get("logprobs") not in (None, True, False):
+        raise APIError(400, "'logprobs' must be a boolean in the chat API", "logprobs")
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not body.get("logprobs"):
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        top = _number(body, "top_logprobs", None, 0, 20, integer=True)
+    logprobs = (top or 0) if body.get("logprobs") else None
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -227,7 +235,7 @@ def parse_chat(body, limits: Limits, model_id: str, tokenizer: Tokenizer) -> tup
         raise APIError(400, f"the conversation is longer than {limits.max_prompt_chars} characters", "messages")
     if default:
         common["stop"] = common["stop"] + [s for s in DEFAULT_CHAT_STOPS if s not in common["stop"]]
-    return CompletionRequest(prompts=[prompt], **common), default
+    return CompletionRequest(prompts=[prompt], logprobs=logprobs, **common), default
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict]) -> tuple[str, bool]:

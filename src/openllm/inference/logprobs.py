@@ -67,6 +67,23 @@ def join_logprobs(a: dict | None, b: dict | None) -> dict | None:
     return {k: a[k] + b[k] for k in FIELDS}
 
 
+def chat_logprobs(legacy: dict | None) -> dict | None:
+    """A completions ``logprobs`` object in the chat API's shape: ``{"content": [{token, logprob, bytes,
+    top_logprobs: [{token, logprob, bytes}]}]}``."""
+    if legacy is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in (top or {}).items()]}
+            for t, lp, top in zip(legacy["tokens"], legacy["token_logprobs"], legacy["top_logprobs"], strict=True)
+        ]
+    }
+
+
 @dataclass
 class Logprobs:
     """The ``logprobs`` object of one choice, built token by token. A token's text is what it adds to the

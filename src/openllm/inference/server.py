@@ -39,7 +39,7 @@ from openllm.inference.api import (
 from openllm.inference.batching import Batcher, TokenStream
 from openllm.inference.generate import SamplingOptions, TextStream, prompt_ids
 from openllm.inference.loading import LoadedModel, load_model
-from openllm.inference.logprobs import Logprobs, join_logprobs, score_tokens, token_texts
+from openllm.inference.logprobs import Logprobs, chat_logprobs, join_logprobs, score_tokens, token_texts
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 
@@ -355,7 +355,7 @@ def create_app(
                     {
                         "index": i,
                         "message": {"role": "assistant", "content": c.text},
-                        "logprobs": None,
+                        "logprobs": chat_logprobs(c.logprobs),
                         "finish_reason": c.finish_reason,
                     }
                     for i, c in enumerate(results)
@@ -565,7 +565,7 @@ async def _stream(
                     if i not in started:  # the first chunk of a choice names the role
                         delta = {"role": "assistant", **delta}
                         started.add(i)
-                    choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    choice = {"index": i, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
                 else:
                     choice = {"text": piece, "index": i, "logprobs": logprobs, "finish_reason": finish}
                 chunk = {"id": cid, "object": kind, "created": int(time.time()), "model": model_id, "choices": [choice]}
