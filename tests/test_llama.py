@@ -14,6 +14,7 @@ from openllm.inference.loading import load_model
 from openllm.interop.convert import convert
 from openllm.interop.export import export_checkpoint
 from openllm.interop.gguf_file import interleave_halves
+from openllm.interop.inspect import describe
 from openllm.model.config import ModelConfig, model_config_for
 from openllm.training.loop import train
 from tests.conftest import cli, quiet, small_config
@@ -65,6 +66,9 @@ def test_export_loads_as_llama_for_causal_lm_with_same_logits_and_ids(llama_run,
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert type(model).__name__ == "LlamaForCausalLM"
+    info = describe(out)
+    assert info["format"] == "Hugging Face Llama directory (openllm export)"
+    assert info["config"]["num_hidden_layers"] == 2 and info["config"]["hidden_act"] == "silu"
     ours = load_model(llama_run)
     x = torch.randint(0, ours.model.config.vocab_size, (3, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

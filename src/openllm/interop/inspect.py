@@ -14,6 +14,23 @@ from openllm.core.errors import OpenLLMError
 from openllm.core.numbers import finite_or_none
 from openllm.interop.gpt2 import is_export_dir, is_mask_buffer, read_hf_dir
 
+HF_FAMILIES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
+_LLAMA_KEYS = (
+    "vocab_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_size",
+    "intermediate_size",
+    "max_position_embeddings",
+    "hidden_act",
+)
+HF_CONFIG_KEYS = {
+    "gpt2": ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "activation_function"),
+    "llama": _LLAMA_KEYS,
+    "qwen3": _LLAMA_KEYS,
+}
+
 
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
@@ -104,9 +121,11 @@ def _describe_file(file: Path, size: int, label: str) -> dict:
 def _describe_export(path: Path) -> dict:
     cfg, state = read_hf_dir(path)
     meta = cfg.get("openllm") or {}
+    model_type = str(cfg.get("model_type"))
     return {
         "path": str(path),
-        "format": "Hugging Face GPT-2 directory" + (" (openllm export)" if meta else ""),
+        "format": f"Hugging Face {HF_FAMILIES.get(model_type, model_type)} directory"
+        + (" (openllm export)" if meta else ""),
         "size_bytes": _dir_size(path),
         "parameters": _params(state),
         "optimizer_state": False,
@@ -116,9 +135,7 @@ def _describe_export(path: Path) -> dict:
         "validation_log_entries": 0,
         "best_step": (meta.get("training_stats") or {}).get("best_step"),
         "best_validation_loss": meta.get("best_validation_loss"),
-        "config": {
-            k: cfg.get(k) for k in ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "activation_function")
-        },
+        "config": {k: cfg.get(k) for k in HF_CONFIG_KEYS.get(model_type, HF_CONFIG_KEYS["gpt2"])},
         "provenance": (meta.get("provenance") or {}).get("source", "unknown") if meta else "Hugging Face",
         "files": sorted(p.name for p in path.iterdir()),
     }
