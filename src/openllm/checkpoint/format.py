@@ -427,11 +427,12 @@ def shape_problems(state: dict, config: dict) -> list[str]:
     them, so an absurd config (a billion layers, an enormous vocabulary) is one problem, not a memory bomb.
     """
     try:
-        llama = config.get("arch") == "llama"
-        embedding = "model.embed_tokens.weight" if llama else "transformer.wte.weight"
+        from openllm.model import model_class
+
+        arch = model_class(config.get("arch", "gpt2"))
+        embedding, blocks = arch.EMBEDDING, arch.BLOCKS
         wte = state.get(embedding)
         n_layer = int(config["n_layer"])
-        blocks = "model.layers." if llama else "transformer.h."
         layers_present = {k[len(blocks) :].split(".")[0] for k in state if k.startswith(blocks)}
         if n_layer > len(layers_present) + 1:
             return [

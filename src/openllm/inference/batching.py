@@ -41,10 +41,10 @@ class Sequence:
     opts: SamplingOptions
     eos_id: int | None
     cancel: threading.Event  # the request's: its client went away
+    generator: torch.Generator  # the sequence's own, seeded from its options
     out: queue.Queue = field(default_factory=queue.Queue)
     stop: threading.Event = field(default_factory=threading.Event)  # the reader has what it wants
-    history: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    history: list[int] = field(default_factory=list)  # prompt and generated tokens
     row: torch.Tensor | None = None  # logits for the next token
 
     def ended(self) -> bool:
@@ -90,7 +90,7 @@ class Batcher:
         self.thread.start()
 
     def submit(self, ids: list[int], opts: SamplingOptions, eos_id: int | None, cancel: threading.Event) -> TokenStream:
-        seq = Sequence(list(ids), opts, eos_id, cancel, history=list(ids), generator=sampling_generator(opts))
+        seq = Sequence(list(ids), opts, eos_id, cancel, sampling_generator(opts), history=list(ids))
         with self.wake:
             self.waiting.append(seq)
             self.wake.notify()
@@ -166,7 +166,7 @@ class Batcher:
         if seq.opts.plain_greedy:
             token = top
         else:
-            assert seq.row is not None and seq.generator is not None
+            assert seq.row is not None
             history = torch.tensor(seq.history)
             generated = history[len(seq.ids) :] if produced else None
             token = choose_token(seq.row, seq.opts, history, generated, seq.generator)

@@ -7,12 +7,17 @@ from openllm.model.base import LanguageModel
 from openllm.model.config import ModelConfig
 
 
-def build_model(config: ModelConfig) -> LanguageModel:
-    """The model of ``config.arch`` (randomly initialised)."""
+def model_class(arch: str) -> type[LanguageModel]:
+    """The class of an architecture (KeyError for an unknown one)."""
     from openllm.model.gpt import GPT
     from openllm.model.llama import Llama
 
-    return {"gpt2": GPT, "llama": Llama}[config.arch](config)
+    return {"gpt2": GPT, "llama": Llama}[arch]
 
 
-__all__ = ["LanguageModel", "ModelConfig", "build_model"]
+def build_model(config: ModelConfig) -> LanguageModel:
+    """The model of ``config.arch`` (randomly initialised)."""
+    return model_class(config.arch)(config)
+
+
+__all__ = ["LanguageModel", "ModelConfig", "build_model", "model_class"]

@@ -18,6 +18,7 @@ from openllm.model.kv_cache import KVCache
 class LanguageModel(nn.Module):
     ARCHITECTURE = ""
     BLOCKS = ""  # the prefix of the transformer blocks' parameters (Muon takes their matrices)
+    EMBEDDING = ""  # the token embedding's state-dict key
     config: ModelConfig
     blocks: nn.ModuleList
     lm_head: nn.Linear

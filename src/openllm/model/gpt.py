@@ -67,6 +67,7 @@ class Block(nn.Module):
 class GPT(LanguageModel):
     ARCHITECTURE = "GPT-2 (pre-LayerNorm, learned positions, tied head)"
     BLOCKS = "transformer.h."
+    EMBEDDING = "transformer.wte.weight"
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)

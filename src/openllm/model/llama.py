@@ -94,6 +94,7 @@ class Block(nn.Module):
 class Llama(LanguageModel):
     ARCHITECTURE = "Llama (pre-RMSNorm, rotary positions, SwiGLU, no biases)"
     BLOCKS = "model.layers."
+    EMBEDDING = "model.embed_tokens.weight"
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
