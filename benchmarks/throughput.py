@@ -26,8 +26,8 @@ import torch
 from openllm.checkpoint import format as ck
 from openllm.core.device import resolve_dtype
 from openllm.data.prepare import prepare_dataset
+from openllm.model import LanguageModel, build_model
 from openllm.model.config import get_preset, model_config_for
-from openllm.model.gpt import GPT
 from openllm.training.config import TrainConfig
 from openllm.training.loop import lr_at, train_loop
 from openllm.training.metrics import memory_mb
@@ -44,10 +44,12 @@ CORPUS = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
 def plain_loop(
     cfg: TrainConfig, tokens: np.ndarray, vocab: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> dict:
-    """A plain PyTorch loop: random windows, AdamW, accumulation, clipping, autocast in ``dtype``, one sync
+    """A plain PyTorch loop: random windows, the run's optimizer, accumulation, clipping, autocast in ``dtype``, one sync
     per step. Returns tokens per wall-clock second and per CPU second."""
     seed_everything(cfg.seed)
-    model = GPT(model_config_for(cfg.model_size, vocab_size=vocab, dropout=cfg.dropout)).to(device)
+    model = build_model(model_config_for(cfg.model_size, vocab_size=vocab, arch=cfg.arch, dropout=cfg.dropout)).to(
+        device
+    )
     opt = configure_optimizer(model, cfg, device)
     rng = np.random.default_rng(cfg.seed)
     T, B = cfg.seq_len, cfg.batch_size
@@ -129,8 +131,11 @@ def checkpoint_figures(run, work: Path) -> dict:
     }
 
 
-def theoretical_memory_mb(model: GPT, cfg: TrainConfig) -> dict:
+def theoretical_memory_mb(model: LanguageModel, cfg: TrainConfig) -> dict:
     n = model.num_parameters()
+    # AdamW keeps two moments per parameter; Muon one momentum for the blocks' matrices it takes
+    muon = sum(p.numel() for k, p in model.named_parameters() if k.startswith(model.BLOCKS) and p.dim() == 2)
+    moments = 2 * n - (muon if cfg.optimizer == "muon" else 0)
     c = model.config
     B, T, C, L, H = cfg.batch_size, cfg.seq_len, c.n_embd, c.n_layer, c.n_head
     # fp32 activations kept for backward, per layer: ~ (34 B T C + 5 B H T^2) half-precision bytes
@@ -139,9 +144,9 @@ def theoretical_memory_mb(model: GPT, cfg: TrainConfig) -> dict:
     return {
         "weights": n * 4 / 1e6,
         "gradients": n * 4 / 1e6,
-        "adam": 2 * n * 4 / 1e6,
+        "optimizer": moments * 4 / 1e6,
         "activations": acts / 1e6,
-        "total": (4 * n * 4 + acts) / 1e6,
+        "total": ((2 * n + moments) * 4 + acts) / 1e6,
     }
 
 
@@ -247,7 +252,7 @@ def main() -> None:
             f"| checkpoint verify (checksum recomputed) | {figures['verify_s']:.3f} s |",
             f"| time to resume (find + verify + load + first step) | {resume_s:.2f} s |",
             f"| peak memory (process RSS, includes the Python/torch runtime) | {peak:,.0f} MB |",
-            f"| theoretical need: weights {mem['weights']:.1f} + grads {mem['gradients']:.1f} + AdamW {mem['adam']:.1f} + "
+            f"| theoretical need: weights {mem['weights']:.1f} + grads {mem['gradients']:.1f} + optimizer {mem['optimizer']:.1f} + "
             f"activations ~{mem['activations']:.1f} MB | {mem['total']:.1f} MB |",
             "",
         ]

@@ -39,8 +39,13 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
+# The `tiny` preset as it was before it became a Llama trained with Muon: most tests exercise features common
+# to both architectures on it, and the legacy, nanoGPT and GPT-2 exports need the gpt2 layout.
+GPT2_TINY = {"arch": "gpt2", "optimizer": "adamw", "lr_schedule": "cosine"}
+GPT2_TINY_FLAGS = [x for k, v in GPT2_TINY.items() for x in ("--" + k.replace("_", "-"), v)]
 # A run small enough for a test: the same settings as a TrainConfig and as `openllm train` options.
 SMALL_RUN = {
+    **GPT2_TINY,
     "batch_size": 4,
     "seq_len": 32,
     "max_steps": 6,

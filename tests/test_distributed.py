@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from tests.conftest import load
+from tests.conftest import GPT2_TINY_FLAGS, load
 
 
 def torchrun(nproc, *args):
@@ -58,6 +58,7 @@ def common(dataset, out, steps, batch):
         "2",
         "--warmup-steps",
         "1",
+        *GPT2_TINY_FLAGS,
         "--sample-tokens",
         "0",
         "--gradient-accumulation-steps",

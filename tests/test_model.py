@@ -1,4 +1,6 @@
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,6 +23,19 @@ def test_legacy_parameter_counts(name, expected):
     with torch.device("meta"):
         model = GPT(model_config_for(name, vocab_size=32000))
     assert model.num_parameters() == expected
+
+
+def test_shape_checks_build_every_architecture_without_importing_the_compiler():
+    # the meta kernels of normal_/arange import torch._dynamo (2 s) on first use; every checkpoint load runs
+    # these shape checks, so they must not reach them
+    code = (
+        "import sys; from openllm.checkpoint.format import expected_shapes; from openllm.model.config import PRESETS\n"
+        "shapes = [expected_shapes(p.model.to_dict()) for p in PRESETS.values()]\n"
+        "assert shapes[0]['model.embed_tokens.weight'] == (1024, 128), shapes[0]\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", (r.stdout, r.stderr)
 
 
 def tiny_config(**kw):
@@ -129,8 +144,9 @@ def test_bad_config_values_are_clear_errors():
 
 def test_every_preset_builds_and_tiny_is_cpu_sized():
     assert set(PRESETS) >= {"tiny", "small", "medium", "large"}
-    tiny = GPT(PRESETS["tiny"].model)
-    assert tiny.num_parameters() < 2_000_000
+    tiny = build_model(PRESETS["tiny"].model)
+    assert tiny.num_parameters() < 2_000_000 and PRESETS["tiny"].model.arch == "llama"
+    assert all(p.model.arch == "gpt2" for name, p in PRESETS.items() if name != "tiny")  # the legacy shapes
 
 
 @pytest.mark.parametrize("arch", ARCHS)

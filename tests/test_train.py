@@ -13,10 +13,11 @@ import torch
 from openllm.checkpoint import format as ck
 from openllm.checkpoint import rundir
 from openllm.core.errors import OpenLLMError
+from openllm.model.config import get_preset, model_config_for
 from openllm.model.gpt import GPT
 from openllm.training.config import TrainConfig
 from openllm.training.loop import TrainingStopped, lr_at, train
-from tests.conftest import cli, load, quiet
+from tests.conftest import GPT2_TINY, GPT2_TINY_FLAGS, cli, load, quiet
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -26,6 +27,7 @@ def config(dataset, out, **kw):
         data=str(dataset.path),
         output_dir=str(out),
         model_size="tiny",
+        **GPT2_TINY,
         batch_size=4,
         seq_len=32,
         max_steps=12,
@@ -103,10 +105,16 @@ def test_best_model_is_never_overwritten_by_a_worse_final(small_dataset, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "accum, optimizer, arch",
-    [(1, "adamw", "gpt2"), (3, "adamw", "gpt2"), (1, "muon", "gpt2"), (1, "adamw", "llama"), (1, "muon", "llama")],
+    "accum, optimizer, arch, schedule",
+    [
+        (1, "adamw", "gpt2", "cosine"),
+        (3, "adamw", "gpt2", "cosine"),
+        (1, "muon", "gpt2", "cosine"),
+        (1, "adamw", "llama", "cosine"),
+        (1, "muon", "llama", "wsd"),  # the tiny preset's own recipe
+    ],
 )
-def test_exact_resume_is_bit_identical(small_dataset, tmp_path, small_corpus, accum, optimizer, arch):
+def test_exact_resume_is_bit_identical(small_dataset, tmp_path, small_corpus, accum, optimizer, arch, schedule):
     paras = small_corpus.read_text().split("\n\n")
     val_file = tmp_path / "val.txt"
     val_file.write_text("\n\n".join(paras[:20]))
@@ -120,6 +128,7 @@ def test_exact_resume_is_bit_identical(small_dataset, tmp_path, small_corpus, ac
         vocab_size=400,
         optimizer=optimizer,
         arch=arch,
+        lr_schedule=schedule,
     )
     straight = train(config(small_dataset, tmp_path / "a", max_steps=16, **common), log=quiet)
     train(config(small_dataset, tmp_path / "b", max_steps=8, **common), log=quiet)
@@ -270,7 +279,9 @@ def test_nonfinite_loss_skips_then_rolls_back(small_dataset, tmp_path, monkeypat
 
 
 def test_lr_schedule_warmup_then_cosine():
-    cfg = TrainConfig(model_size="tiny", learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110).resolved()
+    cfg = TrainConfig(
+        model_size="tiny", lr_schedule="cosine", learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110
+    ).resolved()
     assert lr_at(5, cfg) == pytest.approx(0.5)
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(60, cfg) == pytest.approx(0.55)
@@ -281,8 +292,8 @@ def test_lr_schedule_warmup_then_cosine():
 def test_weight_decay_only_on_matrices(small_dataset):
     from openllm.training.optim import configure_optimizer
 
-    model = GPT(__import__("openllm.model.config", fromlist=["x"]).PRESETS["tiny"].model)
-    opt = configure_optimizer(model, TrainConfig(model_size="tiny").resolved(), torch.device("cpu"))
+    model = GPT(model_config_for("tiny", arch="gpt2"))
+    opt = configure_optimizer(model, TrainConfig(model_size="tiny", optimizer="adamw").resolved(), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -314,6 +325,7 @@ def cli_args(dataset, out, *extra):
         "2",
         "--sample-tokens",
         "5",
+        *GPT2_TINY_FLAGS,
         *extra,
     ]
 
@@ -478,10 +490,25 @@ def test_legacy_entry_point_and_defaults(small_corpus, tmp_path):
     assert (tmp_path / "models" / "improved-10k" / "best_model.pt").is_file()
 
 
+def test_tiny_defaults_to_its_recipe_and_older_runs_resume_with_what_they_ran():
+    fresh = TrainConfig(model_size="tiny").resolved()
+    assert (fresh.arch, fresh.optimizer, fresh.lr_schedule) == ("llama", "muon", "wsd")
+    legacy = TrainConfig(model_size="small").resolved()
+    assert (legacy.arch, legacy.optimizer, legacy.lr_schedule) == ("gpt2", "adamw", "cosine")
+    # a checkpoint written before --optimizer / --lr-schedule existed recorded neither: it ran AdamW + cosine
+    old = TrainConfig(model_size="tiny", **GPT2_TINY).resolved().to_dict()
+    del old["optimizer"], old["lr_schedule"]
+    resumed = TrainConfig().resolved(old)
+    assert (resumed.optimizer, resumed.lr_schedule) == ("adamw", "cosine")
+    assert TrainConfig(optimizer="muon").resolved(old).optimizer == "muon"  # unless told otherwise
+    recorded = TrainConfig(model_size="tiny").resolved().to_dict()  # a run that recorded them keeps them
+    assert TrainConfig().resolved(recorded).optimizer == "muon"
+
+
 def test_min_lr_follows_a_learning_rate_the_user_gave(small_dataset, tmp_path):
     cfg = TrainConfig(model_size="tiny", learning_rate=1e-4).resolved()
     assert cfg.min_lr == pytest.approx(1e-5)  # a tenth, as the presets decay
-    assert TrainConfig(model_size="tiny").resolved().min_lr == pytest.approx(4e-4)
+    assert TrainConfig(model_size="tiny").resolved().min_lr == pytest.approx(get_preset("tiny").learning_rate / 10)
     with pytest.raises(OpenLLMError, match="--min-lr"):  # an explicit contradiction is still an error
         TrainConfig(model_size="tiny", learning_rate=1e-4, min_lr=1e-3).resolved()
     r = cli(*cli_args(small_dataset, tmp_path / "run", "--model-size", "tiny", "--learning-rate", "1e-4"))

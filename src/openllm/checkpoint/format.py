@@ -415,9 +415,21 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     meta device, so this costs no memory and the architecture is declared only in its module)."""
     from openllm.model import build_model
 
-    with torch.device("meta"):
+    with torch.device("meta"), _NoRandomFill():
         model = build_model(ModelConfig.from_dict(config))
     return {k: tuple(t.shape) for k, t in model.state_dict().items()}
+
+
+class _NoRandomFill(torch.overrides.TorchFunctionMode):
+    """Skips the random initialisation of a model built on the meta device: there is nothing to fill, and
+    the meta kernels of ``normal_`` import ``torch._dynamo`` on first use (2 s of every checkpoint load)."""
+
+    FILLS = (torch.nn.init.normal_, torch.nn.init.trunc_normal_, torch.Tensor.normal_)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
 
 
 def shape_problems(state: dict, config: dict) -> list[str]:

@@ -22,10 +22,14 @@ from openllm.model.kv_cache import KVCache, attend
 
 
 def rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (block_size, head_dim) of every position, in float32."""
+    """cos and sin (block_size, head_dim) of every position, in float32.
+
+    Made on the CPU even under a ``torch.device("meta")`` context (the checkpoint's shape checks): the
+    first meta ``arange`` of a process costs 1.5 s of imports, and these small tables move with the model.
+    """
     d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32), inv_freq)
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))
+    angles = torch.outer(torch.arange(config.block_size, dtype=torch.float32, device="cpu"), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
 

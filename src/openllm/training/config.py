@@ -88,7 +88,7 @@ class TrainConfig:
             "learning-rate schedule after warmup: cosine decay, or wsd (constant, then a linear cooldown; "
             "extends without disturbing the learning rate)",
             choices=("cosine", "wsd"),
-            default="cosine",
+            default_text=PRESET,
         ),
     ] = None
     cooldown_fraction: Annotated[
@@ -104,7 +104,7 @@ class TrainConfig:
             "adamw, or muon (PyTorch's Muon for the transformer blocks' matrices, AdamW for embeddings, biases "
             "and gains)",
             choices=("adamw", "muon"),
-            default="adamw",
+            default_text=PRESET,
         ),
     ] = None
     grad_clip: Annotated[float | None, Opt("clip the gradient norm (0: off)", default=1.0)] = None
@@ -151,6 +151,9 @@ class TrainConfig:
     def resolved(self, inherited: dict[str, Any] | None = None) -> TrainConfig:
         """A complete, checked config: given values, then ``inherited``, then preset and defaults."""
         merged = {k: v for k, v in (inherited or {}).items() if k in TRAIN_OPTION_NAMES and k not in NOT_INHERITED}
+        if inherited:  # a run recorded before an option existed ran with what was then its only behaviour
+            for name, value in BEFORE_THE_OPTION.items():
+                merged.setdefault(name, value)
         given = self.given()
         if "data" in given or "data_file" in given:  # new data given on resume replaces the recorded source
             merged.pop("data", None)
@@ -268,7 +271,11 @@ PRESET_FIELDS = (
     "weight_decay",
     "gradient_accumulation_steps",
     "vocab_size",
+    "optimizer",
+    "lr_schedule",
 )
+# What a run recorded before these options existed did; resuming it keeps doing that, whatever its preset says now.
+BEFORE_THE_OPTION = {"optimizer": "adamw", "lr_schedule": "cosine"}
 # Options that describe this invocation only and are never inherited from a checkpoint on resume.
 NOT_INHERITED = ("resume", "allow_data_change", "reset_early_stopping", "output_dir")
 
