@@ -178,6 +178,7 @@ def openllm_run(train_file: Path, val_file: Path, run_dir: Path, extra: list[str
     if proc.wait() != 0:
         raise SystemExit(f"openllm train failed (exit {proc.returncode})")
     cfg = json.loads((run_dir / "training_config.json").read_text())
+    model_cfg = json.loads((run_dir / "config.json").read_text())
     out = subprocess.run(
         [*exe, "eval", "--model", str(run_dir), "--data", str(val_file), "--json", "--stride", str(cfg["seq_len"])],
         check=True,
@@ -193,9 +194,9 @@ def openllm_run(train_file: Path, val_file: Path, run_dir: Path, extra: list[str
         "bits_per_byte": result["bits_per_byte"],
         "bytes": result["bytes"],
         "steps": cfg["max_steps"],
-        "arch": json.loads((run_dir / "config.json").read_text()).get("arch", "gpt2"),
+        "arch": model_cfg.get("arch", "gpt2"),
         "optimizer": cfg.get("optimizer", "adamw"),
-        "vocab": json.loads((run_dir / "config.json").read_text())["vocab_size"],
+        "vocab": model_cfg["vocab_size"],
     }
 
 
