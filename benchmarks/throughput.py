@@ -2,6 +2,7 @@
 """Trainer overhead, checkpoint speed, resume time and memory, measured in one run.
 
     python benchmarks/throughput.py [--model-size tiny] [--steps 150] [--repeats 2] [--device cpu]
+                                    [--optimizer adamw|muon] [--as-avx2]
 
 The OpenLLM trainer (validation, checkpoints, per-step logs and metrics all on) and a plain
 hand-written PyTorch loop train the same model on the same data with the same settings,
@@ -36,7 +37,7 @@ from openllm.training.setup import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import write_section  # noqa: E402
+from report import add_cpu_kind_option, apply_cpu_kind, processor, write_section  # noqa: E402
 
 CORPUS = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
 
@@ -119,7 +120,7 @@ def checkpoint_figures(run, work: Path) -> dict:
     loaded = ck.load_checkpoint(path)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    ck.verify_checkpoint(path, loaded)
+    assert loaded and ck.verify_checkpoint(path).ok
     verify_s = time.perf_counter() - t
     return {
         "size_mb": size / 1e6,
@@ -158,8 +159,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--optimizer", default=None, help="adamw or muon (default: the preset's)")
     p.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    add_cpu_kind_option(p)
     args = p.parse_args()
+    apply_cpu_kind(args)
+    cpu = processor() if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"processor: {cpu}", flush=True)
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="openllm-bench-"))
     try:
@@ -179,6 +185,7 @@ def main() -> None:
                 eval_batches=4,
                 log_every=10**9,
                 device=args.device,
+                optimizer=args.optimizer,
                 keep_last=2,
             ).resolved()
             dtype = resolve_dtype(cfg.dtype, device, get_preset(cfg.model_size).cpu_dtype)  # as the trainer does
@@ -216,10 +223,12 @@ def main() -> None:
         mem = theoretical_memory_mb(run.raw_model, cfg)
         peak = memory_mb(device)
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.gradient_accumulation_steps
+        kind = f" ({cfg.optimizer}, {'as an AVX2-only CPU' if args.as_avx2 else 'own kernels'})"
+        flags = f" --optimizer {cfg.optimizer}" + (" --as-avx2" if args.as_avx2 else "")
         lines = [
-            "## Trainer throughput (benchmarks/throughput.py)",
+            f"## Trainer throughput{kind}: `python benchmarks/throughput.py{flags}`",
             "",
-            f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, device {device}, "
+            f"Machine: {cpu}; {platform.machine()}, {torch.get_num_threads()} torch threads, device {device}, "
             f"torch {torch.__version__}, Python {platform.python_version()}.",
             f"Settings: preset `{cfg.model_size}` ({run.raw_model.num_parameters():,} parameters), batch {cfg.batch_size} x "
             f"{cfg.seq_len} tokens x {cfg.gradient_accumulation_steps} accumulation ({tokens_per_step:,} tokens/step), "
@@ -248,8 +257,8 @@ def main() -> None:
             f"per run) | {ratio['everything']:.3f}x |",
             f"| checkpoint size | {figures['size_mb']:.1f} MB |",
             f"| checkpoint save (checksum + fsync + rename) | {figures['save_s']:.3f} s ({figures['save_mb_s']:.0f} MB/s) |",
-            f"| checkpoint load (weights_only) | {figures['load_s']:.3f} s ({figures['load_mb_s']:.0f} MB/s) |",
-            f"| checkpoint verify (checksum recomputed) | {figures['verify_s']:.3f} s |",
+            f"| checkpoint load (weights_only, checksum verified) | {figures['load_s']:.3f} s ({figures['load_mb_s']:.0f} MB/s) |",
+            f"| checkpoint verify (load, checksum, keys and shapes) | {figures['verify_s']:.3f} s |",
             f"| time to resume (find + verify + load + first step) | {resume_s:.2f} s |",
             f"| peak memory (process RSS, includes the Python/torch runtime) | {peak:,.0f} MB |",
             f"| theoretical need: weights {mem['weights']:.1f} + grads {mem['gradients']:.1f} + optimizer {mem['optimizer']:.1f} + "
@@ -258,7 +267,7 @@ def main() -> None:
         ]
         text = "\n".join(lines)
         print(text)
-        write_section(args.output, "Trainer throughput", text)
+        write_section(args.output, f"Trainer throughput{kind}", text)
         print(f"wrote {args.output}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Quality per CPU-second of the `tiny` preset against nanoGPT's CPU recipe, side by side.
 
-    python benchmarks/tiny_quality.py [--skip-baseline] [--no-curve] [-- OPENLLM TRAIN OPTIONS]
+    python benchmarks/tiny_quality.py [--skip-baseline] [--no-curve] [--as-avx2] [-- OPENLLM TRAIN OPTIONS]
+
+The processor and the kernels PyTorch really uses are printed first; `--as-avx2` runs everything (both
+runs, every process) as an AVX2-only CPU would, so one AVX-512/AMX machine measures both kinds.
 
 Split: tiny Shakespeare, first 90% of the characters for training (TRAIN.txt), last 10% for
 validation (VAL.txt), as nanoGPT's shakespeare_char preparation does.
@@ -47,7 +50,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import write_section  # noqa: E402
+from report import add_cpu_kind_option, apply_cpu_kind, processor, write_section  # noqa: E402
 
 CORPUS = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
 
@@ -208,8 +211,12 @@ def main() -> None:
     p.add_argument("--skip-baseline", action="store_true", help="only run openllm (for tuning; nothing recorded)")
     p.add_argument("--no-curve", action="store_true", help="skip the second run that validates every eighth")
     p.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    add_cpu_kind_option(p)
     p.add_argument("extra", nargs="*", help="extra `openllm train` options (tuning only; the record uses none)")
     args = p.parse_args()
+    apply_cpu_kind(args)
+    cpu = processor()
+    print(f"processor: {cpu}", flush=True)
     text = CORPUS.read_text(encoding="utf-8")
     cut = int(len(text) * 0.9)
     with tempfile.TemporaryDirectory(prefix="openllm-quality-") as tmp:
@@ -239,10 +246,12 @@ def main() -> None:
             f"nats/char) in {base['seconds']:.1f} s"
         )
     time_ratio = ours["seconds"] / base["seconds"]
+    heading = f"Quality per CPU-second ({'as an AVX2-only CPU' if args.as_avx2 else 'own kernels'})"
     lines = [
-        "## Quality per CPU-second: `tiny` against nanoGPT's CPU recipe (benchmarks/tiny_quality.py)",
+        f"## {heading}: `tiny` against nanoGPT's CPU recipe (`python benchmarks/tiny_quality.py"
+        f"{' --as-avx2' if args.as_avx2 else ''}`)",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
+        f"Machine: {cpu}; {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}. Tiny Shakespeare, first 90% of the characters for training, last 10% "
         f"({ours['bytes']:,} bytes) for validation; both measured in the same run, each everything included.",
         "",
@@ -273,7 +282,7 @@ def main() -> None:
         ]
     record = "\n".join(lines)
     print(record)
-    write_section(args.output, "Quality per CPU-second", record)
+    write_section(args.output, heading, record)
     print(f"wrote {args.output}")
 
 

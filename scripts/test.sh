@@ -13,4 +13,5 @@ echo "ruff check, ruff format --check, mypy..."
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -q "$@"
+# two workers (pytest-xdist): most tests wait on subprocesses and files, so two share two cores well
+exec .venv/bin/python -m pytest -q -n 2 "$@"

@@ -22,3 +22,46 @@ def test_gpu_check_smoke_runs_every_path_on_the_cpu():
                 "train tiny as llama compiled adamw"}  # fmt: skip
     assert set(results) == expected
     assert all(v == "ok" for k, v in results.items() if "compiled" not in k), results
+
+
+def test_the_benchmarks_say_which_kernels_ran_and_the_avx2_limits_take_effect():
+    """`--as-avx2` sets ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA; the printed processor line is read back
+    from a process started with them, so it shows what the kernels really were."""
+    import os
+
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import report; print(report.processor())"
+
+    def line(**env):
+        clean = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    avx2 = line(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    assert "AVX2 kernels" in avx2 and "oneDNN Intel AVX2" in avx2 and "bf16 emulated" in avx2, avx2
+    assert "limited by ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2" in avx2
+    lower = line(ATEN_CPU_CAPABILITY="default", ONEDNN_MAX_CPU_ISA="SSE41")  # a limit below this CPU's own
+    assert "DEFAULT kernels" in lower and "oneDNN Intel SSE4.1" in lower, lower
+
+
+def test_throughput_benchmark_runs_and_writes_its_section(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "throughput.py"),
+            "--steps",
+            "4",
+            "--repeats",
+            "1",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.startswith("processor: ") and "kernels" in r.stdout.splitlines()[0]
+    text = out.read_text()
+    assert "## Trainer throughput (muon, own kernels)" in text and "trainer / plain loop (median)" in text

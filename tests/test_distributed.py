@@ -84,8 +84,18 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume(small_dat
     assert [r["validation_loss"] for r in ddp["validation_log"]] == __import__("pytest").approx(
         [r["validation_loss"] for r in single["validation_log"]], rel=1e-5
     )
+    # The weights agree as far as the guarantee goes. The two runs see the same batches, but DDP sums the
+    # ranks' gradients in another order than one process does, so they differ by float rounding. AdamW
+    # divides each element's step by its own gradient scale: where a gradient is near zero, a rounding-level
+    # difference can change that element's step by up to the learning rate. So an element may differ by a
+    # small fraction of the summed learning rates (the furthest AdamW can move it), and the tensor as a whole
+    # (its RMS difference) only at rounding scale. Measured on AMD EPYC (AVX2): at most 0.0042 and 0.00011
+    # of the summed rates; a wrong batch or an unaveraged gradient moves weights by a tenth of it or more.
+    moved = sum(r["learning_rate"] for r in single["training_log"])
     for k, v in single["model_state_dict"].items():
-        assert torch.allclose(ddp["model_state_dict"][k], v, atol=1e-4), k
+        diff = ddp["model_state_dict"][k] - v
+        assert diff.abs().max().item() <= 0.05 * moved, k
+        assert diff.pow(2).mean().sqrt().item() <= 1e-3 * moved, k
 
     # a 2-process run stopped at step 4 resumes (2 processes) to the same end
     r = torchrun(2, *common(small_dataset, tmp_path / "part", 4, 2))

@@ -80,3 +80,27 @@ def test_generate_greedy_is_deterministic_and_long_prompts_are_truncated(run):
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.startswith("ROMEO:")
     long = cli("generate", "--model", str(run), "--prompt", "word " * 400, "--max-new-tokens", "5", "--seed", "1")
     assert long.returncode == 0 and "dropped" in long.stderr and "Traceback" not in long.stderr
+
+
+def test_generate_says_in_one_line_how_a_long_prompt_was_cut(run, capsys):
+    from openllm.cli import main
+
+    context = json.loads((run / "config.json").read_text())["block_size"]
+    args = ["generate", "--model", str(run), "--max-new-tokens", "3", "--num-samples", "2", "--seed", "1"]
+    assert main([*args, "--prompt", "word " * 400]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: the prompt is ") and f"its last {context} tokens" in err
+
+
+def test_generate_samples_use_independent_seeds(run, capsys):
+    from openllm.cli import main
+
+    def samples(seed: int, n: int) -> list[str]:
+        args = ["generate", "--model", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "16", "--top-k", "0"]
+        assert main([*args, "--temperature", "1.5", "--seed", str(seed), "--num-samples", str(n)]) == 0
+        out = capsys.readouterr().out
+        return [s for s in out.split("--- sample ") if s] if n > 1 else [out]
+
+    two = samples(42, 2)
+    assert two[0].split("---\n", 1)[1] == samples(42, 1)[0]  # the first sample is the single one of that seed
+    assert two[1].split("---\n", 1)[1] != samples(43, 1)[0]  # (with seed + i it was seed 43's)

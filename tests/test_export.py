@@ -49,7 +49,11 @@ def test_export_loads_in_stock_transformers_with_same_logits_and_ids(trained_run
     assert hf_tok.decode(hf_tok.encode(SAMPLE), skip_special_tokens=True) == SAMPLE
     gen = json.loads((out / "generation_config.json").read_text())
     assert (gen["eos_token_id"], gen["bos_token_id"], gen["pad_token_id"]) == (3, 2, 0)
+    assert "transformers_version" not in gen  # no claim about a library that did not write it
     assert "validation loss" in (out / "README.md").read_text()
+    # every file of the export has the mode a new file gets (safetensors alone made its file 0600)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1 and modes["model.safetensors"] == modes["config.json"], modes
 
 
 def test_hf_tokenizer_matches_on_real_corpus(trained_run, shakespeare_path):

@@ -68,6 +68,26 @@ def test_prompts_are_cut_only_when_longer_than_the_context(small_dataset):
     assert len(ids) == 16 and dropped > 0
 
 
+def test_a_prompt_is_never_cut_without_being_asked():
+    from openllm.inference.generate import PromptTooLong, fit_prompt
+
+    assert fit_prompt([1, 2, 3], context=3) == [1, 2, 3]
+    with pytest.raises(PromptTooLong, match="the prompt is 4 tokens, longer than the model's context of 3"):
+        fit_prompt([1, 2, 3, 4], context=3)
+    assert fit_prompt([1, 2, 3, 4], context=3, keep=2) == [3, 4]
+
+
+def test_sample_seeds_differ_for_every_seed_and_index():
+    """Sample i of seed s must not reuse another (seed, index)'s random stream, as seed + i did."""
+    from openllm.inference.generate import choice_seed
+
+    seeds = [choice_seed(s, i) for s in range(-20, 50) for i in range(8)]
+    assert len(set(seeds)) == len(seeds)
+    assert choice_seed(42, 0) == 42 and choice_seed(None, 3) is None  # one sample: the seed, as always
+    # derived seeds lie where no user seed can (|seed| < 2**63), so they never meet a first sample
+    assert all(2**63 <= choice_seed(s, i) < 2**64 for s in (0, 2**63 - 1, -(2**63 - 1)) for i in (1, 7))
+
+
 def test_continuations_are_decoded_in_context_of_the_prompt(small_dataset):
     from openllm.data.tokenizer import load_tokenizer
     from openllm.inference.generate import TextStream

@@ -170,6 +170,26 @@ def test_gguf_export_refuses_a_gpt2_model_and_writes_nothing(small_dataset, tmp_
     assert not (tmp_path / "g").exists()
 
 
+def test_inspect_verify_and_compare_know_the_gguf_export(llama_run, tmp_path):
+    from openllm.interop.inspect import verify_path
+
+    g = tmp_path / "g"
+    export_checkpoint(llama_run, g, format="gguf")
+    r = cli("verify", str(g))
+    assert r.returncode == 0 and r.stdout.startswith(f"ok   {g / 'model.gguf'}"), r.stdout + r.stderr
+    r = cli("compare", str(g), str(llama_run))
+    assert r.returncode == 0 and "GGUF llama model (f16 weights) (openllm export)" in r.stdout, r.stdout + r.stderr
+    info, run = describe(g / "model.gguf"), describe(llama_run)
+    assert info["parameters"] == run["parameters"] and info["config"]["block_count"] == run["config"]["n_layer"]
+    assert info["config"]["vocab_size"] == run["config"]["vocab_size"]
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((g / "model.gguf").read_bytes()[:-4096])
+    [v] = verify_path(cut)
+    assert not v.ok and "truncated or not a GGUF file" in v.problems[0] and "checkpoint" not in v.problems[0]
+    with pytest.raises(OpenLLMError, match="truncated or not a GGUF file"):
+        describe(cut)
+
+
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_llama_cpp_greedy_tokens_equal_openllm_generate(llama_run, tmp_path, dtype):

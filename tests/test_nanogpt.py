@@ -3,6 +3,7 @@ convert, generate, resume with the imported AdamW state, export to ``transformer
 
 from __future__ import annotations
 
+import json
 import math
 import pickle
 
@@ -171,6 +172,51 @@ def test_char_checkpoint_round_trip(nanogpt_checkout, shakespeare_path, tmp_path
         ours.model, ours.tokenizer, prompt, SamplingOptions(max_new_tokens=BLOCK - ids.shape[1], temperature=0)
     )
     assert theirs == prompt + mine
+
+
+def test_convert_summary_says_what_the_provenance_records(nanogpt_checkout, tmp_path, capsys):
+    from openllm.cli import main
+
+    root = nanogpt_checkout[0]
+    with_moments = root / "out-shakespeare-char" / "ckpt.pt"
+    bare = root / "out-without-optimizer"
+    bare.mkdir(exist_ok=True)
+    raw = load(with_moments)
+    del raw["optimizer"]
+    torch.save(raw, bare / "ckpt.pt")
+    for source, expected in ((with_moments, "imported from the nanoGPT"), (bare / "ckpt.pt", "fresh (")):
+        out = tmp_path / source.parent.name
+        assert main(["convert", "--input-dir", str(source), "--output-dir", str(out)]) == 0
+        printed = capsys.readouterr().out
+        recorded = load(out / "best_model.pt")["provenance"]["optimizer_state"]
+        assert recorded.startswith(expected) and "optimizer state" in printed and f"({recorded})" in printed, printed
+
+
+def test_a_converted_then_trained_model_keeps_its_provenance_chain(nanogpt_checkout, shakespeare_path, tmp_path):
+    from openllm.cli import main
+    from openllm.interop.export import export_checkpoint
+    from openllm.training.config import TrainConfig
+    from openllm.training.loop import train
+
+    root = nanogpt_checkout[0]
+    source = root / "out-shakespeare-char" / "ckpt.pt"
+    run = tmp_path / "run"
+    assert main(["convert", "--input-dir", str(source), "--output-dir", str(run)]) == 0
+    more = tmp_path / "more.txt"
+    more.write_text(shakespeare_path.read_text(encoding="utf-8")[30000:50000], encoding="utf-8")
+    options = dict(output_dir=str(run), data_file=str(more), batch_size=4, eval_every=2, eval_batches=1, log_every=100)
+    train(TrainConfig(resume=str(run / "best_model.pt"), max_steps=32, **options), log=lambda _m: None)
+    train(TrainConfig(resume="auto", max_steps=34, **options), log=lambda _m: None)  # a second resume keeps it too
+    chain = f"converted from nanogpt weights at {source}, then trained 4 steps with openllm (to step 34)"
+    final = load(run / "final_model.pt")["provenance"]
+    assert final["source"] == chain and final["origin"]["optimizer_state"].startswith("imported"), final
+    assert chain in (run / "README.md").read_text()
+    export_checkpoint(run / "final_model.pt", tmp_path / "hf")
+    assert chain in (tmp_path / "hf" / "README.md").read_text()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["openllm"]["provenance"]["source"] == chain
+    # converting the export back keeps the whole chain
+    assert main(["convert", "--input-dir", str(tmp_path / "hf"), "--output-dir", str(tmp_path / "again")]) == 0
+    assert chain in load(tmp_path / "again" / "best_model.pt")["provenance"]["source"]
 
 
 def test_meta_pkl_that_would_run_code_is_refused_unrun(nanogpt_checkout, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 from openllm.core.errors import OpenLLMError
 from openllm.data.prepare import prepare_dataset
-from tests.conftest import cli
+from tests.conftest import cli, small_args
 
 
 def decoded_documents(ds, split: str) -> list[str]:
@@ -175,3 +175,83 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path, squad_path, small_datase
     extra = synthetic_corpus(big, 24_000_000, squad_path) - synthetic_corpus(small, 4_000_000, squad_path)
     growth = peak(big) - peak(small)
     assert growth < extra / 3, f"peak RSS grew by {growth / 1e6:.0f} MB for {extra / 1e6:.0f} MB more text"
+
+
+def tagged_processes(tag: str) -> list:
+    """The live processes whose environment carries ``OPENLLM_TEST_TAG=tag`` (a run and every process it forked,
+    wherever they were re-parented)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("OPENLLM_TEST_TAG") == tag and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+@pytest.mark.parametrize("command, sig", [("prepare", "KILL"), ("prepare", "TERM"), ("train", "TERM")])
+def test_a_killed_preparation_takes_its_workers_along_and_the_rerun_succeeds(
+    tmp_path, squad_path, small_dataset, command, sig
+):
+    """Killed (by itself, at its second encoded chunk, so deterministically mid-encoding) while the workers
+    encode, as `openllm prepare` or as `openllm train --data-file` preparing first: no process of the run
+    survives it, the pipe reading its output sees its end, and the rerun in the same directory (`--resume
+    auto` for train) is not refused (workers that lived on kept the lock, the spool and the pipe)."""
+    import psutil
+
+    src = tmp_path / "big.txt"
+    synthetic_corpus(src, 3_000_000, squad_path)  # three chunks of training text
+    out, tag = tmp_path / "out", f"{os.getpid()}-{command}-{sig}"
+    args = [sys.executable, "-m", "openllm"]
+    if command == "prepare":
+        args += ["prepare", "--input", str(src), "--output-dir", str(out), "--tokenizer", str(small_dataset.path)]
+        args += ["--workers", "2"]
+        dataset = out
+    else:  # the small run's options, on raw text (encoded with the default workers: one per CPU)
+        args += ["train", "--data-file", str(src), "--tokenizer-dir", str(small_dataset.path), "--output-dir", str(out)]
+        args += small_args(small_dataset, out, "--max-steps", "2")[5:]  # (after: train --data D --output-dir O)
+        dataset = out / "dataset"
+    env = dict(os.environ, OPENLLM_TEST_TAG=tag, OPENLLM_FAULT=f"encode:2:{sig}")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # as `| tee` reads it
+    try:
+        proc.wait(timeout=120)
+        assert proc.returncode == -getattr(signal, "SIG" + sig)
+        _, survivors = psutil.wait_procs(tagged_processes(tag), timeout=5)
+        assert not survivors, f"{len(survivors)} process(es) of the killed run live on"
+        assert proc.stdout.read() is not None  # (returns: nothing else holds the pipe open)
+    finally:
+        for p in tagged_processes(tag):
+            p.kill()
+    assert not (dataset / "meta.json").exists()
+    rerun = args + (["--resume", "auto"] if command == "train" else [])
+    r = subprocess.run(rerun, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (dataset / "meta.json").is_file() and not list(dataset.glob(".prepare-*"))
+    assert not list(tmp_path.glob(".out.lock*")) and not list(out.glob(".dataset.lock*"))
+
+
+def test_a_lock_whose_holder_died_is_taken_over_from_what_it_left_behind(tmp_path):
+    """A lock file naming a dead process, its flock still held by a process left behind (as the orphaned workers
+    of a killed preparation held it): stale, so the next command takes it over; a live holder is still refused."""
+    from openllm.core.fileio import directory_lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / ".out.lock"
+    keep = "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, 2); "
+    keep += f"os.write(fd, b'{dead.pid}'); print('held', flush=True); time.sleep(60)"
+    left = subprocess.Popen([sys.executable, "-c", keep, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert left.stdout.readline() == "held\n"
+        with directory_lock(tmp_path / "out", "dataset directory"):
+            assert lock.read_text() == str(os.getpid())
+            (tmp_path / "x.txt").write_text("one\n\ntwo\n")
+            r = cli("prepare", "--input", str(tmp_path / "x.txt"), "--output-dir", str(tmp_path / "out"))
+            assert r.returncode == 2 and f"in use by another openllm process (pid {os.getpid()})" in r.stderr, r.stderr
+        assert not lock.exists() and left.poll() is None  # released; what was left behind was not touched
+    finally:
+        left.kill()
+        left.wait()

@@ -1,9 +1,12 @@
 """Every promise holds (issue 11): options honoured, records true, reproducible runs, whole files, untrusted
 input refused quickly, and a server that can be exposed."""
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -69,6 +72,7 @@ def test_extending_a_run_says_what_the_schedule_does(small_dataset, tmp_path):
     lr_before = load(out / "checkpoint_step_8.pt")["training_log"][-1]["learning_rate"]
     shutil_rm = [p.unlink() for p in out.glob("*.pt") if p.name != "checkpoint_step_8.pt"]
     assert shutil_rm
+    shutil.copytree(out, tmp_path / "shorter")  # the same run stopped at step 8, for the shorter resume below
     said = []
     train(
         small(
@@ -83,9 +87,16 @@ def test_extending_a_run_says_what_the_schedule_does(small_dataset, tmp_path):
         ),
         log=said.append,
     )
-    assert not any("schedule changes" in m for m in said), said
+    # the next step's rate is as before, but the cooldown moved with --max-steps: said, naming a later step
+    notes = [m for m in said if "schedule changes" in m]
+    assert len(notes) == 1 and "step 9 gets" not in notes[0], said
     log = load(out / "final_model.pt")["training_log"]
     assert next(r for r in log if r["step"] == 9)["learning_rate"] == lr_before
+    # a smaller --max-steps re-plans the cooldown too, and says so
+    said = []
+    shorter = small(small_dataset, tmp_path / "shorter", lr_schedule="wsd", max_steps=12, save_every=4, eval_every=4)
+    train(dataclasses.replace(shorter, resume="auto", allow_data_change=True), log=said.append)
+    assert any("schedule changes with this resume: step 11 gets" in m for m in said), "\n".join(said)
 
 
 def test_resume_on_other_validation_text_starts_the_best_afresh(small_dataset, shakespeare_path, tmp_path):
@@ -161,16 +172,25 @@ def test_batch_beyond_memory_is_refused_before_writing(small_dataset, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@contextlib.contextmanager
+def small_disk(disk):
+    """A real 3 MB file system at ``disk`` (a tmpfs; root can mount one), unmounted afterwards; yields False
+    where mounting is not allowed (the tests then raise what each writer's library raises on a full disk)."""
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)]
+    mounted = subprocess.run(mount, capture_output=True).returncode == 0
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_a_real_full_disk_is_one_clear_error(small_dataset, tmp_path):
     """A 3 MB tmpfs (root can mount one); where mounting is not allowed, the same write failure is raised
     the way torch reports it, so the translation is still checked."""
     disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = (
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True).returncode
-        == 0
-    )
-    try:
+    with small_disk(disk) as mounted:
         out = disk / "run"
         if mounted:
             r = cli(*args(small_dataset, out, "--model-size", "tiny"))
@@ -194,9 +214,84 @@ def test_a_real_full_disk_is_one_clear_error(small_dataset, tmp_path):
         assert ("disk full" in message or "could not write" in message) and "intact" in message, message
         assert "internal error" not in message and "enforce fail" not in message
         assert not list(out.glob(".*.tmp-*"))
-    finally:
+
+
+@pytest.fixture(scope="module")
+def llama_run(small_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama") / "run"
+    train(small(small_dataset, out, arch="llama"), log=quiet)  # GGUF export needs the llama layout
+    return out
+
+
+def _corpus(path, paragraphs=12000):
+    """About 4 MB of distinct paragraphs (duplicates would be dropped before they are spooled)."""
+    import random
+
+    words = (ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt").read_text().split()
+    rng = random.Random(0)
+    path.write_text("".join(" ".join(rng.choice(words) for _ in range(60)) + "\n\n" for _ in range(paragraphs)))
+    return path
+
+
+def _simulated_full_disk(monkeypatch, writer: str):
+    """Without a tmpfs (not root): the failure each writer really reports on a full disk, with the disk full."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from openllm.core import fileio
+
+    failures = {
+        "prepare": ("openllm.data.prepare._prepare", OSError(errno.ENOSPC, "No space left on device")),
+        "export": (
+            "safetensors.torch.save_file",
+            SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        ),
+        "gguf export": ("openllm.interop.export.write_gguf", OSError("49152 requested and 24912 written")),
+    }
+    target, exc = failures[writer]
+
+    def fail(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(target, fail)
+    monkeypatch.setattr(fileio, "_free_bytes", lambda path: 24912)
+
+
+@pytest.mark.parametrize("writer", ["prepare", "export", "gguf export"])
+def test_a_full_disk_is_the_same_clear_error_for_every_writer(writer, llama_run, tmp_path, monkeypatch):
+    """prepare, export and GGUF export say what train and convert say, whatever their library raised (an
+    OSError, safetensors' SafetensorError, numpy's "N requested and M written"), and leave nothing behind."""
+    from openllm.data.prepare import prepare_dataset
+    from openllm.interop.export import export_checkpoint
+
+    disk = tmp_path / "disk"
+    with small_disk(disk) as mounted:
+        out = disk / "out"
+        corpus = _corpus(tmp_path / "corpus.txt") if writer == "prepare" else None
+        command = {
+            "prepare": ["prepare", "--input", str(corpus), "--output-dir", str(out)],
+            "export": ["export", "--checkpoint", str(llama_run), "--output-dir", str(out)],
+            "gguf export": ["export", "--checkpoint", str(llama_run), "--output-dir", str(out), "--format", "gguf"],
+        }[writer]
         if mounted:
-            subprocess.run(["umount", str(disk)], check=True)
+            if writer != "prepare":  # an export of this small model fits in 3 MB: leave it 256 kB
+                free = shutil.disk_usage(disk).free
+                (disk / "ballast").write_bytes(b"\0" * (free - 256 * 1024))
+            r = cli(*command)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+            message = r.stderr
+        else:
+            _simulated_full_disk(monkeypatch, writer)
+            with pytest.raises(OpenLLMError) as exc:
+                if writer == "prepare":
+                    prepare_dataset([corpus], out)
+                else:
+                    export_checkpoint(llama_run, out, format="gguf" if writer == "gguf export" else "hf")
+            message = str(exc.value)
+        assert f"disk full while writing {out}" in message and "the previous files are intact" in message, message
+        assert "internal error" not in message and "Traceback" not in message
+        assert not out.exists() and not [p for p in disk.iterdir() if p.name != "ballast"]
 
 
 # ------------------------------------------------------------------------------------ reproducibility
@@ -443,7 +538,8 @@ def test_hugging_face_configs_with_values_of_the_wrong_kind_are_one_error(small_
     config["n_layer"] = "many"
     (hf / "config.json").write_text(json.dumps(config))
     r = cli("convert", "--input-dir", str(hf), "--output-dir", str(tmp_path / "conv"))
-    assert r.returncode == 2 and "wrong kind" in r.stderr and "internal error" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "n_layer must be a whole number" in r.stderr and "'many'" in r.stderr, r.stderr
+    assert "internal error" not in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_resuming_a_converted_model_on_new_text_uses_its_tokenizer_and_a_refusal_leaves_nothing(

@@ -54,3 +54,27 @@ def test_every_documented_command_line_parses():
             parser.parse_args(argv)
             continue
         pytest.fail(f"{where}\n{err.getvalue()}")
+
+
+def test_the_legacy_command_runs_on_a_fresh_clone_with_the_documented_layout(tmp_path):
+    """The README's two legacy lines, run as written in an empty directory (as a fresh clone is), with a tiny
+    model and a few steps instead of `small` for 10,000 steps; without the layout it is one error line."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"make the\nlayout from the bundled corpus.*?```bash\n(.*?)```", text, re.S).group(1)
+    make, legacy = block.strip().splitlines()
+    assert legacy.startswith("python core/src/train_model_improved.py --model-size small --max-steps 10000")
+    (tmp_path / "src" / "openllm" / "corpus").mkdir(parents=True)
+    corpus = (ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    (tmp_path / "src" / "openllm" / "corpus" / "tinyshakespeare.txt").write_text(corpus[:60_000])
+    script = str(ROOT / "core" / "src" / "train_model_improved.py")
+    run = legacy.replace("core/src/train_model_improved.py", script).replace("python ", f"{sys.executable} ", 1)
+    run = run.replace("--model-size small --max-steps 10000", "--model-size tiny --max-steps 4 --vocab-size 400")
+    run = run.replace("--save-every 500", "--save-every 2 --eval-every 2 --batch-size 4 --seq-len 32 --sample-tokens 0")
+    missing = subprocess.run(run, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "data/clean/training_data.txt is not here" in missing.stderr
+    assert not (tmp_path / "models").exists()
+    made = subprocess.run(make.replace("python3 ", f"{sys.executable} ", 1), shell=True, cwd=tmp_path, timeout=60)
+    assert made.returncode == 0 and (tmp_path / "data" / "clean" / "validation_data.txt").stat().st_size > 1000
+    r = subprocess.run(run, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "models" / "improved-10k" / "best_model.pt").is_file()

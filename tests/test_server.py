@@ -160,8 +160,9 @@ def test_echo_with_logprobs_scores_token_prompts_as_evaluation_harnesses_ask(ser
     assert [c["index"] for c in out["choices"]] == [0, 1]
     for prompt, choice in zip(ids, out["choices"], strict=True):
         lp = choice["logprobs"]
-        assert choice["text"] == loaded.tokenizer.decode(prompt) == "".join(lp["tokens"][1:])
-        assert lp["tokens"][0] == "<s>"  # the bos token the prompt starts with, named by its piece
+        assert choice["text"] == loaded.tokenizer.decode(prompt) == "".join(lp["tokens"])
+        assert lp["tokens"][0] == "" and prompt[0] == loaded.tokenizer.bos_id  # the bos adds no text
+        assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(prompt))]
         assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(prompt)
         with torch.no_grad():
             logits, _ = loaded.model(torch.tensor([prompt]))
@@ -175,7 +176,7 @@ def test_echo_with_logprobs_scores_token_prompts_as_evaluation_harnesses_ask(ser
     eos = loaded.tokenizer.eos_id
     ended = post(url, "/v1/completions", {**body, "max_tokens": 1, "logit_bias": {str(eos): 100}})["choices"][0]
     assert ended["text"] == loaded.tokenizer.decode(ids[0]) and ended["finish_reason"] == "stop"
-    assert len(ended["logprobs"]["tokens"]) == len(ids[0]) + 1 and ended["logprobs"]["tokens"][-1] == "</s>"
+    assert len(ended["logprobs"]["tokens"]) == len(ids[0]) + 1 and ended["logprobs"]["tokens"][-1] == ""
     assert ended["logprobs"]["token_logprobs"][: len(ids[0])] == one["token_logprobs"][: len(ids[0])]
 
 
@@ -211,6 +212,86 @@ def test_streamed_logprobs_join_into_the_unstreamed_ones(server):
         for key, values in (e["choices"][0]["logprobs"] or {}).items():
             joined[key] += values
     assert text == whole["text"] and joined == whole["logprobs"]
+
+
+def test_echoed_and_generated_tokens_join_exactly_into_the_text(server):
+    """Every logprobs entry is the text its token adds: the bos an echoed prompt starts with and the eos that
+    ends a generation add "" (one entry per token still, as harnesses index them), so tokens and offsets
+    describe the returned text exactly, plain and streamed, completions and chat."""
+    url, app = server
+    tok = app.state.engine.loaded.tokenizer
+    eos = str(tok.eos_id)
+    for body in (
+        {"prompt": "The king said", "echo": True, "max_tokens": 6, "logprobs": 2, "temperature": 0},
+        {"prompt": "KING:", "echo": True, "max_tokens": 3, "logprobs": 1, "logit_bias": {eos: 100}},
+        {"prompt": tok.prompt_ids("A horse") + tok.encode(" and"), "echo": True, "max_tokens": 0, "logprobs": 0},
+    ):
+        choice = post(url, "/v1/completions", body)["choices"][0]
+        lp, text = choice["logprobs"], choice["text"]
+        assert "".join(lp["tokens"]) == text and "<s>" not in lp["tokens"] and "</s>" not in lp["tokens"], lp
+        assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(len(lp["tokens"]))]
+        assert lp["tokens"][0] == "" and lp["token_logprobs"][0] is None  # the bos: in the ids, not the text
+    ended = post(url, "/v1/completions", {"prompt": "KING:", "max_tokens": 3, "logprobs": 1, "logit_bias": {eos: 100}})
+    assert ended["choices"][0]["logprobs"]["tokens"] == [""] and ended["choices"][0]["text"] == ""
+    chat = post(
+        url,
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "logprobs": True, "logit_bias": {eos: 100}},
+    )["choices"][0]
+    assert [e["token"] for e in chat["logprobs"]["content"]] == [""] and chat["message"]["content"] == ""
+
+
+def test_a_prompt_longer_than_the_context_is_refused_unless_truncation_is_asked(server):
+    url, app = server
+    context = app.state.engine.loaded.model.config.block_size
+    tok = app.state.engine.loaded.tokenizer
+    long_ids, long_text = [5] * 100_000, "word " * (2 * context)
+    for body, param in (
+        ({"prompt": long_ids, "max_tokens": 1}, "prompt"),
+        ({"prompt": long_text, "max_tokens": 1}, "prompt"),
+        ({"prompt": ["ROMEO:", long_ids], "max_tokens": 1}, "prompt"),
+        ({"prompt": long_ids, "echo": True, "logprobs": 1, "max_tokens": 0}, "prompt"),
+        ({"prompt": long_text, "max_tokens": 1, "stream": True}, "prompt"),
+    ):
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param and error["code"] == "context_length_exceeded", r.text
+        assert f"maximum context length is {context} tokens" in error["message"], error
+        assert f"{len(tok.prompt_ids(long_text)) if isinstance(body['prompt'], str) else 100_000}" in error["message"]
+    chat = {"messages": [{"role": "user", "content": long_text}], "max_tokens": 1}
+    r = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    # a prompt of exactly the context is served; asked for, truncation keeps the last tokens and says so in usage
+    ids = list(range(10, 10 + 2 * context))
+    exact = post(url, "/v1/completions", {"prompt": ids[-context:], "max_tokens": 2, "temperature": 0})
+    assert exact["usage"]["prompt_tokens"] == context
+    cut = {"prompt": ids, "max_tokens": 2, "temperature": 0, "truncate_prompt_tokens": context}
+    answer = post(url, "/v1/completions", cut)
+    assert answer["usage"]["prompt_tokens"] == context and answer["choices"] == exact["choices"]
+    echoed = post(url, "/v1/completions", {**cut, "echo": True, "logprobs": 0, "max_tokens": 0})["choices"][0]
+    assert echoed["text"] == tok.decode(ids[-context:]) == "".join(echoed["logprobs"]["tokens"])
+    assert post(url, "/v1/chat/completions", {**chat, "truncate_prompt_tokens": context})["usage"]["prompt_tokens"] == (
+        context
+    )
+    r = httpx.post(url + "/v1/completions", json={**cut, "truncate_prompt_tokens": context + 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+    # /tokenize counts every token of a long text, so a client can see it will not fit
+    counted = post(url, "/tokenize", {"prompt": long_text})
+    assert counted["count"] == len(tok.prompt_ids(long_text)) > counted["max_model_len"] == context
+
+
+def test_every_seed_and_choice_samples_an_independent_stream(server):
+    url, _ = server
+
+    def texts(seed: int, n: int) -> list[str]:
+        body = {"prompt": "ROMEO:", "max_tokens": 16, "temperature": 1.0, "seed": seed, "n": n}
+        return [c["text"] for c in post(url, "/v1/completions", body)["choices"]]
+
+    two = texts(42, 2)
+    assert two == texts(42, 2)  # seeded choices are reproducible
+    assert texts(42, 1) == two[:1]  # the first choice is the single choice of the same seed
+    assert texts(43, 1)[0] != two[1]  # (with seed + i, seed 43's first choice was seed 42's second)
+    assert len(set(texts(7, 4) + texts(8, 4))) == 8
 
 
 def test_fields_that_cannot_be_honoured_are_refused_by_name(server):

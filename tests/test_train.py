@@ -145,7 +145,7 @@ def test_exact_resume_is_bit_identical(small_dataset, tmp_path, small_corpus, ac
         assert "model.layers.0.mlp.gate_proj.weight" in a["model_state_dict"]
     if optimizer == "muon":  # both parts' state is in the checkpoint, and AdamW cannot take it over
         assert set(a["optimizer_state_dict"]) == {"muon", "adamw"} and a["optimizer_state_dict"]["muon"]["state"]
-        with pytest.raises(OpenLLMError, match="--optimizer adamw"):
+        with pytest.raises(OpenLLMError, match="trained with --optimizer muon; resume with --optimizer muon"):
             train(
                 config(small_dataset, tmp_path / "b", max_steps=20, resume="auto", **{**common, "optimizer": "adamw"}),
                 log=quiet,

@@ -17,11 +17,17 @@ from typing import Any, NoReturn
 from openllm import __version__
 from openllm.core.device import DEVICES
 from openllm.core.errors import OpenLLMError
-from openllm.core.options import add_options, nonneg_int, option_values, port, positive_int
+from openllm.core.options import add_options, option_values, port, positive_int
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option as one line and exit status 2."""
+    """argparse that reports a bad option as one line and exit status 2, and takes options only spelled whole
+    (``--max-step 2`` is an error, not ``--max-steps``: a prefix that happens to match today may mean another
+    option tomorrow)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -59,6 +65,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     print(
         f"prepared {ds.path}: {m['documents_read']:,} documents read, {m['duplicates_dropped']:,} duplicates dropped, "
         + (f"{skipped:,} bad records skipped, " if skipped else "")
+        + (f"{m['documents_cut']:,} over-long documents cut, " if m.get("documents_cut") else "")
         + f"{m['train_documents']:,} train / {m['val_documents']:,} validation documents, "
         f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens, vocab {m['vocab_size']:,}; {read_mb:,.1f} MB in "
         f"{m['seconds']:.2f} s ({read_mb / max(m['seconds'], 1e-9):,.1f} MB/s), peak memory "
@@ -81,13 +88,6 @@ def _add_train(sub: Any) -> None:
         "command-line values win.",
     )
     p.add_argument("--config", help="YAML file of options (keys as the option names, with - or _)")
-    p.add_argument("--sample-prompt", default="", help="prompt of the sample printed at the end")
-    p.add_argument(
-        "--sample-tokens",
-        type=nonneg_int,
-        default=120,
-        help="length of the sample printed at the end (0: none) (default: 120)",
-    )
     add_options(p, TrainConfig)
     p.set_defaults(func=_run_train)
 
@@ -110,18 +110,24 @@ def _run_train(args: argparse.Namespace) -> int:
         f"done: {result.stop_reason}; best validation loss {result.best_validation_loss:.4f} at step "
         f"{result.best_step}; run directory {result.run_dir}"
     )
-    if args.sample_tokens and (result.run_dir / "best_model.pt").is_file():
-        from openllm.inference.generate import SamplingOptions, generate_text
+    sample_tokens = (result.config.sample_tokens or 0) if result.config else 0
+    prompt = (result.config.sample_prompt or "") if result.config else ""
+    if sample_tokens and (result.run_dir / "best_model.pt").is_file():
+        from openllm.inference.generate import PromptTooLong, SamplingOptions, generate_text
         from openllm.inference.loading import load_model
 
         loaded = load_model(result.run_dir / "best_model.pt")
-        text = generate_text(
-            loaded.model,
-            loaded.tokenizer,
-            args.sample_prompt,
-            SamplingOptions(max_new_tokens=args.sample_tokens, temperature=0.8, seed=0),
-        )
-        print(f"--- sample from best_model.pt ---\n{args.sample_prompt}{text}\n---")
+        try:
+            text = generate_text(
+                loaded.model,
+                loaded.tokenizer,
+                prompt,
+                SamplingOptions(max_new_tokens=sample_tokens, temperature=0.8, seed=0),
+            )
+        except PromptTooLong as exc:  # the run is complete; only its sample cannot be made
+            print(f"warning: no sample printed: --sample-prompt: {exc}", file=sys.stderr)
+            return 0
+        print(f"--- sample from best_model.pt ---\n{prompt}{text}\n---")
     return 0
 
 
@@ -149,19 +155,22 @@ def _run_generate(args: argparse.Namespace) -> int:
     import dataclasses
 
     from openllm.core.device import resolve_device
-    from openllm.inference.generate import SamplingOptions, TextStream, generate_ids, prompt_ids
+    from openllm.inference.generate import SamplingOptions, TextStream, choice_seed, generate_ids, prompt_ids
     from openllm.inference.loading import load_model
 
     device = resolve_device(args.device)
     loaded = load_model(args.model, device)
     base = SamplingOptions(**option_values(args, SamplingOptions))
+    context = loaded.model.config.block_size
+    ids, dropped = prompt_ids(loaded.tokenizer, args.prompt, context)
+    if dropped:
+        print(
+            f"warning: the prompt is {context + dropped:,} tokens, longer than the model's context of {context:,}: "
+            f"generating from its last {context:,} tokens (the first {dropped:,} were dropped)",
+            file=sys.stderr,
+        )
     for i in range(args.num_samples):
-        opts = dataclasses.replace(base, seed=None if base.seed is None else base.seed + i)
-        ids, dropped = prompt_ids(loaded.tokenizer, args.prompt, loaded.model.config.block_size)
-        if dropped:
-            print(
-                f"note: the prompt is longer than the context; its first {dropped} tokens were dropped", file=sys.stderr
-            )
+        opts = dataclasses.replace(base, seed=choice_seed(base.seed, i))
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(args.prompt)
@@ -199,7 +208,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     print(f"  input:  {_mb(r.input_bytes)}")
     print(
         f"  output: {_mb(r.output_bytes)} = weights {_mb(r.components['model_state_dict'])}, optimizer state "
-        f"{_mb(r.components['optimizer_state_dict'])} (fresh), logs "
+        f"{_mb(r.components['optimizer_state_dict'])} ({r.optimizer_state}), logs "
         f"{_mb(r.components['training_log'] + r.components['validation_log'])}"
     )
     if r.best_validation_loss is not None:
@@ -235,8 +244,14 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_inspect(sub: Any) -> None:
-    p = sub.add_parser("inspect", help="show what a checkpoint, run directory or export holds")
-    p.add_argument("path", help="checkpoint file, run directory or exported directory")
+    p = sub.add_parser(
+        "inspect",
+        help="show what a checkpoint, run directory or export holds",
+        description="Describe a checkpoint, run directory or export. A damaged checkpoint (checksum mismatch, "
+        "unknown format version) is still shown, under a first line 'DAMAGED: ...' (in --json, a 'damaged' "
+        "list), with exit status 1.",
+    )
+    p.add_argument("path", help="checkpoint file, run directory, export directory or GGUF file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run_inspect)
 
@@ -244,14 +259,14 @@ def _add_inspect(sub: Any) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from openllm.interop.inspect import describe, format_description
 
-    info = describe(args.path)
+    info = describe(args.path, show_damaged=True)
     print(json.dumps(info, indent=2, default=str) if args.json else format_description(info))
-    return 0
+    return 1 if info.get("damaged") else 0
 
 
 def _add_compare(sub: Any) -> None:
     p = sub.add_parser("compare", help="compare checkpoints, run directories or exports side by side")
-    p.add_argument("paths", nargs="+", help="checkpoint files, run directories or exported directories")
+    p.add_argument("paths", nargs="+", help="checkpoint files, run directories, export directories or GGUF files")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_run_compare)
 
@@ -267,11 +282,13 @@ def _run_compare(args: argparse.Namespace) -> int:
 def _add_verify(sub: Any) -> None:
     p = sub.add_parser(
         "verify",
-        help="check a checkpoint's integrity (checksum, keys, shapes, loading)",
-        description="Verify a checkpoint file or every checkpoint of a run directory; exit status 1 "
-        "and the reason when anything is wrong.",
+        help="check a checkpoint's or an export's integrity (checksum, keys, shapes, loading)",
+        description="Verify a checkpoint file, every checkpoint of a run directory, a Hugging Face export "
+        "directory (config, weights and tokenizer load and fit; an openllm export holds all its files) or a "
+        "GGUF file or export (it reads whole and holds every tensor); exit status 1 and the reason when "
+        "anything is wrong. Exports carry no checksum, so changed weight values are not detected there.",
     )
-    p.add_argument("path", help="checkpoint file or run directory")
+    p.add_argument("path", help="checkpoint file, run directory, export directory or GGUF file")
     p.set_defaults(func=_run_verify)
 
 
@@ -331,12 +348,12 @@ def _add_plot(sub: Any) -> None:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    try:
-        from openllm.checkpoint.plot import plot_run
+    from openllm.core.extras import require
 
-        out = plot_run(args.run_dir, args.output)
-    except ImportError:
-        raise OpenLLMError("plotting needs matplotlib: pip install 'openllm[plot]'") from None
+    require("matplotlib", "plot", "plotting")
+    from openllm.checkpoint.plot import plot_run
+
+    out = plot_run(args.run_dir, args.output)
     print(f"wrote {out}")
     return 0
 
@@ -350,8 +367,10 @@ def _add_serve(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API with a web page",
-        description="POST /v1/completions (streaming with server-sent events), GET /v1/models, "
-        "GET /health and a web page at /. Binds to 127.0.0.1 unless told otherwise.",
+        description="POST /v1/completions and /v1/chat/completions (plain or streamed with server-sent events; "
+        "echo, logprobs, token-id prompts, n, seed, stop, penalties, logit bias), GET /v1/models and "
+        "/v1/models/NAME, POST /tokenize and /detokenize, GET /health, and a web page at /. Requests are batched "
+        "continuously (--max-batch). Binds to 127.0.0.1 unless told otherwise (docs/serving.md).",
     )
     p.add_argument("--model", required=True, help="checkpoint file, run directory or exported directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -363,13 +382,10 @@ def _add_serve(sub: Any) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise OpenLLMError(
-            f"serving needs FastAPI and uvicorn ({exc.name or exc} is missing): pip install 'openllm[serve]'"
-        ) from None
+    from openllm.core.extras import require
+
+    require("fastapi", "serve", "serving")
+    require("uvicorn", "serve", "serving")
     from openllm.core.device import resolve_device
     from openllm.inference.server import ServerLimits, ServerSecurity, serve
 
@@ -414,8 +430,32 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _not_utf8(argv: list[str]) -> str | None:
+    """Which argument is not valid UTF-8, in words. Python hands such bytes over as lone surrogates
+    (surrogateescape), which no tokenizer, JSON record or text file can hold; they are refused by name here,
+    before anything uses them."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            code, at = ord(arg[exc.start]), exc.start
+            byte = f"byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+            if arg.startswith("--") and "=" in arg[:at]:
+                flag = arg.split("=", 1)[0]
+                what, at = f"the value of {flag}", at - len(flag) - 1
+            elif i and argv[i - 1].startswith("--"):
+                what = f"the value of {argv[i - 1]}"
+            else:
+                what = f"argument {i + 1}"
+            return f"{what} is not valid UTF-8 ({byte} at character {at + 1}); command-line text must be UTF-8"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if problem := _not_utf8(argv):
+        print(f"openllm{' ' + argv[0] if argv[0] in COMMANDS else ''}: error: {problem}", file=sys.stderr)
+        return 2
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

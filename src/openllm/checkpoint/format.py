@@ -18,6 +18,9 @@ OpenLLM keys (:data:`LEGACY_KEYS`) and what exact resume and verification need:
 This module is the only one that knows the keys: :func:`build_checkpoint` assembles a checkpoint
 (training and ``openllm convert`` both use it), :func:`restore_run_state` reads progress back for a
 resume, and :func:`read_info` gives every other reader (inspect, plot, export, loading) a typed view.
+Every command reads files through :func:`load_checkpoint`, which refuses a checkpoint whose format version
+is unknown or whose checksum does not match (:class:`DamagedCheckpoint`); :func:`verify_checkpoint` adds
+the key and shape checks.
 
 ``model_state_dict`` keeps the legacy key names including ``lm_head.weight``; it shares storage
 with ``transformer.wte.weight``, and ``torch.save`` stores shared storage once.
@@ -34,7 +37,6 @@ import os
 import pickle
 import platform
 import re
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +47,9 @@ import torch
 
 from openllm import __version__
 from openllm.checkpoint.state import RunState
-from openllm.core import faults
+from openllm.core import faults, untrusted
 from openllm.core.errors import OpenLLMError
-from openllm.core.fileio import atomic_open
+from openllm.core.fileio import atomic_open, write_failure
 from openllm.core.numbers import finite_or_none
 from openllm.model.config import ModelConfig
 
@@ -223,6 +225,36 @@ def restore_run_state(ckpt: dict, samples_per_step: int) -> RunState:
     return st
 
 
+TRAINED_HERE = "trained with openllm"
+
+
+def provenance_origin(ckpt: dict) -> dict | None:
+    """What the weights of ``ckpt`` were before OpenLLM trained them, for a run resumed from it: None when
+    OpenLLM trained them from the start (a legacy checkpoint, which records nothing, was also trained
+    here); else the provenance of their conversion, with the step OpenLLM's training began at. Kept
+    through every later resume, so the chain is never lost."""
+    provenance = read_info(ckpt).provenance
+    if isinstance(provenance.get("origin"), dict):
+        return provenance["origin"]
+    if provenance.get("source") in (None, TRAINED_HERE):
+        return None
+    step = ckpt.get("step")
+    return {**provenance, "trained_from_step": step if isinstance(step, int) else 0}
+
+
+def training_provenance(origin: dict | None, step: int) -> dict:
+    """The provenance of a checkpoint that training writes at ``step`` (``origin``: :func:`provenance_origin`
+    of the checkpoint the run resumed from)."""
+    if origin is None:
+        return {"source": TRAINED_HERE, "optimizer_state": "trained"}
+    start = int(origin.get("trained_from_step") or 0)
+    return {
+        "source": f"{origin.get('source')}, then trained {step - start:,} steps with openllm (to step {step:,})",
+        "optimizer_state": "trained",
+        "origin": origin,
+    }
+
+
 @dataclass
 class CheckpointInfo:
     """What a checkpoint says about itself, without its tensors: the typed view every reader uses."""
@@ -276,9 +308,9 @@ def read_info(ckpt: dict) -> CheckpointInfo:
         value = ckpt.get(key)
         return value if isinstance(value, dict) else {}
 
-    def listing(key: str) -> list:
+    def listing(key: str) -> list:  # log records only: a damaged file (structure_problems) may hold anything
         value = ckpt.get(key)
-        return value if isinstance(value, list) else []
+        return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
 
     step = ckpt.get("step")
     epoch = ckpt.get("epoch")
@@ -312,25 +344,69 @@ def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> str:
     with atomic_open(path) as f:
         try:
             torch.save(ckpt, f)
-        except RuntimeError:  # torch's zip writer reports a failed write (ENOSPC, EIO) as RuntimeError
-            raise OpenLLMError(_write_failure(Path(path))) from None
+        except RuntimeError as exc:  # torch's zip writer reports a failed write (ENOSPC, EIO) as RuntimeError
+            raise OpenLLMError(_write_failure(exc, Path(path))) from None
         f.flush()
         faults.reached("save")  # tests: die with a complete temporary file not yet renamed
     return ckpt["checksum"]
 
 
-def _write_failure(path: Path) -> str:
+def _write_failure(exc: BaseException, path: Path) -> str:
+    return write_failure(exc, path) or f"could not write {path} (the write failed); the previous files are intact"
+
+
+class DamagedCheckpoint(OpenLLMError):
+    """A file that reads as a checkpoint but fails :func:`integrity_problems`. ``checkpoint`` holds what was
+    read: only ``openllm verify`` and ``openllm inspect`` catch this, to report the file rather than use it."""
+
+    def __init__(self, path: Path, problems: list[str], checkpoint: dict):
+        super().__init__(f"cannot use {path}: {'; '.join(problems)}")
+        self.path, self.problems, self.checkpoint = path, problems, checkpoint
+
+
+def structure_problems(ckpt: dict) -> list[str]:
+    """What makes a checkpoint's plain values unusable (empty: nothing): nesting past the bounded reader's depth
+    (checksums, inspect and the JSON records all walk them), or logs that are not lists of records."""
     try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        free = None
-    if free is not None and free < 64 * 2**20:
-        return f"disk full while writing {path} ({free / 2**20:.1f} MB free); the previous files are intact"
-    return f"could not write {path} (the write failed); the previous files are intact"
+        untrusted.check_value(ckpt, text=False)  # text is not checked: paths may hold any bytes
+    except untrusted.BadDocument as exc:
+        return [f"its structure is {exc}"]
+    for key in ("training_log", "validation_log"):
+        log = ckpt.get(key)
+        if log is not None and not (isinstance(log, list) and all(isinstance(e, dict) for e in log)):
+            return [f"its {key} is not a list of log records"]
+    return []
+
+
+def integrity_problems(ckpt: dict) -> list[str]:
+    """Why an OpenLLM checkpoint cannot be trusted (empty: it can): a format version this OpenLLM does not
+    know, or contents that no longer match the checksum written with them. Files without a format version
+    (legacy OpenLLM checkpoints, nanoGPT's, raw state dicts) carry neither, so there is nothing to check."""
+    if "format_version" not in ckpt:
+        return []
+    version = ckpt["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        return [
+            f"unknown checkpoint format version {version!r} (this OpenLLM reads up to {FORMAT_VERSION}); "
+            "it was written by a newer OpenLLM or is damaged"
+        ]
+    if not isinstance(ckpt.get("checksum"), str):
+        return ["it has no checksum, which every checkpoint of this format carries: it was altered after saving"]
+    try:
+        if ckpt["checksum"] != compute_checksum(ckpt):
+            return ["checksum mismatch: the file's contents changed after it was written"]
+    except RecursionError:
+        return ["its structure is nested too deeply to be a checkpoint"]
+    return []
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
-    """Load a checkpoint file safely (``weights_only``); any failure is one clear error."""
+    """Load a checkpoint file safely (``weights_only``) and check its integrity (format version, checksum):
+    the one way every command reads a checkpoint. Any failure is one clear error; a file that reads but is
+    damaged raises :class:`DamagedCheckpoint`.
+
+    The checksum costs one sha256 pass over the tensors (about 1.5 GB/s on one core), small beside reading
+    the file."""
     path = Path(path)
     if not path.is_file():
         raise OpenLLMError(f"checkpoint not found: {path}")
@@ -356,6 +432,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from None
     if not isinstance(obj, dict):
         raise OpenLLMError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
+    problems = structure_problems(obj) or integrity_problems(obj)
+    if problems:
+        raise DamagedCheckpoint(path, problems, obj)
     return obj
 
 
@@ -369,14 +448,19 @@ class Verification:
     problems: list[str] = field(default_factory=list)
     step: int | None = None
     kind: str = "unknown"  # "openllm", "legacy", "state_dict"
+    checkpoint: dict | None = field(default=None, repr=False)  # with keep=True, the checkpoint when it verified
 
 
-def verify_checkpoint(path: str | os.PathLike, ckpt: dict | None = None) -> Verification:
-    """Check a checkpoint: it loads safely, has every key, its checksum matches, shapes fit its config."""
+def verify_checkpoint(path: str | os.PathLike, *, keep: bool = False) -> Verification:
+    """Check a checkpoint: it loads safely, its format version is known, its checksum matches, it has every
+    key, and its shapes fit its config. ``keep``: also return the checkpoint read (when it verified), so a
+    caller that goes on to use it reads and hashes the file once."""
     path = Path(path)
     v = Verification(path, ok=False)
     try:
-        ckpt = ckpt if ckpt is not None else load_checkpoint(path)
+        ckpt, damage = load_checkpoint(path), []
+    except DamagedCheckpoint as exc:
+        ckpt, damage = exc.checkpoint, exc.problems
     except OpenLLMError as exc:
         v.problems.append(str(exc))
         return v
@@ -387,27 +471,27 @@ def verify_checkpoint(path: str | os.PathLike, ckpt: dict | None = None) -> Veri
         return v
     v.kind = "openllm" if "format_version" in ckpt else "legacy"
     keys = REQUIRED_KEYS if v.kind == "openllm" else LEGACY_KEYS
-    missing = [k for k in keys if k not in ckpt]
+    missing = [k for k in keys if k not in ckpt and k != "checksum"]  # (a missing checksum is damage)
     if missing:
         v.problems.append(f"missing keys: {', '.join(missing)}")
-    version = ckpt.get("format_version")
-    if v.kind == "openllm" and (not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION):
-        v.problems.append(
-            f"unknown checkpoint format version {version!r} (this OpenLLM reads up to {FORMAT_VERSION}); "
-            "it was written by a newer OpenLLM or is damaged"
-        )
-        v.ok = False
-        return v
-    try:
-        if v.kind == "openllm" and "checksum" in ckpt and ckpt["checksum"] != compute_checksum(ckpt):
-            v.problems.append("checksum mismatch: the file's contents changed after it was written")
-    except RecursionError:
-        v.problems.append("its structure is nested too deeply to be a checkpoint")
-        return v
+    v.problems.extend(damage)
+    if damage and damage[0].startswith("unknown checkpoint format version"):
+        return v  # a newer format: its shapes and keys mean something this OpenLLM does not know
     if isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_state_dict"), dict):
         v.problems.extend(shape_problems(ckpt["model_state_dict"], ckpt["config"]))
     v.ok = not v.problems
+    if v.ok and keep:
+        v.checkpoint = ckpt
     return v
+
+
+def load_verified(path: str | os.PathLike, purpose: str) -> dict:
+    """The checkpoint at ``path`` if it verifies completely (:func:`verify_checkpoint`), else one error
+    saying what it cannot be used for (``purpose``: "export", "resume from") and why."""
+    v = verify_checkpoint(path, keep=True)
+    if v.checkpoint is None:
+        raise OpenLLMError(f"cannot {purpose} {path}: {'; '.join(v.problems)}")
+    return v.checkpoint
 
 
 def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:

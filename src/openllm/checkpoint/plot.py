@@ -11,19 +11,31 @@ from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import read_json
 
 
+def _records(path: Path, what: str, needed: tuple[str, ...]) -> list[dict]:
+    """A log file as a list of records that each hold a number for every ``needed`` key, or one error naming
+    the file and the first record that does not (valid JSON of another shape is as unusable as broken JSON)."""
+    data = read_json(path, what)
+    if not isinstance(data, list):
+        raise OpenLLMError(f"{what} {path} must hold a list of records, not a {type(data).__name__}")
+    for i, record in enumerate(data, 1):
+        if not isinstance(record, dict):
+            raise OpenLLMError(f"{what} {path}: record {i} is a {type(record).__name__}, not an object")
+        for key in needed:
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problem = "lacks" if key not in record else f"has a {type(value).__name__} for"
+                raise OpenLLMError(f"{what} {path}: record {i} {problem} {key!r} (a number is needed)")
+    return data
+
+
 def plot_run(run_dir: str | os.PathLike, output: str | os.PathLike | None = None) -> Path:
     """Write ``training_curves.png`` (or ``output``) for a run directory; returns its path."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state, and a quarter second less import
 
     run_dir = Path(run_dir)
-    train = read_json(run_dir / "training_log.json", "training log")
-    val = (
-        read_json(run_dir / "validation_log.json", "validation log")
-        if (run_dir / "validation_log.json").is_file()
-        else []
-    )
-    if not isinstance(train, list) or not isinstance(val, list):
-        raise OpenLLMError(f"{run_dir}: training_log.json / validation_log.json must hold lists")
+    train = _records(run_dir / "training_log.json", "training log", ("step", "loss", "learning_rate"))
+    val_file = run_dir / "validation_log.json"
+    val = _records(val_file, "validation log", ("step", "validation_loss")) if val_file.is_file() else []
     if not train:
         raise OpenLLMError(f"{run_dir}: the training log is empty; nothing to plot")
     stop_reason = None

@@ -102,7 +102,7 @@ def model_card(title: str, info: dict, stats: dict, tcfg: dict, provenance: str)
         "",
         "```bash",
         'openllm generate --model . --prompt "Once upon a time"',
-        "openllm export --checkpoint best_model.pt --output-dir hf",
+        "openllm export --checkpoint best_model.pt --output-dir ../hf   # outside the run directory",
         "```",
         "",
     ]
@@ -140,14 +140,9 @@ def resume_candidates(run_dir: str | os.PathLike) -> list[Path]:
 def find_resumable(run_dir: str | os.PathLike, warn: Callable[[str], None] = print) -> tuple[Path, dict] | None:
     """The newest checkpoint in ``run_dir`` that verifies; older ones are tried with a warning."""
     for path in resume_candidates(run_dir):
-        try:
-            ckpt = load_checkpoint(path)
-        except OpenLLMError as exc:
-            warn(f"warning: skipping {path.name}: {exc}")
-            continue
-        v = verify_checkpoint(path, ckpt)
-        if v.ok:
-            return path, ckpt
+        v = verify_checkpoint(path, keep=True)
+        if v.checkpoint is not None:
+            return path, v.checkpoint
         warn(f"warning: skipping {path.name}: {'; '.join(v.problems)}")
     return None
 

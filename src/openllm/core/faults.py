@@ -1,8 +1,10 @@
 """Fault injection for the crash-safety tests.
 
-``OPENLLM_FAULT=point:N[,point:N...]`` kills this process with SIGKILL the N-th time it reaches
-``point``: ``save`` (half-way through writing a checkpoint), ``eval`` (inside a validation pass)
-or ``step`` (after the backward pass, before the optimizer step). Unset, it costs one dict lookup.
+``OPENLLM_FAULT=point:N[:SIGNAL][,point:N...]`` kills this process with SIGKILL (or the signal named, e.g.
+``TERM``) the N-th time it reaches ``point``: ``save`` (half-way through writing a checkpoint), ``eval``
+(inside a validation pass), ``step`` (after the backward pass, before the optimizer step) or ``encode``
+(``prepare``, after a chunk of encoded tokens is written, its workers busy with the next ones). Unset, it
+costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import os
 import signal
 
-_plan: dict[str, int] = {}
+_plan: dict[str, tuple[int, signal.Signals]] = {}
 for item in filter(None, os.environ.get("OPENLLM_FAULT", "").split(",")):
-    point, _, n = item.partition(":")
-    _plan[point.strip()] = int(n or 1)
+    point, _, rest = item.partition(":")
+    n, _, name = rest.partition(":")
+    _plan[point.strip()] = (int(n or 1), signal.Signals["SIG" + name.strip().upper()] if name else signal.SIGKILL)
 _seen: dict[str, int] = {}
 
 
@@ -21,5 +24,6 @@ def reached(point: str) -> None:
     if point not in _plan:
         return
     _seen[point] = _seen.get(point, 0) + 1
-    if _seen[point] == _plan[point]:
-        os.kill(os.getpid(), signal.SIGKILL)
+    n, sig = _plan[point]
+    if _seen[point] == n:
+        os.kill(os.getpid(), sig)

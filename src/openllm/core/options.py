@@ -163,3 +163,14 @@ positive_float = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0
 fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
 fraction_incl = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 port = checked(int, lambda v: 0 < v < 65536, "a port number 1-65535")
+
+
+def at_most(maximum: int, why: str = "") -> Callable[[str], int]:
+    """A positive integer up to ``maximum`` (``why`` says where the bound comes from), for the options that size
+    processes, threads or buffers: a slip of the keyboard must not fork thousands or allocate terabytes."""
+    return checked(int, lambda v: 0 < v <= maximum, f"a positive integer up to {maximum:,}{why}")
+
+
+# Tokens generated for one sequence (a request's max_tokens, generate's --max-new-tokens): each is kept, with
+# its log-probabilities where asked for, until the answer is complete.
+MAX_NEW_TOKENS = 1 << 20

@@ -9,7 +9,6 @@ with ``numpy.memmap``. ``meta.json`` is written last and marks a complete datase
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from openllm.core.errors import OpenLLMError
+from openllm.core.untrusted import read_json
 from openllm.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 
 META_FILE = "meta.json"
@@ -65,10 +65,9 @@ def load_dataset(path: str | os.PathLike) -> PreparedDataset:
     meta_path = path / META_FILE
     if not meta_path.is_file():
         raise OpenLLMError(f"{path} is not a prepared dataset (no meta.json); run `openllm prepare` first")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise OpenLLMError(f"{meta_path} is not valid JSON: {exc}") from None
+    meta = read_json(meta_path, "dataset metadata")
+    if not isinstance(meta, dict):
+        raise OpenLLMError(f"{meta_path} must hold a JSON object")
     if meta.get("format") != FORMAT:
         raise OpenLLMError(f"{meta_path}: unknown dataset format {meta.get('format')!r}")
     ds = PreparedDataset(path, meta)

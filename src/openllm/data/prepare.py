@@ -21,6 +21,8 @@ The output directory's format is in :mod:`openllm.data.dataset`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import heapq
 import itertools
@@ -28,8 +30,11 @@ import json
 import os
 import resource
 import shutil
+import signal
 import struct
+import sys
 import tempfile
+import threading
 import time
 from array import array
 from collections import deque
@@ -41,18 +46,35 @@ from typing import Annotated, Any
 
 import numpy as np
 
+from openllm.core import faults
 from openllm.core.errors import OpenLLMError
-from openllm.core.fileio import atomic_open, atomic_write_json, directory_lock, ensure_dir
-from openllm.core.options import Opt, fraction, int_value, positive_int
+from openllm.core.fileio import (
+    atomic_open,
+    atomic_write_json,
+    directory_lock,
+    ensure_dir,
+    training_run_files,
+    write_failures,
+)
+from openllm.core.memory import available_memory, gib
+from openllm.core.options import Opt, at_most, checked, fraction, int_value, positive_float, positive_int
 from openllm.core.progress import Progress
+from openllm.core.untrusted import read_json
 from openllm.data.corpus import DOC_MODES
 from openllm.data.dataset import FORMAT, META_FILE, PreparedDataset, token_dtype
-from openllm.data.sources import Reader, expand_inputs, sha256_file
+from openllm.data.sources import MAX_DOCUMENT_MB, Reader, expand_inputs, sha256_file
 from openllm.data.tokenizer import TOKENIZER_TYPES, Tokenizer, load_tokenizer, train_tokenizer
 
 SEPARATORS = {"paragraph": "\n\n", "line": "\n"}  # what ends a document for a tokenizer without eos
 CHUNK_BYTES = 1 << 20  # text per encoding task (its token lists are the largest transient allocation)
 SPOOL_PREFIX = ".prepare-"
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# Encoding processes: more than 4 per CPU only compete for the same CPUs, each with its own memory (32 are
+# allowed anywhere, so that a command line written for a bigger machine still runs)
+MAX_WORKERS = max(32, 4 * CPUS)
+WORKERS_BOUND = f"the larger of 4 x the {CPUS} CPUs this process may use and 32"
+SAMPLE_MEMORY = 6  # bytes of memory that training a tokenizer takes per byte of its sample (about 4 measured)
+document_mb = checked(float, lambda v: 0.001 <= v <= 1024, "a size in MB from 0.001 to 1024")
 SPLIT_RULE = "validation when the document's seeded BLAKE2b hash, as a fraction of 2**64, is below val_fraction"
 
 
@@ -122,12 +144,41 @@ class Sample:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_dir: str, doc_mode: str, dtype: str) -> None:
+def _init_worker(tokenizer_dir: str, doc_mode: str, dtype: str, parent: int | None = None) -> None:
+    if parent is not None:
+        _die_with(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallel across processes, not threads within each
     tok = load_tokenizer(tokenizer_dir)
     if hasattr(tok, "threads"):
         tok.threads = 1
     _WORKER.update(tok=tok, doc_mode=doc_mode, dtype=np.dtype(dtype))
+
+
+def _die_with(parent: int) -> None:
+    """Make this encoding worker end with ``parent``, however the parent ends: a SIGKILL or SIGTERM runs none of
+    its clean-up, and an orphaned worker would live on, keep the spool open and hold the parent's stdout (a
+    ``| tee`` would wait for it). The kernel kills the worker when its parent dies (Linux), and a watcher thread
+    checks the parent's pid (elsewhere, and should the parent have died before the first check took effect);
+    the worker writes nothing of its own (its errors travel back with its results), so it lets go of the
+    parent's stdout and stderr at once. Ctrl-C is for the parent, which stops the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, name="openllm-parent-watch", daemon=True).start()
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _encode_chunk(path: str, start: int, lengths: list[int]) -> bytes:
@@ -156,6 +207,7 @@ def _encode_spool(
             digest.update(data)
             tokens += len(data) // init[2].itemsize
             progress.update(n_bytes)
+            faults.reached("encode")
 
         if workers == 1:
             _init_worker(init[0], init[1], init[2].name)
@@ -170,7 +222,7 @@ def _encode_spool(
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         ctx = multiprocessing.get_context(method)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # (tokenizers would warn at the fork)
-        with ProcessPoolExecutor(workers, ctx, _init_worker, (init[0], init[1], init[2].name)) as pool:
+        with ProcessPoolExecutor(workers, ctx, _init_worker, (init[0], init[1], init[2].name, os.getpid())) as pool:
             pending: deque[tuple[Future, int]] = deque()
             for start, lengths in tasks:  # a bounded window of tasks in flight, results taken in order
                 pending.append((pool.submit(_encode_chunk, str(spool.path), start, lengths), sum(map(abs, lengths))))
@@ -224,11 +276,29 @@ def prepare_dataset(
         bool, Opt("count and skip JSON/Parquet records without usable text instead of stopping")
     ] = False,
     workers: Annotated[
-        int | None, Opt("processes that encode in parallel", parse=positive_int, default_text="the CPU count")
+        int | None,
+        Opt(
+            f"processes that encode in parallel (at most {MAX_WORKERS}: {WORKERS_BOUND})",
+            parse=at_most(MAX_WORKERS, f" ({WORKERS_BOUND})"),
+            default_text="the CPU count",
+        ),
     ] = None,
     tokenizer_sample_mb: Annotated[
-        float, Opt("megabytes of training text the tokenizer is trained on (a hash-chosen sample)", parse=fraction)
+        float,
+        Opt(
+            "megabytes of training text the tokenizer is trained on (a hash-chosen sample; training takes several "
+            "times its size in memory)",
+            parse=positive_float,
+        ),
     ] = 32.0,
+    max_document_mb: Annotated[
+        float,
+        Opt(
+            "longest document, in MB: a longer paragraph or line of text is cut into documents of this size, a "
+            "longer JSON or Parquet record is a bad record (encoding a document takes up to 50 times its size)",
+            parse=document_mb,
+        ),
+    ] = MAX_DOCUMENT_MB,
     force: Annotated[bool, Opt("overwrite a different dataset in --output-dir")] = False,
 ) -> PreparedDataset:
     """Prepare ``inputs`` into ``output_dir`` and return the dataset.
@@ -247,13 +317,26 @@ def prepare_dataset(
         raise OpenLLMError(f"unknown tokenizer type {tokenizer_type!r}; use one of {', '.join(TOKENIZER_TYPES)}")
     if not tokenizer_sample_mb > 0:
         raise OpenLLMError(f"--tokenizer-sample-mb must be positive, got {tokenizer_sample_mb}")
-    workers = workers or os.cpu_count() or 1
+    workers = workers or CPUS
+    if not 0 < workers <= MAX_WORKERS:
+        raise OpenLLMError(f"--workers must be from 1 to {MAX_WORKERS} ({WORKERS_BOUND}), got {workers}")
+    if not 0.001 <= max_document_mb <= 1024:
+        raise OpenLLMError(f"--max-document-mb must be from 0.001 to 1024, got {max_document_mb}")
+    sample_bytes = int(tokenizer_sample_mb * 1e6)
+    free = available_memory()
+    if tokenizer is None and free is not None and SAMPLE_MEMORY * sample_bytes > free:
+        raise OpenLLMError(
+            f"--tokenizer-sample-mb {tokenizer_sample_mb:g} needs about {gib(SAMPLE_MEMORY * sample_bytes)} to train "
+            f"the tokenizer, more than the {gib(free)} available; give a smaller sample"
+        )
     files = expand_inputs(list(inputs))
     val_path = Path(validation_file) if validation_file is not None else None
     if val_path is not None:
         expand_inputs([val_path])
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
-    settings = _settings(val_fraction, seed, doc_mode, text_field, skip_bad_records, val_path is not None)
+    settings = _settings(
+        val_fraction, seed, doc_mode, text_field, skip_bad_records, val_path is not None, max_document_mb
+    )
     input_info = [_file_info(p) for p in files]
     val_info = _file_info(val_path) if val_path is not None else None
     key = request_key(input_info, val_info, f"{tokenizer_type}:{vocab_size}", tok, settings)
@@ -261,12 +344,18 @@ def prepare_dataset(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OpenLLMError(f"output directory {out} exists and is not a directory")
+    if run := training_run_files(out):  # its tokenizer would be overwritten, with or without --force
+        raise OpenLLMError(
+            f"output directory {out} holds a training run ({', '.join(sorted(run))}); prepare the dataset into "
+            "another --output-dir"
+        )
     existing = out / META_FILE
     if existing.is_file() and not force:
         try:
-            old = json.loads(existing.read_text())
-        except (OSError, json.JSONDecodeError):
+            old = read_json(existing, "dataset metadata")
+        except OpenLLMError:
             old = {}
+        old = old if isinstance(old, dict) else {}
         if old.get("source_fingerprint") != key:
             raise OpenLLMError(
                 f"{out} already holds a different dataset (meta.json differs); "
@@ -294,17 +383,19 @@ def prepare_dataset(
                     text_field=text_field,
                     skip_bad_records=skip_bad_records,
                     workers=workers,
-                    sample_bytes=int(tokenizer_sample_mb * 1e6),
+                    sample_bytes=sample_bytes,
+                    max_document_bytes=int(max_document_mb * 1e6),
                 )
-                meta, tok = _prepare(plan, tok)
-                meta.update(validation_file=val_info, source_fingerprint=key)
-                # commit: the old meta.json goes first, so no moment pairs it with new token files
-                existing.unlink(missing_ok=True)
-                for name in ("train.bin", "val.bin"):
-                    os.replace(work / name, out / name)
-                tok.save(out)
-                meta["seconds"] = round(time.perf_counter() - t0, 3)
-                atomic_write_json(existing, meta)  # written last: its presence marks a complete dataset
+                with write_failures(out):  # a full disk in any writer (spool, workers, tokenizer), said one way
+                    meta, tok = _prepare(plan, tok)
+                    meta.update(validation_file=val_info, source_fingerprint=key)
+                    # commit: the old meta.json goes first, so no moment pairs it with new token files
+                    existing.unlink(missing_ok=True)
+                    for name in ("train.bin", "val.bin"):
+                        os.replace(work / name, out / name)
+                    tok.save(out)
+                    meta["seconds"] = round(time.perf_counter() - t0, 3)
+                    atomic_write_json(existing, meta)  # written last: its presence marks a complete dataset
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     except BaseException:
@@ -332,6 +423,7 @@ class _Plan:
     skip_bad_records: bool
     workers: int
     sample_bytes: int
+    max_document_bytes: int
 
 
 def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
@@ -349,7 +441,7 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
     t_read = time.perf_counter()
     key = struct.pack("<q", seed)
     threshold = int(val_fraction * 2**64)
-    reader = Reader(doc_mode, plan.text_field, plan.skip_bad_records)
+    reader = Reader(doc_mode, plan.text_field, plan.skip_bad_records, plan.max_document_bytes)
     train, val = Spool(work / "train.txt"), Spool(work / "val.txt")
     sample = Sample(plan.sample_bytes if tok is None else 0)  # (nothing to sample when the tokenizer is given)
     seen: set[bytes] = set()
@@ -447,6 +539,8 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
             "val_documents": len(val.lengths),
             "validation_overlap_dropped": overlap,
             "bad_records_skipped": dict(reader.stats.skipped),
+            "documents_cut": reader.stats.documents_cut,  # text documents longer than max_document_bytes
+            "max_document_bytes": plan.max_document_bytes,
             "inputs": [  # each input as recorded before reading, with what reading found in it
                 {**info, "format": found["format"], "documents": found["documents"]}
                 for info, found in zip(plan.input_info, reader.stats.files[-len(files) :], strict=True)
@@ -487,12 +581,16 @@ def peak_rss_mb() -> float:
     return round(max(own, children) / 1024, 1)
 
 
-def _settings(val_fraction, seed, doc_mode, text_field, skip_bad_records, has_val_file) -> dict:
+def _settings(
+    val_fraction, seed, doc_mode, text_field, skip_bad_records, has_val_file, max_document_mb=MAX_DOCUMENT_MB
+) -> dict:
     s: dict[str, Any] = {"val_fraction": None if has_val_file else val_fraction, "seed": seed, "doc_mode": doc_mode}
     if text_field != "text":  # (added only when set, so earlier datasets keep their key)
         s["text_field"] = text_field
     if skip_bad_records:
         s["skip_bad_records"] = True
+    if max_document_mb != MAX_DOCUMENT_MB:
+        s["max_document_mb"] = max_document_mb
     return s
 
 

@@ -8,8 +8,14 @@ out) and glob patterns, mixed. The format follows the name, after an optional co
 ``.parquet``             Parquet: the ``text_field`` column, read in record batches with pyarrow
 anything else            UTF-8 text, split into documents by :mod:`openllm.data.corpus`'s rules
 
-A bad record (not JSON, no such field, not a string) or a corrupt stream is one error naming the
-file and the line or record; with ``skip_bad_records`` bad records are counted instead.
+A bad record (not JSON, no such field, not a string, or past the bounds of :mod:`openllm.core.untrusted`:
+nested too deeply, a huge integer, a lone surrogate) or a corrupt stream is one error naming the file and
+the line or record; with ``skip_bad_records`` bad records are counted instead.
+
+No document is read whole whatever its size: text is read in pieces of at most ``max_document_bytes``,
+and a text document (paragraph or line) longer than that is cut into documents of at most that size
+(counted in ``SourceStats.documents_cut``); a JSON line or Parquet value longer than that is a bad record
+("too long"), the rest of such a JSON line skipped in bounded reads.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import glob
 import gzip
 import hashlib
 import io
-import json
 import lzma
 import os
 import shutil
@@ -33,11 +38,13 @@ from pathlib import Path
 from typing import IO
 
 from openllm.core.errors import OpenLLMError
+from openllm.core.untrusted import BadDocument, parse_json
 from openllm.data.corpus import normalize_document
 
 COMPRESSION = (".gz", ".zst", ".xz", ".bz2")
 JSON_LINES = (".jsonl", ".json")
 PARQUET = (".parquet",)
+MAX_DOCUMENT_MB = 8.0  # the default bound on one document (encoding one takes up to about 50 times its size)
 
 
 def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
@@ -104,13 +111,21 @@ class SourceStats:
 
     files: list[dict] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
+    documents_cut: int = 0  # text documents longer than the bound, cut into pieces of at most its size
 
 
 class Reader:
     """Documents of many files, one at a time; ``bytes_read`` follows the (compressed) bytes consumed."""
 
-    def __init__(self, doc_mode: str = "paragraph", text_field: str = "text", skip_bad_records: bool = False):
+    def __init__(
+        self,
+        doc_mode: str = "paragraph",
+        text_field: str = "text",
+        skip_bad_records: bool = False,
+        max_document_bytes: int = int(MAX_DOCUMENT_MB * 1e6),
+    ):
         self.doc_mode, self.text_field, self.skip_bad = doc_mode, text_field, skip_bad_records
+        self.limit = max_document_bytes
         self.stats = SourceStats()
         self.bytes_read = 0
         self._file_done = 0
@@ -162,30 +177,46 @@ class Reader:
             raw.close()
 
     def _text(self, path: Path, stream: IO[bytes]) -> Iterator[str]:
+        """Documents of a text file, read in pieces of at most ``limit`` bytes (a piece ends where its line
+        ends, or where a longer line is cut); a document that would grow past ``limit`` is cut there."""
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline=None)  # type: ignore[type-var]
-        lines: list[str] = []
-        number = 0
+        parts: list[str] = []  # the pieces of the document being read
+        size, lines, line_start, cut = 0, 0, True, False
+
+        def document() -> Iterator[str]:
+            nonlocal parts, size
+            if parts and (doc := normalize_document("".join(parts))):
+                yield doc
+            parts, size = [], 0
+
         try:
-            for number, line in enumerate(text, 1):  # noqa: B007 (the number names the line of an error)
-                if number == 1:
-                    line = line.lstrip("\ufeff")
-                if "\x00" in line:
+            while piece := text.readline(max(1, self.limit // 4)):  # (a character is at most 4 bytes)
+                if lines == 0 and line_start:
+                    piece = piece.lstrip("\ufeff")
+                if "\x00" in piece:
                     raise OpenLLMError(
-                        f"{path} contains NUL bytes (line {number}); it looks like a binary file, not text"
+                        f"{path} contains NUL bytes (line {lines + 1}); it looks like a binary file, not text"
                     )
-                if self.doc_mode == "line":
-                    if doc := normalize_document(line):
-                        yield doc
-                elif line.strip():
-                    lines.append(line)
-                elif lines:
-                    if doc := normalize_document("".join(lines)):
-                        yield doc
-                    lines = []
+                blank = line_start and piece.endswith("\n") and not piece.strip()
+                line_start = piece.endswith("\n")
+                lines += line_start
+                if blank and self.doc_mode == "paragraph":
+                    yield from document()
+                    cut = False
+                    continue
+                n = len(piece) if piece.isascii() else len(piece.encode("utf-8"))
+                if parts and size + n > self.limit:
+                    self.stats.documents_cut += not cut
+                    cut = True
+                    yield from document()
+                parts.append(piece)
+                size += n
+                if line_start and self.doc_mode == "line":
+                    yield from document()
+                    cut = False
         except UnicodeDecodeError:
-            raise OpenLLMError(f"{path} is not valid UTF-8 (line {number + 1})") from None
-        if lines and (doc := normalize_document("".join(lines))):
-            yield doc
+            raise OpenLLMError(f"{path} is not valid UTF-8 (line {lines + 1})") from None
+        yield from document()
 
     def _bad(self, path: Path, where: str, problem: str, kind: str) -> None:
         if not self.skip_bad:
@@ -208,23 +239,32 @@ class Reader:
             return None
         return normalize_document(value.replace("\r\n", "\n").replace("\r", "\n")) or None
 
+    def _too_long(self, path: Path, where: str) -> None:
+        self._bad(path, where, f"longer than {self.limit / 1e6:g} MB (--max-document-mb)", "too long")
+
     def _json_lines(self, path: Path, stream: IO[bytes]) -> Iterator[str]:
-        for number, line in enumerate(stream, 1):
+        number = 0
+        while line := stream.readline(self.limit + 1):
+            number += 1
+            if len(line) > self.limit and not line.endswith(b"\n"):  # too long: skip to its end, a piece at a time
+                while (rest := stream.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                self._too_long(path, f"line {number}")
+                continue
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except UnicodeDecodeError:
-                self._bad(path, f"line {number}", "not valid UTF-8", "not UTF-8")
-                continue
-            except json.JSONDecodeError as exc:
-                self._bad(path, f"line {number}", f"not valid JSON ({exc.msg}; one object per line)", "not JSON")
+                record = parse_json(line)
+            except BadDocument as exc:
+                hint = "; one object per line" if exc.kind == "not JSON" else ""
+                self._bad(path, f"line {number}", f"{exc}{hint}", exc.kind)
                 continue
             if (doc := self._record(path, f"line {number}", record)) is not None:
                 yield doc
 
     def _parquet(self, path: Path, compression: str | None, stream: IO[bytes]) -> Iterator[str]:
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         with tempfile.TemporaryDirectory(prefix="openllm-parquet-") as tmp:
@@ -246,8 +286,18 @@ class Reader:
             number = 0
             try:
                 for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
-                    for value in batch.column(0).to_pylist():
+                    column = batch.column(0)
+                    sizes = pc.binary_length(column).to_pylist()
+                    long = {i for i, n in enumerate(sizes) if n is not None and n > self.limit}
+                    if long:  # (only the values within the bound become Python strings)
+                        values = [None if i in long else column[i].as_py() for i in range(len(column))]
+                    else:
+                        values = column.to_pylist()
+                    for i, value in enumerate(values):
                         number += 1
+                        if i in long:
+                            self._too_long(path, f"record {number}")
+                            continue
                         doc = self._record(path, f"record {number}", {self.text_field: value})
                         if doc is not None:
                             yield doc

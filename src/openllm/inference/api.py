@@ -24,12 +24,19 @@ DEFAULT_CHAT_STOPS = ["\nUser:", "\n\nUser:"]
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -39,6 +46,7 @@ class Limits:
     max_n: int
     max_prompts: int
     vocab_size: int
+    context: int  # the model's context: the longest prompt, and the most 'truncate_prompt_tokens' may keep
 
 
 @dataclass
@@ -58,16 +66,18 @@ class CompletionRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     include_usage: bool = False
+    truncate_prompt_tokens: int | None = None  # keep only each prompt's last this many tokens (asked for)
 
 
 COMPLETION_FIELDS = {
     "model", "prompt", "max_tokens", "temperature", "top_p", "stop", "n", "seed", "stream", "user",
     "stream_options", "echo", "best_of", "frequency_penalty", "presence_penalty", "logprobs", "suffix", "logit_bias",
+    "truncate_prompt_tokens",
 }  # fmt: skip
 CHAT_FIELDS = {
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "n", "seed",
     "stream", "user", "stream_options", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs",
-    "top_logprobs", "tools", "tool_choice", "response_format",
+    "top_logprobs", "tools", "tool_choice", "response_format", "truncate_prompt_tokens",
 }  # fmt: skip
 
 
@@ -145,12 +155,19 @@ def _common(body: dict, limits: Limits, model_id: str, max_tokens_key: str = "ma
     model = body.get("model", model_id)
     if not isinstance(model, str):
         raise APIError(400, "'model' must be a string", "model")
+    if model != model_id:  # as /v1/models/NAME says: one model is served, and a request names it or none
+        raise APIError(
+            404,
+            f"the model '{model}' is not served here (this server serves '{model_id}')",
+            "model",
+            code="model_not_found",
+        )
     bias = body.get("logit_bias") or {}
     if not isinstance(bias, dict):
         raise APIError(400, "'logit_bias' must map token ids to numbers", "logit_bias")
     logit_bias = {}
     for key, value in bias.items():
-        if not str(key).isdigit() or not 0 <= int(key) < limits.vocab_size:
+        if not (key.isascii() and key.isdigit() and len(key) <= 12) or not 0 <= int(key) < limits.vocab_size:
             raise APIError(400, f"'logit_bias' names token {key!r}, not an id of this vocabulary", "logit_bias")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
             raise APIError(400, "'logit_bias' values must be numbers between -100 and 100", "logit_bias")
@@ -168,6 +185,7 @@ def _common(body: dict, limits: Limits, model_id: str, max_tokens_key: str = "ma
         "presence_penalty": float(_number(body, "presence_penalty", 0.0, -2.0, 2.0)),
         "frequency_penalty": float(_number(body, "frequency_penalty", 0.0, -2.0, 2.0)),
         "include_usage": bool((options or {}).get("include_usage", False)),
+        "truncate_prompt_tokens": _number(body, "truncate_prompt_tokens", None, 1, limits.context, integer=True),
     }
 
 

@@ -7,7 +7,6 @@ model's own training text is refused unless asked for.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Annotated
 from openllm.core.device import DeviceOption, resolve_device
 from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt, positive_int
+from openllm.core.untrusted import read_json
 from openllm.data.dataset import load_dataset
 from openllm.inference.loading import load_model
 from openllm.model.scoring import encode_file, evaluate_dataset, evaluate_file
@@ -71,8 +71,8 @@ def training_sources(checkpoint_meta: dict | None) -> set[str]:
     ds_dir = (meta.get("training_config") or {}).get("dataset_dir")
     if ds_dir and (Path(ds_dir) / "meta.json").is_file():
         try:
-            ds_meta = json.loads((Path(ds_dir) / "meta.json").read_text())
+            ds_meta = read_json(Path(ds_dir) / "meta.json", "dataset metadata")
             hashes = {i["sha256"] for i in ds_meta.get("inputs", [])}
-        except (OSError, ValueError, KeyError):
-            pass
+        except (OpenLLMError, AttributeError, KeyError, TypeError):
+            pass  # no readable record of the training files: nothing to compare with
     return hashes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,7 +10,17 @@ from typing import Annotated
 
 import torch
 
-from openllm.core.options import Opt, fraction_incl, int_value, nonneg_float, nonneg_int, positive_float, positive_int
+from openllm.core.errors import OpenLLMError
+from openllm.core.options import (
+    MAX_NEW_TOKENS,
+    Opt,
+    at_most,
+    fraction_incl,
+    int_value,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+)
 from openllm.data.tokenizer import Tokenizer
 from openllm.model import LanguageModel
 
@@ -19,7 +30,7 @@ GREEDY_BELOW = 1e-4
 
 @dataclass
 class SamplingOptions:
-    max_new_tokens: Annotated[int, Opt("tokens to generate at most", parse=positive_int)] = 200
+    max_new_tokens: Annotated[int, Opt("tokens to generate at most", parse=at_most(MAX_NEW_TOKENS))] = 200
     temperature: Annotated[float, Opt("0 (or anything below 1e-4) means greedy decoding", parse=nonneg_float)] = 0.8
     top_k: Annotated[int | None, Opt("keep the k most likely tokens (0 or None: off)", parse=nonneg_int)] = 40
     top_p: Annotated[
@@ -29,7 +40,10 @@ class SamplingOptions:
     repetition_penalty: Annotated[
         float, Opt("divide the logits of tokens already seen by this", parse=positive_float)
     ] = 1.0
-    seed: Annotated[int | None, Opt("sampling seed (sample i of --num-samples uses seed + i)", parse=int_value)] = None
+    seed: Annotated[
+        int | None,
+        Opt("sampling seed (the first sample uses it; sample i a seed derived from it and i)", parse=int_value),
+    ] = None
     # The OpenAI API's adjustments (the server sets them): added to the logits before any sampling, greedy too.
     logit_bias: dict[int, float] | None = None
     presence_penalty: float = 0.0  # subtracted once from every token already generated
@@ -97,22 +111,52 @@ def choose_token(
     return int(torch.argmax(torch.nan_to_num(filtered, nan=-math.inf)))
 
 
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of sample ``index`` of a request seeded with ``seed`` (``n`` choices, ``--num-samples``).
+
+    The first sample uses ``seed`` itself, so a single sample is what it always was. The others use a hash
+    of (seed, index) with the top bit set: in [2**63, 2**64), where no seed a user can give lies (they are
+    below 2**63), so no two (seed, index) pairs share a random stream (``seed + index`` made seed 43's first
+    choice seed 42's second)."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.sha256(f"openllm sample {seed} {index}".encode()).digest()
+    return 2**63 | int.from_bytes(digest[:8], "little") >> 1
+
+
 def sampling_generator(opts: SamplingOptions) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(opts.seed if opts.seed is not None else torch.seed())
     return gen
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int) -> tuple[list[int], int]:
-    """Encode a prompt as training encoded a document start (the tokenizer's bos framing + ids), keeping its
-    last ``context`` tokens.
+class PromptTooLong(OpenLLMError):
+    """A prompt longer than the model's context, which nothing cuts unless its caller asked to."""
 
-    Generation slides its window past the context, so only a prompt longer than the context itself is
-    cut (from the left). Returns (ids, number of prompt tokens dropped).
-    """
+    def __init__(self, ids: list[int], context: int):
+        super().__init__(f"the prompt is {len(ids):,} tokens, longer than the model's context of {context:,} tokens")
+        self.ids, self.length, self.context = ids, len(ids), context
+
+
+def fit_prompt(ids: list[int], context: int, keep: int | None = None) -> list[int]:
+    """The prompt tokens generation starts from: every path to the model goes through here, so a prompt is
+    never cut without a word. ``keep``: the caller asked for the last ``keep`` tokens only. A prompt still
+    longer than the context raises :class:`PromptTooLong` (generation slides its window past the context,
+    so only the prompt itself must fit)."""
+    if keep is not None:
+        ids = ids[-keep:]
+    if len(ids) > context:
+        raise PromptTooLong(ids, context)
+    return ids
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, context: int) -> tuple[list[int], int]:
+    """Encode a prompt as training encoded a document start (the tokenizer's bos framing + ids), cut to its
+    last ``context`` tokens when longer: returns (ids, number of tokens dropped), which the caller must
+    report (``openllm generate`` warns). :func:`fit_prompt` refuses instead."""
     ids = tokenizer.prompt_ids(prompt)
-    dropped = max(0, len(ids) - context)
-    return ids[dropped:], dropped
+    kept = fit_prompt(ids, context, keep=context)
+    return kept, len(ids) - len(kept)
 
 
 def generate_ids(
@@ -162,7 +206,7 @@ def generate_steps(
 def generate_text(
     model: LanguageModel, tokenizer: Tokenizer, prompt: str, opts: SamplingOptions, device: torch.device | str = "cpu"
 ) -> str:
-    ids, _ = prompt_ids(tokenizer, prompt, model.config.block_size)
+    ids = fit_prompt(tokenizer.prompt_ids(prompt), model.config.block_size)  # a prompt beyond it: PromptTooLong
     stream = TextStream(tokenizer, ids)
     for token in generate_ids(model, ids, opts, device, tokenizer.eos_id):
         stream.push(token)

@@ -86,9 +86,11 @@ def chat_logprobs(legacy: dict | None) -> dict | None:
 
 @dataclass
 class Logprobs:
-    """The ``logprobs`` object of one choice, built token by token. A token's text is what it adds to the
-    decoded text in its context (so the tokens join into the choice's text); a special token (bos, eos)
-    shows its piece; an alternative in ``top_logprobs`` is named by the text it would have added."""
+    """The ``logprobs`` object of one choice, built token by token, one entry per token. A token's text is
+    what it adds to the decoded text in its context, so the tokens join exactly into the choice's text and
+    ``text_offset`` is where each starts in it: a special token (the bos an echoed prompt starts with, the eos
+    that ends a generation) adds nothing and is "". An alternative in ``top_logprobs`` is named by the text
+    it would have added, a special token by its piece ("</s>")."""
 
     tokenizer: Tokenizer
     k: int
@@ -106,7 +108,7 @@ class Logprobs:
         return self._name(token, self.tokenizer.decode([*self.context, token])[len(before) :])
 
     def add(self, token: int, text: str, logprob: float | None, top: list[tuple[int, float]] | None) -> None:
-        self.tokens.append(self._name(token, text))
+        self.tokens.append(text)
         self.token_logprobs.append(logprob)
         if top is None:
             self.top_logprobs.append(None)

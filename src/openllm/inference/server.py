@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Annotated
 
 from openllm.core.errors import OpenLLMError
-from openllm.core.options import Opt, positive_float, positive_int
+from openllm.core.memory import available_memory, gib
+from openllm.core.options import MAX_NEW_TOKENS, Opt, at_most, positive_float, positive_int
+from openllm.core.untrusted import BadDocument, parse_json
 from openllm.inference.api import (
     APIError,
     CompletionRequest,
@@ -37,23 +39,54 @@ from openllm.inference.api import (
     parse_completion,
 )
 from openllm.inference.batching import Batcher, TokenStream
-from openllm.inference.generate import SamplingOptions, TextStream, prompt_ids
+from openllm.inference.generate import PromptTooLong, SamplingOptions, TextStream, choice_seed, fit_prompt
 from openllm.inference.loading import LoadedModel, load_model
 from openllm.inference.logprobs import Logprobs, chat_logprobs, join_logprobs, score_tokens, token_texts
 
 PAGE = Path(__file__).parent / "static" / "index.html"
+MAX_QUEUE = 4096  # requests waiting at once: each is served by a thread of its own
 
 
 @dataclass
 class ServerLimits:
-    max_tokens: Annotated[int, Opt("largest max_tokens a request may ask for", parse=positive_int)] = 1024
+    """What the server takes on at once; each bound is checked where it is declared (the command line) and
+    again when the server starts (:meth:`check`), so that no value can fork a thread per request without
+    limit or allocate a key/value cache beyond memory."""
+
+    max_tokens: Annotated[int, Opt("largest max_tokens a request may ask for", parse=at_most(MAX_NEW_TOKENS))] = 1024
     max_prompt_chars: int = 20_000
     max_n: int = 8
-    max_queue: Annotated[int, Opt("requests waiting before the server answers 429", parse=positive_int)] = 64
+    max_queue: Annotated[
+        int,
+        Opt(
+            f"requests waiting before the server answers 429 (each waits in a thread; at most {MAX_QUEUE})",
+            parse=at_most(MAX_QUEUE),
+        ),
+    ] = 64
     max_prompts: int = 32  # prompts in one request (a batch)
     max_batch: Annotated[
-        int, Opt("sequences generated together, one batched model call per step", parse=positive_int)
+        int,
+        Opt(
+            "sequences generated together, one batched model call per step (their key/value cache, of the "
+            "model's full context each, must fit in memory)",
+            parse=positive_int,
+        ),
     ] = 16
+
+    def check(self, model, device) -> None:
+        """Refuse, by option name, a value past its bound: ``max_batch`` against the memory free on ``device``."""
+        for name, most in (("max_tokens", MAX_NEW_TOKENS), ("max_queue", MAX_QUEUE), ("max_batch", None)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1 or (most is not None and value > most):
+                bound = f" up to {most:,}" if most else ""
+                raise OpenLLMError(f"--{name.replace('_', '-')} must be a positive integer{bound}, got {value!r}")
+        per_row, free = model.cache_bytes(1), available_memory(device)
+        if free is not None and per_row * self.max_batch > free:
+            raise OpenLLMError(
+                f"--max-batch {self.max_batch:,} needs a key/value cache of {gib(per_row * self.max_batch)} "
+                f"({self.max_batch:,} sequences x {model.config.block_size:,} positions), more than the {gib(free)} "
+                f"free; at most {free // per_row:,} fit"
+            )
 
 
 @dataclass
@@ -73,6 +106,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, limits: ServerLimits, device="cpu"):
         self.loaded, self.limits, self.device = loaded, limits, device
+        limits.check(loaded.model, device)
         self.batcher = Batcher(loaded.model, limits.max_batch, device)
         self.pool = ThreadPoolExecutor(max_workers=limits.max_queue, thread_name_prefix="openllm-req")
         self.waiting = 0
@@ -83,7 +117,12 @@ class Engine:
     def api_limits(self) -> Limits:
         lim = self.limits
         return Limits(
-            lim.max_tokens, lim.max_prompt_chars, lim.max_n, lim.max_prompts, self.loaded.tokenizer.vocab_size
+            lim.max_tokens,
+            lim.max_prompt_chars,
+            lim.max_n,
+            lim.max_prompts,
+            self.loaded.tokenizer.vocab_size,
+            self.loaded.model.config.block_size,
         )
 
     def admit(self) -> None:
@@ -97,15 +136,38 @@ class Engine:
             self.waiting -= 1
             self.served += 1
 
-    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        """A text prompt framed as a document start; token ids exactly as given (their last context's worth)."""
-        context = self.loaded.model.config.block_size
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """A text prompt framed as a document start; token ids exactly as given."""
         if isinstance(prompt, str):
             try:  # text the vocabulary cannot represent (a character vocabulary) is the caller's error
-                return prompt_ids(self.loaded.tokenizer, prompt, context)[0]
+                return self.loaded.tokenizer.prompt_ids(prompt)
             except OpenLLMError as exc:
                 raise APIError(400, str(exc), "prompt") from None
-        return list(prompt[-context:])
+        return list(prompt)
+
+    def prompt_ids(self, req: CompletionRequest, param: str = "prompt") -> list[list[int]]:
+        """Each prompt's ids as generation uses them. A prompt longer than the model's context is refused
+        as OpenAI refuses one (400, code context_length_exceeded), never cut silently; with the request's
+        'truncate_prompt_tokens' only its last tokens are used, and from then on that prompt is those ids
+        (``echo`` repeats the text of the ids kept)."""
+        context = self.loaded.model.config.block_size
+        out = []
+        for i, prompt in enumerate(req.prompts):
+            ids = self.encode(prompt)
+            try:
+                kept = fit_prompt(ids, context, req.truncate_prompt_tokens)
+            except PromptTooLong as exc:
+                which = f" in prompt {i}" if len(req.prompts) > 1 else ""
+                raise APIError(
+                    400,
+                    f"This model's maximum context length is {context} tokens, however you requested {exc.length} "
+                    f"tokens{which}. Please reduce the prompt, or send 'truncate_prompt_tokens' to use only its last "
+                    "tokens.",
+                    param,
+                    code="context_length_exceeded",
+                ) from None
+            out.append(kept)
+        return out
 
     def start(self, req: CompletionRequest, ids: list[int], index: int, cancel: threading.Event) -> TokenStream:
         """Queue choice ``index`` (of prompt ``ids``) with the batcher; its tokens come as they are made."""
@@ -114,7 +176,7 @@ class Engine:
             temperature=req.temperature,
             top_k=None,
             top_p=req.top_p,
-            seed=None if req.seed is None else req.seed + index,
+            seed=choice_seed(req.seed, index),
             logit_bias=req.logit_bias or None,
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
@@ -194,9 +256,11 @@ class Engine:
                 lp.add(token, text, scores[i - 1][0], scores[i - 1][1])
         return lp
 
-    def echo_text(self, prompt: str | list[int], ids: list[int]) -> str:
-        """What ``echo`` repeats: the prompt's text, or the text of its token ids."""
-        return prompt if isinstance(prompt, str) else self.loaded.tokenizer.decode(ids)
+    def echo_text(self, ids: list[int]) -> str:
+        """What ``echo`` repeats: the text of the tokens the model was given, which the echoed logprobs
+        tokens join into exactly (a text prompt the tokenizer reproduces, as a byte-fallback SentencePiece
+        model does, comes back as sent; a truncated prompt as the part kept)."""
+        return self.loaded.tokenizer.decode(ids)
 
     def start_all(
         self, req: CompletionRequest, prompt_ids: list[list[int]], cancel: threading.Event
@@ -210,22 +274,20 @@ class Engine:
         streams = self.start_all(req, prompt_ids, cancel)  # all choices generate together
         try:
             return [
-                self._choice(req, prompt, ids, streams[p * req.n + i], cancel)
-                for p, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids, strict=True))
+                self._choice(req, ids, streams[p * req.n + i], cancel)
+                for p, ids in enumerate(prompt_ids)
                 for i in range(req.n)
             ]
         finally:
             for stream in streams:
                 stream.close()
 
-    def _choice(
-        self, req: CompletionRequest, prompt: str | list[int], ids: list[int], tokens: TokenStream, cancel
-    ) -> Choice:
+    def _choice(self, req: CompletionRequest, ids: list[int], tokens: TokenStream, cancel) -> Choice:
         out: dict = {}
         text = "".join(self.pieces(req, ids, tokens, cancel, out))
         logprobs = None
         if req.echo:
-            prefix = self.echo_text(prompt, ids)
+            prefix = self.echo_text(ids)
             if req.logprobs is not None:
                 echoed = self.echo_logprobs(ids, req.logprobs)
                 echoed.extend(out.get("logprobs"), len(prefix))
@@ -263,6 +325,12 @@ def create_app(
     @app.exception_handler(APIError)
     async def _api_error(_request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(OpenLLMError)
+    async def _openllm_error(_request, exc: OpenLLMError):
+        # what the library refuses while serving (text the tokenizer fails on) is the request's problem,
+        # said in the OpenAI shape rather than as a plain-text 500
+        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
 
     app.add_middleware(_Guard, security=security)  # plain ASGI: keeps request.is_disconnected() working
 
@@ -314,7 +382,7 @@ def create_app(
         if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) or set(body) - {"prompt", "model"}:
             raise APIError(400, 'send {"prompt": TEXT}', "prompt")
         check_text(body["prompt"], "prompt")
-        ids = engine.prompt_ids(body["prompt"]) if body["prompt"] else tok.prefix()
+        ids = engine.encode(body["prompt"]) if body["prompt"] else tok.prefix()  # all of them, however many
         return {"tokens": ids, "count": len(ids), "max_model_len": loaded.model.config.block_size}
 
     @app.post("/detokenize")
@@ -327,7 +395,7 @@ def create_app(
 
     async def run(request: Request, req: CompletionRequest, chat: bool):
         # encoded once, before admission: a prompt the vocabulary cannot encode is refused without waiting
-        prompt_ids = [engine.prompt_ids(prompt) for prompt in req.prompts]
+        prompt_ids = engine.prompt_ids(req, "messages" if chat else "prompt")
         engine.admit()
         cancel = threading.Event()
         cid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -409,12 +477,10 @@ async def _json_body(request, timeout: float) -> dict:
         raw = await asyncio.wait_for(request.body(), timeout)
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout:g} s") from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply") from None
+    try:  # the bounded reader: deep nesting, huge integers and lone surrogates are a 400, not a 500
+        return parse_json(raw)
+    except BadDocument as exc:
+        raise APIError(400, f"the request body is refused: {exc}") from None
 
 
 @dataclass
@@ -516,14 +582,14 @@ async def _stream(
     def work():
         streams = engine.start_all(req, prompt_ids, cancel)
         try:
-            for p, (prompt, ids) in enumerate(zip(req.prompts, prompt_ids, strict=True)):
+            for p, ids in enumerate(prompt_ids):
                 counts["prompt"] += len(ids)
                 for i in range(req.n):
                     index = p * req.n + i
                     out: dict = {}
                     shift = 0
                     if req.echo:
-                        prefix = engine.echo_text(prompt, ids)
+                        prefix = engine.echo_text(ids)
                         echoed = engine.echo_logprobs(ids, req.logprobs) if req.logprobs is not None else None
                         send(index, prefix, None, echoed.as_dict() if echoed else None)
                         shift = len(prefix)
@@ -611,21 +677,43 @@ def serve(
         api_key=security.api_key or os.environ.get("OPENLLM_API_KEY") or None,
         allowed_hosts=security.hosts_for(host),
     )
+    sock = listening_socket(host, port)  # first: a busy port is one error before anything is loaded or said
     loaded = load_model(model_path, device)
     app = create_app(loaded, Path(model_path).name or "openllm", limits, device, security)
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_keep_alive=5, http=header_timeout_protocol(security.header_timeout)
+    )
     print(
         f"serving {model_path} on http://{host}:{port} (OpenAI API at /v1, web page at /"
         f"{', API key required' if security.api_key else ''})",
         flush=True,
     )
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        timeout_keep_alive=5,
-        http=header_timeout_protocol(security.header_timeout),
-    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int):
+    """A socket bound to ``host:port`` and listening, or one error naming the address and why."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise OpenLLMError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        hint = (
+            " (another server is listening there: stop it or choose another --port)"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise OpenLLMError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    return sock
 
 
 def header_timeout_protocol(seconds: float):

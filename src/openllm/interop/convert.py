@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,16 +27,32 @@ from openllm.checkpoint import format as ck
 from openllm.checkpoint.rundir import BEST, generation_config, model_config_json, write_logs, write_model_card
 from openllm.checkpoint.state import RunState
 from openllm.core.errors import OpenLLMError
-from openllm.core.fileio import atomic_write_json, commit_directory, directory_lock, read_json, staging_dir
+from openllm.core.fileio import OutputDir, atomic_write_json, read_json
 from openllm.core.numbers import perplexity
 from openllm.core.options import Opt, nonneg_int
-from openllm.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
+from openllm.data.tokenizer import CONFIG_FILE, Tokenizer, find_tokenizer, load_tokenizer
+from openllm.data.tokenizer.base import TOKENIZER_FILES
 from openllm.interop import nanogpt
 from openllm.interop.gpt2 import read_config_json, read_hf_dir, tie_head, without_mask_buffers
 from openllm.interop.hf import MODEL_TYPES, import_hf_weights
 from openllm.model import LanguageModel, build_model
-from openllm.model.config import PRESETS, ModelConfig
+from openllm.model.config import PRESETS, ImportedFields, ModelConfig
 from openllm.model.scoring import evaluate_file
+
+PROVENANCE = "provenance.json"
+# What a conversion writes: --force replaces a directory holding an earlier conversion and nothing else.
+CONVERT_FILES = (
+    BEST,
+    PROVENANCE,
+    "config.json",
+    "generation_config.json",
+    "training_config.json",
+    "training_log.json",
+    "validation_log.json",
+    "README.md",
+    CONFIG_FILE,
+    *TOKENIZER_FILES,
+)
 
 
 @dataclass
@@ -94,21 +109,20 @@ def _read_log(path: Path, name: str) -> list | None:
 
 
 def _nanogpt_style_config(d: dict, origin: str, default_dropout: float) -> ModelConfig:
-    """ModelConfig from the nanoGPT-style keys the legacy config.json and nanoGPT's model_args share."""
-    try:
-        return ModelConfig(
-            vocab_size=int(d["vocab_size"]),
-            n_layer=int(d["n_layer"]),
-            n_head=int(d["n_head"]),
-            n_embd=int(d["n_embd"]),
-            block_size=int(d["block_size"]),
-            dropout=float(d.get("dropout", default_dropout)),
-            bias=bool(d.get("bias", True)),
-        )
-    except KeyError as exc:
-        raise OpenLLMError(f"{origin} lacks {exc.args[0]}") from None
-    except (TypeError, ValueError) as exc:
-        raise OpenLLMError(f"{origin} has an invalid value ({exc})") from None
+    """ModelConfig from the nanoGPT-style keys the legacy config.json and nanoGPT's model_args share (each
+    of the wrong type or range refused by name)."""
+    if not isinstance(d, dict):
+        raise OpenLLMError(f"{origin} must be a mapping of model settings, not a {type(d).__name__}")
+    f = ImportedFields(d, origin)
+    return ModelConfig(
+        vocab_size=f.integer("vocab_size"),
+        n_layer=f.integer("n_layer"),
+        n_head=f.integer("n_head"),
+        n_embd=f.integer("n_embd"),
+        block_size=f.integer("block_size"),
+        dropout=f.number("dropout", default_dropout, probability=True),
+        bias=f.flag("bias", True),
+    )
 
 
 def import_legacy(path: Path, tokenizer: str | None) -> Imported:
@@ -137,6 +151,9 @@ def import_hf(path: Path, tokenizer: str | None, kind: str) -> Imported:
     imp = Imported(kind, config, state, _tokenizer(path, tokenizer, cfg), step=meta.get("step"))
     if meta.get("best_validation_loss") is not None:
         imp.source_reported["best_validation_loss"] = meta["best_validation_loss"]
+    earlier = meta.get("provenance")
+    if isinstance(earlier, dict) and isinstance(earlier.get("source"), str):
+        imp.source_reported["provenance"] = earlier  # how an openllm export's weights came to be: kept in the chain
     return imp
 
 
@@ -202,6 +219,7 @@ class ConvertReport:
     output_bytes: int
     best_validation_loss: float | None
     notes: list[str]
+    optimizer_state: str  # what the provenance record says of it: one source for the record and the summary
 
 
 def convert(
@@ -220,13 +238,23 @@ def convert(
             "vocab.json (with merges.txt), a nanoGPT meta.pkl, or a directory holding one"
         ),
     ] = None,
-    force: Annotated[bool, Opt("overwrite an existing best_model.pt in --output-dir")] = False,
+    force: Annotated[
+        bool,
+        Opt(
+            "replace an earlier conversion in --output-dir (its best_model.pt and the files beside it); a "
+            "training run, the input or other files there are refused, with or without it"
+        ),
+    ] = False,
     eval_seq_len: int = 512,
 ) -> ConvertReport:
     """Convert raw weights at ``input_path`` into a run directory at ``output_dir``."""
     src = Path(input_path)
     if not src.exists():
         raise OpenLLMError(f"input not found: {src}")
+    reads = [src, src.parent] if src.is_file() else [src]  # a ckpt.pt's directory is searched for its tokenizer
+    reads += [Path(p) for p in (tokenizer, eval_data) if p is not None]
+    out = OutputDir(Path(output_dir), "convert", CONVERT_FILES, tuple(reads), force, mark=PROVENANCE)
+    out.check()
     kind = detect(src)
     imp = (
         import_nanogpt(src, tokenizer)
@@ -251,11 +279,6 @@ def convert(
             "no tokenizer found beside the weights (give --tokenizer): the run cannot generate or train until "
             "one is added"
         )
-    out = Path(output_dir)
-    if (out / BEST).exists() and not force:
-        raise OpenLLMError(f"{out} already holds {BEST}; choose another --output-dir or pass --force")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OpenLLMError(f"{out} is not empty; choose another --output-dir or pass --force (which replaces it)")
     model = build_model(imp.config.replace(dropout=0.0))
     model.load_state_dict(imp.state)
     model.eval()
@@ -288,7 +311,8 @@ def convert(
             {"step": step, "validation_loss": best, "validation_perplexity": perplexity(best)}
         ]
     provenance: dict[str, Any] = {
-        "source": f"converted from {kind} weights at {src}",
+        "source": f"converted from {kind} weights at {src}"
+        + (f" ({imp.source_reported['provenance']['source']})" if "provenance" in imp.source_reported else ""),
         "input_kind": kind,
         "optimizer_state": imp.optimizer_note,
         "history": history,
@@ -349,14 +373,8 @@ def convert(
         provenance=provenance,
         resume=None,
     )
-    with directory_lock(out, "output directory"):  # written whole in a staging directory, then put in place
-        staging = staging_dir(out)
-        try:
-            _write_run(staging, ckpt, imp, model_size, tconfig, state, provenance, info, stats)
-            commit_directory(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    with out.replacing() as staging:  # written whole in a staging directory, then put in place
+        _write_run(staging, ckpt, imp, model_size, tconfig, state, provenance, info, stats)
 
     input_bytes = sum(p.stat().st_size for p in ([src] if src.is_file() else src.rglob("*")) if p.is_file())
     comp = {}
@@ -364,7 +382,17 @@ def convert(
         buf = io.BytesIO()
         torch.save(ckpt[key], buf)
         comp[key] = buf.tell()
-    return ConvertReport(kind, out, step, input_bytes, comp, (out / BEST).stat().st_size, best, imp.notes)
+    return ConvertReport(
+        kind,
+        out.path,
+        step,
+        input_bytes,
+        comp,
+        (out.path / BEST).stat().st_size,
+        best,
+        imp.notes,
+        ckpt["provenance"]["optimizer_state"],
+    )
 
 
 def _write_run(
@@ -385,7 +413,7 @@ def _write_run(
         atomic_write_json(d / "generation_config.json", generation_config(imp.config.block_size, imp.tokenizer.special))
     atomic_write_json(d / "training_config.json", tconfig)
     write_logs(d, state.training_log, state.validation_log)
-    atomic_write_json(d / "provenance.json", provenance)
+    atomic_write_json(d / PROVENANCE, provenance)
     if imp.tokenizer is not None:
         imp.tokenizer.save(d, model_max_length=imp.config.block_size)
     write_model_card(d, "OpenLLM converted model", info, stats, {}, provenance["source"])

@@ -18,7 +18,6 @@ Layout of an export directory (``--format hf``)::
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -27,15 +26,11 @@ from openllm import __version__
 from openllm.checkpoint import format as ck
 from openllm.checkpoint.rundir import generation_config, model_card, resolve_checkpoint_path
 from openllm.core.errors import OpenLLMError
-from openllm.core.fileio import (
-    atomic_write_json,
-    atomic_write_text,
-    commit_directory,
-    directory_lock,
-    staging_dir,
-)
+from openllm.core.extras import require
+from openllm.core.fileio import OutputDir, atomic_write_json, atomic_write_text, ordinary_file_mode
 from openllm.core.options import Opt
-from openllm.data.tokenizer import Tokenizer, load_tokenizer
+from openllm.data.tokenizer import CONFIG_FILE, Tokenizer, load_tokenizer
+from openllm.data.tokenizer.base import TOKENIZER_FILES
 from openllm.interop.gguf_file import GGUF_DTYPES, check_exportable, write_gguf
 from openllm.interop.gpt2 import EXPORT_WEIGHTS
 from openllm.interop.hf import config_to_hf, to_hf
@@ -44,6 +39,18 @@ from openllm.model.config import ModelConfig
 
 FORMATS = ("hf", "gguf")
 GGUF_FILE = "model.gguf"
+# What every Hugging Face export holds (`openllm verify` checks them), and everything either format writes:
+# --force replaces a directory holding nothing else (an earlier export).
+HF_FILES = (
+    "config.json",
+    EXPORT_WEIGHTS,
+    "tokenizer.json",
+    CONFIG_FILE,
+    "special_tokens_map.json",
+    "generation_config.json",
+    "README.md",
+)
+EXPORT_FILES = (*HF_FILES, *TOKENIZER_FILES, GGUF_FILE)
 
 
 @dataclass
@@ -55,7 +62,13 @@ class ExportResult:
 def export_checkpoint(
     checkpoint: Annotated[str | os.PathLike, Opt("checkpoint file or run directory")],
     output_dir: Annotated[str | os.PathLike, Opt("directory to write")],
-    force: Annotated[bool, Opt("replace a non-empty --output-dir")] = False,
+    force: Annotated[
+        bool,
+        Opt(
+            "replace an earlier export in --output-dir (a training run, the input or other files there are "
+            "refused, with or without it)"
+        ),
+    ] = False,
     format: Annotated[
         str, Opt("hf: a Hugging Face directory; gguf: OUTPUT_DIR/model.gguf for llama.cpp", choices=FORMATS)
     ] = "hf",
@@ -68,12 +81,14 @@ def export_checkpoint(
         raise OpenLLMError(f"--gguf-dtype must be one of {', '.join(GGUF_DTYPES)}, got {gguf_dtype!r}")
     if gguf_dtype != "f16" and format != "gguf":
         raise OpenLLMError("--gguf-dtype applies to --format gguf only")
+    if format == "gguf":
+        require("gguf", "gguf", "--format gguf")  # before anything is read or written
 
     src = resolve_checkpoint_path(checkpoint)
-    ckpt = ck.load_checkpoint(src)
-    v = ck.verify_checkpoint(src, ckpt)
-    if not v.ok:
-        raise OpenLLMError(f"cannot export {src}: {'; '.join(v.problems)}")
+    # the checkpoint, and its run directory (the tokenizer is read there), are inputs the output must not touch
+    out = OutputDir(Path(output_dir), "export", EXPORT_FILES, reads=(Path(checkpoint), src, src.parent), force=force)
+    out.check()
+    ckpt = ck.load_verified(src, "export")
     info = ck.read_info(ckpt)
     config = ModelConfig.from_dict(ckpt["config"])
     tok = load_tokenizer(src.parent)
@@ -83,9 +98,6 @@ def export_checkpoint(
         )
     if format == "gguf":
         check_exportable(config, tok)
-    out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OpenLLMError(f"output directory {out} is not empty; choose another or pass --force")
     stats = info.training_stats
     extra = {
         "source_checkpoint": str(src),
@@ -96,27 +108,23 @@ def export_checkpoint(
         "provenance": info.provenance,
         "training_stats": stats,
     }
-    with directory_lock(out, "export directory"):
-        staging = staging_dir(out)
+    with out.replacing("export directory") as staging:
         if format == "gguf":
             _write_gguf(staging, ckpt, config, tok, info, gguf_dtype)
         else:
             _write_export(staging, ckpt, src, config, tok, info, extra)
-        commit_directory(staging, out)
-    return ExportResult(out, {p.name: p.stat().st_size for p in sorted(out.iterdir())})
+    return ExportResult(out.path, {p.name: p.stat().st_size for p in sorted(out.path.iterdir())})
 
 
 def _write_gguf(staging: Path, ckpt: dict, config: ModelConfig, tok: Tokenizer, info, dtype: str) -> None:
-    try:
-        write_gguf(staging / GGUF_FILE, ckpt["model_state_dict"], config, tok, dtype, name="openllm")
-        atomic_write_text(
-            staging / "README.md",
-            _card(ckpt, config, info, "OpenLLM model (GGUF export)")
-            + f"\nRun with llama.cpp: `llama-cli -m {GGUF_FILE}` ({dtype} weights).\n",
-        )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    # (here and in _write_export, a failure leaves cleaning up to OutputDir.replacing, which first reads a full
+    # disk as full: removing the staging directory here first would free the space it lacked)
+    write_gguf(staging / GGUF_FILE, ckpt["model_state_dict"], config, tok, dtype, name="openllm")
+    atomic_write_text(
+        staging / "README.md",
+        _card(ckpt, config, info, "OpenLLM model (GGUF export)")
+        + f"\nRun with llama.cpp: `llama-cli -m {GGUF_FILE}` ({dtype} weights).\n",
+    )
 
 
 def _card(ckpt: dict, config: ModelConfig, info: ck.CheckpointInfo, title: str) -> str:
@@ -146,29 +154,26 @@ def _write_export(
 ) -> None:
     from safetensors.torch import save_file
 
-    try:
-        save_file(
-            to_hf(ckpt["model_state_dict"], config),
-            str(staging / EXPORT_WEIGHTS),
-            metadata={"format": "pt", "openllm_version": __version__},
-        )
-        atomic_write_json(staging / "config.json", config_to_hf(config, tok.special, extra))
-        tok.save(staging, model_max_length=config.block_size)  # its own files (tokenizer.model for SentencePiece)
-        atomic_write_text(staging / "tokenizer.json", hf_tokenizer_json(tok))
-        tok_config = hf_tokenizer_config(tok, config.block_size)
-        atomic_write_json(staging / "tokenizer_config.json", tok_config)
-        atomic_write_json(
-            staging / "special_tokens_map.json", {k: v for k, v in tok_config.items() if k.endswith("_token")}
-        )
-        atomic_write_json(
-            staging / "generation_config.json",
-            {**generation_config(config.block_size, tok.special), "transformers_version": "4.40.0"},
-        )
-        atomic_write_text(
-            staging / "README.md",
-            _card(ckpt, config, info, "OpenLLM model (Hugging Face export)")
-            + "\nLoad with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`.\n",
-        )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_file(
+        to_hf(ckpt["model_state_dict"], config),
+        str(staging / EXPORT_WEIGHTS),
+        metadata={"format": "pt", "openllm_version": __version__},
+    )
+    ordinary_file_mode(staging / EXPORT_WEIGHTS)  # safetensors creates it 0600, unlike every file beside it
+    atomic_write_json(staging / "config.json", config_to_hf(config, tok.special, extra))
+    tok.save(staging, model_max_length=config.block_size)  # its own files (tokenizer.model for SentencePiece)
+    atomic_write_text(staging / "tokenizer.json", hf_tokenizer_json(tok))
+    tok_config = hf_tokenizer_config(tok, config.block_size)
+    atomic_write_json(staging / "tokenizer_config.json", tok_config)
+    atomic_write_json(
+        staging / "special_tokens_map.json", {k: v for k, v in tok_config.items() if k.endswith("_token")}
+    )
+    atomic_write_json(
+        staging / "generation_config.json",
+        generation_config(config.block_size, tok.special),  # no transformers_version: none wrote it
+    )
+    atomic_write_text(
+        staging / "README.md",
+        _card(ckpt, config, info, "OpenLLM model (Hugging Face export)")
+        + "\nLoad with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`.\n",
+    )

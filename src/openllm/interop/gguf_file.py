@@ -20,6 +20,7 @@ import torch
 
 from openllm import __version__
 from openllm.core.errors import OpenLLMError
+from openllm.core.extras import require
 from openllm.data.tokenizer import Tokenizer
 from openllm.data.tokenizer.spm import SentencePieceTokenizer
 from openllm.model.config import ModelConfig
@@ -64,7 +65,7 @@ def interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
 def write_gguf(
     path: Path, state: dict[str, torch.Tensor], config: ModelConfig, tokenizer: Tokenizer, dtype: str, name: str
 ) -> None:
-    import gguf
+    gguf = require("gguf", "gguf", "GGUF export")
 
     check_exportable(config, tokenizer)
     assert isinstance(tokenizer, SentencePieceTokenizer)
@@ -146,3 +147,76 @@ def _add_sentencepiece(writer, tokenizer: SentencePieceTokenizer, gguf) -> None:
     writer.add_add_eos_token(False)
     # SentencePiece's dummy prefix: "a" encodes as "▁a" when the model adds a space before the text
     writer.add_add_space_prefix(sp.encode("a", out_type=str)[:1] == ["\u2581a"])
+
+
+# ------------------------------------------------------------------------- reading (inspect, verify)
+
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf(path: Path) -> bool:
+    """A file named ``*.gguf`` or starting with GGUF's magic bytes."""
+    if path.suffix == ".gguf":
+        return path.is_file()
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def read_gguf(path: Path):  # type: ignore[no-untyped-def]
+    """A GGUF file's reader (header, metadata and tensor index; the data stays on disk), or one clear error."""
+    gguf = require("gguf", "gguf", "reading a GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, IndexError... on a damaged file, never its own type
+        raise OpenLLMError(f"{path} is truncated or not a GGUF file ({exc})") from None
+
+
+def gguf_metadata(reader) -> dict:  # type: ignore[no-untyped-def]
+    """The file's metadata by key: numbers and strings as they are, arrays (tokens, scores) as their length."""
+    from gguf import GGUFValueType
+
+    meta: dict = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or not field.types:
+            continue
+        if field.types[0] == GGUFValueType.ARRAY:
+            meta[key] = len(field.data)
+        elif field.types[0] == GGUFValueType.STRING:
+            meta[key] = bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
+        else:
+            meta[key] = field.parts[field.data[0]][0].item()
+    return meta
+
+
+def gguf_problems(reader, meta: dict) -> list[str]:  # type: ignore[no-untyped-def]
+    """What keeps a GGUF file of the architectures we write (llama, qwen3) from being a whole model: every
+    tensor llama.cpp needs is there and the embedding fits the vocabulary (empty: it is). A file of another
+    architecture is only checked to be readable. GGUF carries no checksum, so changed values go unseen."""
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "qwen3"):
+        return []
+    layers, width, vocab = (
+        meta.get(k) for k in (f"{arch}.block_count", f"{arch}.embedding_length", "tokenizer.ggml.tokens")
+    )
+    if not (isinstance(layers, int) and isinstance(width, int) and isinstance(vocab, int)):
+        return [f"its metadata lacks {arch}.block_count, {arch}.embedding_length or tokenizer.ggml.tokens"]
+    tensors = {t.name: t for t in reader.tensors}
+    if not 0 < layers <= len(tensors):  # checked before a list of names that long is made
+        return [f"{arch}.block_count is {layers:,}; the file holds {len(tensors)} tensors"]
+    qk_norm = ("attn_q_norm.weight", "attn_k_norm.weight")  # qwen3 only
+    per_layer = [v for v in LAYER_TENSORS.values() if arch == "qwen3" or v not in qk_norm]
+    want = [*MODEL_TENSORS.values(), *(f"blk.{i}.{v}" for i in range(layers) for v in per_layer)]
+    problems = []
+    missing = [name for name in want if name not in tensors]
+    if missing:
+        more = ", ..." if len(missing) > 3 else ""
+        problems.append(f"lacks {len(missing)} of the {len(want)} tensors it needs ({', '.join(missing[:3])}{more})")
+    embd = tensors.get("token_embd.weight")
+    if embd is not None and [int(n) for n in embd.shape] != [width, vocab]:
+        problems.append(
+            f"token_embd.weight has shape {[int(n) for n in embd.shape]}, the metadata needs {[width, vocab]}"
+        )
+    return problems

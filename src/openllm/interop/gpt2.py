@@ -17,7 +17,7 @@ from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import read_json
 from openllm.core.progress import Progress
 from openllm.data.tokenizer import SpecialTokens
-from openllm.model.config import ModelConfig
+from openllm.model.config import ImportedFields, ModelConfig
 
 EXPORT_WEIGHTS = "model.safetensors"
 
@@ -141,22 +141,18 @@ def read_hf_dir(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def config_from_hf(cfg: dict, origin: str) -> ModelConfig:
-    """Our ModelConfig for a GPT2Config dict, refusing variants this model cannot reproduce."""
-    try:
-        return _config_from_hf(cfg, origin)
-    except (TypeError, ValueError) as exc:
-        raise OpenLLMError(f"{origin}: config.json has a value of the wrong kind ({exc})") from None
-
-
-def _config_from_hf(cfg: dict, origin: str) -> ModelConfig:
+    """Our ModelConfig for a GPT2Config dict, refusing variants this model cannot reproduce and any numeric
+    field of the wrong type or range, by name."""
+    f = ImportedFields(cfg, f"{origin}: config.json")
     act = cfg.get("activation_function", "gelu_new")
     acts = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+    n_embd = f.integer("n_embd")
     problems = []
     if act not in acts:
         problems.append(f"activation_function {act!r}")
-    if cfg.get("n_inner") not in (None, 4 * cfg.get("n_embd", 0)):
-        problems.append(f"n_inner {cfg.get('n_inner')}")
-    if abs(float(cfg.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
+    if cfg.get("n_inner") is not None and f.integer("n_inner") != 4 * n_embd:
+        problems.append(f"n_inner {cfg['n_inner']}")
+    if abs(f.number("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
         problems.append(f"layer_norm_epsilon {cfg.get('layer_norm_epsilon')}")
     if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights") is False:
         problems.append("non-standard attention scaling")
@@ -164,17 +160,15 @@ def _config_from_hf(cfg: dict, origin: str) -> ModelConfig:
         problems.append("untied output head")
     if problems:
         raise OpenLLMError(f"{origin}: unsupported GPT-2 variant ({', '.join(problems)})")
-    extra = cfg.get("openllm") or {}
-    try:
-        return ModelConfig(
-            vocab_size=int(cfg["vocab_size"]),
-            n_layer=int(cfg["n_layer"]),
-            n_head=int(cfg["n_head"]),
-            n_embd=int(cfg["n_embd"]),
-            block_size=int(cfg.get("n_positions") or cfg["n_ctx"]),
-            dropout=float(cfg.get("resid_pdrop", 0.0)),
-            bias=bool(extra.get("bias", True)),
-            activation=extra.get("activation", acts[act]),
-        )
-    except KeyError as exc:
-        raise OpenLLMError(f"{origin}: config.json lacks {exc.args[0]}") from None
+    extra = ImportedFields(f.mapping("openllm"), f"{origin}: config.json openllm")
+    context = "n_positions" if cfg.get("n_positions") is not None else "n_ctx"
+    return ModelConfig(
+        vocab_size=f.integer("vocab_size"),
+        n_layer=f.integer("n_layer"),
+        n_head=f.integer("n_head"),
+        n_embd=n_embd,
+        block_size=f.integer(context),
+        dropout=f.number("resid_pdrop", 0.0, probability=True),
+        bias=extra.flag("bias", True),
+        activation=extra.cfg.get("activation", acts[act]),
+    )

@@ -11,8 +11,15 @@ import torch
 from openllm.checkpoint import format as ck
 from openllm.checkpoint.rundir import BEST, resolve_checkpoint_path, step_checkpoints
 from openllm.core.errors import OpenLLMError
+from openllm.core.extras import require
+from openllm.core.fileio import read_json
 from openllm.core.numbers import finite_or_none
+from openllm.data.tokenizer import load_tokenizer
+from openllm.interop.export import GGUF_FILE, HF_FILES
+from openllm.interop.gguf_file import gguf_metadata, gguf_problems, is_gguf, read_gguf
 from openllm.interop.gpt2 import is_export_dir, is_mask_buffer, read_hf_dir
+from openllm.interop.hf import import_hf_weights
+from openllm.model.config import ModelConfig
 
 HF_FAMILIES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
 _LLAMA_KEYS = (
@@ -49,26 +56,38 @@ def _params(state: dict) -> int:
     return n
 
 
-def describe(path: str | os.PathLike) -> dict:
-    """A summary dict of what ``path`` holds (see :func:`format_description`)."""
+def describe(path: str | os.PathLike, show_damaged: bool = False) -> dict:
+    """A summary dict of what ``path`` holds (see :func:`format_description`). A damaged checkpoint (unknown
+    format version, checksum mismatch) is refused like everywhere else, unless ``show_damaged``: then it is
+    described, with its problems under "damaged" (``openllm inspect``)."""
     path = Path(path)
     if not path.exists():
         raise OpenLLMError(f"not found: {path}")
+    gguf_file = _gguf_of(path)
+    if gguf_file is not None:
+        return _describe_gguf(gguf_file, path, show_damaged)
     if is_export_dir(path):
         return _describe_export(path)
     if path.is_dir() and (path / "pytorch_model.bin").is_file() and not (path / BEST).is_file():
-        return _describe_file(path / "pytorch_model.bin", size=_dir_size(path), label=str(path))
+        return _describe_file(path / "pytorch_model.bin", _dir_size(path), str(path), show_damaged)
     if path.is_dir():
-        info = _describe_file(resolve_checkpoint_path(path), size=_dir_size(path), label=str(path))
+        info = _describe_file(resolve_checkpoint_path(path), _dir_size(path), str(path), show_damaged)
         info["files"] = sorted(p.name for p in path.iterdir())
         info["step_checkpoints"] = [s for s, _ in step_checkpoints(path)]
         return info
-    return _describe_file(path, path.stat().st_size, str(path))
+    return _describe_file(path, path.stat().st_size, str(path), show_damaged)
 
 
-def _describe_file(file: Path, size: int, label: str) -> dict:
-    obj = ck.load_checkpoint(file, mmap=True)
-    info = {"path": label, "file": str(file), "size_bytes": size}
+def _describe_file(file: Path, size: int, label: str, show_damaged: bool = False) -> dict:
+    try:
+        obj, damaged = ck.load_checkpoint(file, mmap=True), []
+    except ck.DamagedCheckpoint as exc:
+        if not show_damaged:
+            raise
+        obj, damaged = exc.checkpoint, exc.problems
+    info: dict = {"path": label, "file": str(file), "size_bytes": size}
+    if damaged:
+        info["damaged"] = damaged
     if "model_state_dict" not in obj:
         state = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -107,7 +126,7 @@ def _describe_file(file: Path, size: int, label: str) -> dict:
             "best_step": ci.best_step,
             "best_validation_loss": ci.best_validation_loss,
             "last_training_loss": tlog[-1].get("loss") if tlog else None,
-            "config": ci.model_config,
+            "config": _shown_config(ci.model_config),
             "training_config": ci.training_config,
             "stop_reason": ci.stop_reason,
             "provenance": ci.source,
@@ -141,6 +160,60 @@ def _describe_export(path: Path) -> dict:
     }
 
 
+GGUF_CONFIG_KEYS = (
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+)
+
+
+def _gguf_of(path: Path) -> Path | None:
+    """The GGUF file ``path`` is, or the one an export directory holds (beside no checkpoint or HF weights)."""
+    if path.is_dir():
+        file = path / GGUF_FILE
+        return file if file.is_file() and not is_export_dir(path) and not any(path.glob("*.pt")) else None
+    return path if is_gguf(path) else None
+
+
+def _describe_gguf(file: Path, path: Path, show_damaged: bool = False) -> dict:
+    reader = read_gguf(file)
+    meta = gguf_metadata(reader)
+    problems = gguf_problems(reader, meta)
+    if problems and not show_damaged:
+        raise OpenLLMError(f"{file} is damaged: {'; '.join(problems)}")
+    arch = meta.get("general.architecture", "unknown")
+    weights = sorted({t.tensor_type.name.lower() for t in reader.tensors if len(t.shape) > 1})
+    ours = meta.get("openllm.version")
+    info = {
+        "path": str(path),
+        "file": str(file),
+        "format": f"GGUF {arch} model ({'/'.join(weights)} weights)" + (" (openllm export)" if ours else ""),
+        "size_bytes": _dir_size(path),
+        "parameters": sum(int(t.n_elements) for t in reader.tensors),
+        "optimizer_state": False,
+        "scheduler_state": False,
+        "step": None,
+        "training_log_entries": 0,
+        "validation_log_entries": 0,
+        "best_step": None,
+        "best_validation_loss": None,
+        "config": {
+            "architecture": arch,
+            **{k: meta.get(f"{arch}.{k}") for k in GGUF_CONFIG_KEYS},
+            "vocab_size": meta.get("tokenizer.ggml.tokens"),
+        },
+        "provenance": f"exported by openllm {ours}" if ours else meta.get("general.name", "unknown"),
+    }
+    if problems:
+        info["damaged"] = problems
+    if path.is_dir():
+        info["files"] = sorted(p.name for p in path.iterdir())
+    return info
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
@@ -159,7 +232,13 @@ def _log_line(label: str, info: dict, key: str) -> str:
 
 def format_description(info: dict) -> str:
     size = info["size_bytes"] / 1e6
+    damaged = (
+        [f"DAMAGED: {'; '.join(info['damaged'])} (shown here; every other command refuses this file)"]
+        if info.get("damaged")
+        else []
+    )
     lines = [
+        *damaged,
         f"{info['path']}",
         f"  format:            {info['format']}",
         f"  size on disk:      {size:,.1f} MB",
@@ -210,11 +289,62 @@ def format_comparison(infos: list[dict]) -> str:
 
 
 def verify_path(path: str | os.PathLike) -> list[ck.Verification]:
-    """Verify a checkpoint file, or every checkpoint of a run directory."""
+    """Verify a checkpoint file, every checkpoint of a run directory, an export directory or a GGUF file."""
     path = Path(path)
     if not path.exists():
         raise OpenLLMError(f"not found: {path}")
+    gguf_file = _gguf_of(path)
+    if gguf_file is not None:
+        return [_verify_gguf(gguf_file)]
+    if is_export_dir(path) or ((path / "config.json").is_file() and not any(path.glob("*.pt"))):
+        return [_verify_export(path)]
     files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
     if not files:
         raise OpenLLMError(f"{path} holds no .pt checkpoint")
     return [ck.verify_checkpoint(f) for f in files]
+
+
+def _verify_gguf(file: Path) -> ck.Verification:
+    """A GGUF file reads whole and holds every tensor its architecture needs (it carries no checksum)."""
+    require("gguf", "gguf", "verifying a GGUF file")
+    v = ck.Verification(file, ok=False, kind="gguf")
+    try:
+        reader = read_gguf(file)
+        v.problems.extend(gguf_problems(reader, gguf_metadata(reader)))
+    except OpenLLMError as exc:
+        v.problems.append(str(exc))
+    v.ok = not v.problems
+    return v
+
+
+def _verify_export(path: Path) -> ck.Verification:
+    """A Hugging Face directory: its config, weights and tokenizer load and fit each other, and an openllm export
+    holds every file `openllm export` writes. (Such a directory carries no checksum.)"""
+    v = ck.Verification(path, ok=False, kind="hf")
+    try:
+        cfg, state = read_hf_dir(path)
+        meta = cfg.get("openllm") or {}
+        v.step = meta.get("step") if isinstance(meta.get("step"), int) else None
+        v.problems.extend(f"lacks {name}" for name in (HF_FILES if meta else ()) if not (path / name).is_file())
+        config, state = import_hf_weights(cfg, state, str(path))
+        v.problems.extend(ck.shape_problems(state, config.to_dict()))
+        for name in ("generation_config.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (path / name).is_file():
+                read_json(path / name, name)
+        for name in ("tokenizer.model", "tokenizer.json", "vocab.json"):  # each must load, for whoever reads it
+            if (path / name).is_file():
+                n = load_tokenizer(path / name, cfg).vocab_size
+                if n > config.vocab_size or (meta and n != config.vocab_size):
+                    v.problems.append(f"{name} has {n:,} tokens, the model's embedding {config.vocab_size:,}")
+    except OpenLLMError as exc:
+        v.problems.append(str(exc))
+    v.ok = not v.problems
+    return v
+
+
+def _shown_config(config: dict | None) -> dict | None:
+    """The model config as the model uses it; a config that does not even build is shown as recorded."""
+    try:
+        return ModelConfig.from_dict(config).describe() if isinstance(config, dict) else config
+    except (OpenLLMError, TypeError, ValueError):
+        return config

@@ -14,7 +14,7 @@ import torch
 from openllm import __version__
 from openllm.core.errors import OpenLLMError
 from openllm.data.tokenizer import SpecialTokens
-from openllm.model.config import ModelConfig
+from openllm.model.config import ImportedFields, ModelConfig
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -67,17 +67,12 @@ def config_to_hf(config: ModelConfig, special: SpecialTokens, extra: dict | None
 
 
 def config_from_hf(cfg: dict, origin: str) -> ModelConfig:
-    try:
-        return _config_from_hf(cfg, origin)
-    except (TypeError, ValueError) as exc:
-        raise OpenLLMError(f"{origin}: config.json has a value of the wrong kind ({exc})") from None
-    except KeyError as exc:
-        raise OpenLLMError(f"{origin}: config.json lacks {exc.args[0]}") from None
-
-
-def _config_from_hf(cfg: dict, origin: str) -> ModelConfig:
-    hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    """Our ModelConfig for a LlamaConfig / Qwen3Config dict, refusing variants this model cannot reproduce and
+    any numeric field of the wrong type or range, by name."""
+    f = ImportedFields(cfg, f"{origin}: config.json")
+    hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
+    rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    rope = f.mapping(rope_key)
     problems = []
     if cfg.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {cfg.get('hidden_act')!r}")
@@ -86,29 +81,32 @@ def _config_from_hf(cfg: dict, origin: str) -> ModelConfig:
             problems.append(key)
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
-    if cfg.get("head_dim") not in (None, hidden // heads):
-        problems.append(f"head_dim {cfg.get('head_dim')} (not hidden_size / num_attention_heads)")
-    if cfg.get("pretraining_tp", 1) != 1:
+    if cfg.get("head_dim") is not None and f.integer("head_dim") * heads != hidden:
+        problems.append(f"head_dim {cfg['head_dim']} (not hidden_size / num_attention_heads)")
+    if f.integer("pretraining_tp", 1) != 1:
         problems.append(f"pretraining_tp {cfg.get('pretraining_tp')}")
     if cfg.get("use_sliding_window"):
         problems.append("sliding-window attention")
     if problems:
         raise OpenLLMError(f"{origin}: unsupported {cfg.get('model_type')} variant ({', '.join(problems)})")
-    kv_heads, width = int(cfg.get("num_key_value_heads") or heads), int(cfg["intermediate_size"])
+    kv_heads = f.integer("num_key_value_heads") if cfg.get("num_key_value_heads") is not None else heads
+    width = f.integer("intermediate_size")
     default = ModelConfig(arch="llama", bias=False, n_head=heads, n_embd=hidden)
+    rope_fields = ImportedFields(rope, f"{origin}: config.json {rope_key}")
+    theta = rope_fields.number("rope_theta") if "rope_theta" in rope else f.number("rope_theta", 10000.0)
     return ModelConfig(
         arch="llama",
         bias=False,
-        vocab_size=int(cfg["vocab_size"]),
-        n_layer=int(cfg["num_hidden_layers"]),
+        vocab_size=f.integer("vocab_size"),
+        n_layer=f.integer("num_hidden_layers"),
         n_head=heads,
         n_embd=hidden,
         n_kv_head=None if kv_heads == heads else kv_heads,  # written as our own configs write it
         intermediate_size=None if width == default.mlp_hidden else width,
-        block_size=int(cfg["max_position_embeddings"]),
-        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        block_size=f.integer("max_position_embeddings"),
+        rope_theta=theta,
+        norm_eps=f.number("rms_norm_eps", 1e-6),
         qk_norm=cfg.get("model_type") == "qwen3",
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        dropout=float(cfg.get("attention_dropout", 0.0)),
+        tie_embeddings=f.flag("tie_word_embeddings", False),
+        dropout=f.number("attention_dropout", 0.0, probability=True),
     )

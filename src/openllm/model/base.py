@@ -69,8 +69,17 @@ class LanguageModel(nn.Module):
     def new_cache(self, slots: int = 1, max_len: int | None = None) -> KVCache:
         """An empty cache for ``slots`` sequences of up to ``max_len`` (default: the context) positions."""
         weight = self.lm_head.weight
-        dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled() else weight.dtype
-        return KVCache(self.config, slots, max_len or self.config.block_size, weight.device, dtype)
+        return KVCache(self.config, slots, max_len or self.config.block_size, weight.device, self._cache_dtype())
+
+    def cache_bytes(self, slots: int = 1, max_len: int | None = None) -> int:
+        """What :meth:`new_cache` would allocate, in bytes (keys and values of every layer)."""
+        c = self.config
+        per_layer = slots * c.kv_heads * (max_len or c.block_size) * c.head_dim * self._cache_dtype().itemsize
+        return 2 * c.n_layer * per_layer
+
+    def _cache_dtype(self) -> torch.dtype:
+        weight = self.lm_head.weight
+        return torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled() else weight.dtype
 
     def _hidden(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T = idx.shape

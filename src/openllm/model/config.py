@@ -12,6 +12,7 @@ belong to ``llama``; a ``gpt2`` config refuses any of them set to something it c
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -21,6 +22,57 @@ ARCHS = ("gpt2", "llama")
 
 # Sanity bounds checked before any model is built from a config (an untrusted file may ask for anything).
 LIMITS = {"vocab_size": 2**24, "n_layer": 1024, "n_head": 1024, "n_embd": 65536, "block_size": 2**20}
+
+
+_REQUIRED = object()
+
+
+class ImportedFields:
+    """Typed reads of the fields of a config written elsewhere (a Hugging Face config.json, nanoGPT's
+    model_args), where anything may stand. A missing field, a value of the wrong type (2.5 layers, "8" heads,
+    true as a size) or out of range (0 heads) is one error naming the field, before any arithmetic on it (a
+    ZeroDivisionError) or a conversion that would quietly change it (int(2.5) is 2)."""
+
+    def __init__(self, cfg: dict, origin: str):
+        self.cfg, self.origin = cfg, origin
+
+    def _get(self, key: str, default: Any) -> Any:
+        value = self.cfg.get(key, default) if default is not _REQUIRED else self.cfg.get(key, _REQUIRED)
+        if value is _REQUIRED:
+            raise OpenLLMError(f"{self.origin} lacks {key}")
+        return value
+
+    def _refuse(self, key: str, wanted: str, value: Any) -> OpenLLMError:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return OpenLLMError(f"{self.origin}: {key} must be {wanted}, got {shown}")
+
+    def integer(self, key: str, default: Any = _REQUIRED, minimum: int = 1) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self._refuse(key, f"a whole number of at least {minimum}", value)
+        return value
+
+    def number(self, key: str, default: Any = _REQUIRED, probability: bool = False) -> float:
+        """A positive finite number (an epsilon, rope_theta), or with ``probability`` one in [0, 1) (dropout)."""
+        value = self._get(key, default)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or not (0 <= value < 1 if probability else value > 0):
+            raise self._refuse(key, "a number in [0, 1)" if probability else "a finite number above 0", value)
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self._refuse(key, "true or false", value)
+        return value
+
+    def mapping(self, key: str) -> dict:
+        value = self.cfg.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self._refuse(key, "an object", value)
+        return value
 
 
 @dataclass(frozen=True)
@@ -102,6 +154,18 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def describe(self) -> dict[str, Any]:
+        """The fields that shape this architecture, with the values the model really uses (``inspect``): a
+        Llama block shows its SwiGLU width and key/value heads, not the GPT-2 activation it never runs."""
+        out = self.to_dict()
+        if self.arch == "gpt2":
+            for name in ("n_kv_head", "intermediate_size", "rope_theta", "qk_norm", "tie_embeddings", "norm_eps"):
+                out.pop(name)
+        else:
+            del out["activation"]
+            out.update(mlp="SwiGLU (SiLU gate)", intermediate_size=self.mlp_hidden, n_kv_head=self.kv_heads)
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **changes: Any) -> ModelConfig:

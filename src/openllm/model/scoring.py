@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from openllm.core.errors import OpenLLMError
+from openllm.core.memory import available_memory, gib
 from openllm.core.progress import Progress
 from openllm.data.corpus import read_text, split_documents
 from openllm.data.dataset import load_dataset, token_dtype
@@ -71,6 +72,7 @@ def stream_nll(
     """Summed negative log-likelihood (nats) and count of scored targets over a token stream."""
     model.eval()
     plan = window_plan(len(tokens), seq_len, stride)
+    check_batch_memory(model, min(batch_size, len(plan)), seq_len, device)
     total, count = 0.0, 0
     i = 0
     progress = Progress(len(plan), "scoring", "windows")
@@ -96,6 +98,18 @@ def stream_nll(
         progress.update(len(group))
     progress.close()
     return total, count
+
+
+def check_batch_memory(model: LanguageModel, windows: int, seq_len: int, device) -> None:
+    """Refuse a batch whose logits alone would not fit in memory (float32, about three copies: the logits,
+    their float32 view and the log-softmax of the loss), before the first forward pass tries."""
+    need = windows * seq_len * model.config.vocab_size * 4 * 3
+    free = available_memory(torch.device(device))
+    if free is not None and need > free:
+        raise OpenLLMError(
+            f"--batch-size {windows:,} windows of {seq_len:,} tokens need about {gib(need)} for their logits, more "
+            f"than the {gib(free)} free; lower --batch-size"
+        )
 
 
 def _result(total: float, count: int, n_bytes: int, source: str) -> EvalResult:

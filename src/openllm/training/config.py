@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
 from openllm.core.device import DEVICES, DTYPES
 from openllm.core.errors import OpenLLMError
-from openllm.core.options import Opt, builtin_defaults
+from openllm.core.options import Opt, builtin_defaults, nonneg_int
+from openllm.core.untrusted import read_yaml
 from openllm.data.tokenizer import TOKENIZER_TYPES
 from openllm.model.config import ARCHS, get_preset
 
@@ -114,9 +114,10 @@ class TrainConfig:
     dtype: Annotated[
         str | None,
         Opt(
-            "autocast dtype (float16: CUDA only)",
+            "autocast dtype (float16: CUDA only; bfloat16 on a CPU without AVX512-BF16 or AMX is emulated, "
+            "many times slower, and warned about)",
             choices=DTYPES,
-            default_text="bf16 on GPUs and native-bf16 CPUs for presets that use it, else float32",
+            default_text="bf16 on GPUs that have it, float32 on CPUs",
         ),
     ] = None
     compile: Annotated[bool | None, Opt("torch.compile the model", default=False)] = None
@@ -144,6 +145,11 @@ class TrainConfig:
         bool | None, Opt("also write TensorBoard event files to OUTPUT_DIR/tensorboard", default=False)
     ] = None
     peak_flops: Annotated[float | None, Opt("peak FLOP/s of the device for MFU (known GPUs are detected)")] = None
+    # The closing sample: options of the run like any other, so that a resumed run keeps what it was told
+    sample_tokens: Annotated[
+        int | None, Opt("length of the sample printed at the end (0: none)", default=120, parse=nonneg_int)
+    ] = None
+    sample_prompt: Annotated[str | None, Opt("prompt of the sample printed at the end", default="")] = None
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -212,7 +218,7 @@ class TrainConfig:
             "vocab_size",
         ):
             integer(name, 1)
-        for name in ("warmup_steps", "early_stopping_patience", "seed"):
+        for name in ("warmup_steps", "early_stopping_patience", "seed", "sample_tokens"):
             integer(name, 0)
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "early_stopping_min_delta"):
             number(name)
@@ -232,7 +238,16 @@ class TrainConfig:
         for name in ("compile", "activation_checkpointing", "allow_data_change", "reset_early_stopping", "tensorboard"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false", getattr(self, name))
-        for name in ("data", "data_file", "validation_data", "tokenizer_dir", "output_dir", "resume", "model_size"):
+        for name in (
+            "data",
+            "data_file",
+            "validation_data",
+            "tokenizer_dir",
+            "output_dir",
+            "resume",
+            "model_size",
+            "sample_prompt",
+        ):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise bad(name, "a path" if name != "model_size" else "a preset name", getattr(self, name))
         if self.arch not in ARCHS:
@@ -281,29 +296,10 @@ NOT_INHERITED = ("resume", "allow_data_change", "reset_early_stopping", "output_
 
 
 def load_yaml_options(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML file, keys normalised to field names; unknown keys are an error."""
-    import yaml
-
-    class NoAliases(yaml.SafeLoader):
-        """Refuses anchors and aliases: an options file never needs them, and expanding them can blow up."""
-
-        def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
-            if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
-                raise yaml.YAMLError("anchors and aliases (& and *) are not allowed in an options file")
-            return super().compose_node(parent, index)
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            if os.fstat(f.fileno()).st_size > 1 << 20:
-                raise OpenLLMError(f"config file {path} is larger than 1 MB; an options file is a few lines")
-            data = yaml.load(f, Loader=NoAliases) or {}  # noqa: S506 - a SafeLoader subclass
-    except FileNotFoundError:
-        raise OpenLLMError(f"config file not found: {path}") from None
-    except RecursionError:
-        raise OpenLLMError(f"config file {path} is not valid YAML: it is nested too deeply") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = (str(exc).strip().splitlines() or ["unreadable"])[0]
-        raise OpenLLMError(f"config file {path} is not valid YAML: {first}") from None
+    """Options from a YAML file, keys normalised to field names; unknown keys are an error. The file is read by
+    the bounded reader (no anchors or aliases, bounded depth and numbers, valid text; an options file is a few
+    lines, so at most 1 MB)."""
+    data = read_yaml(path, "config file", max_bytes=1 << 20) or {}
     if not isinstance(data, dict):
         raise OpenLLMError(f"config file {path} must hold a mapping of option: value")
     out = {}

@@ -279,7 +279,7 @@ def finish(run: Run) -> TrainResult:
     if run.dist.is_main:
         records.write_model_card(run)
         records.write_plot(run)
-    return TrainResult(run.run_dir, st.step, st.best_step, st.best_validation_loss, st.stop_reason, path)
+    return TrainResult(run.run_dir, st.step, st.best_step, st.best_validation_loss, st.stop_reason, path, run.cfg)
 
 
 def roll_back(run: Run) -> None:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from openllm.core.errors import OpenLLMError
+from openllm.core.extras import require
 from openllm.core.fileio import atomic_write_text
+from openllm.core.untrusted import BadDocument, parse_json
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, for model FLOPs utilisation.
 PEAK_FLOPS = {
@@ -81,10 +82,7 @@ class MetricsLog:
         _truncate_after(path, start_step)
         self.file = open(path, "a", encoding="utf-8")
         if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                raise OpenLLMError("--tensorboard needs tensorboardX: pip install 'openllm[tensorboard]'") from None
+            SummaryWriter = require("tensorboardX", "tensorboard", "--tensorboard").SummaryWriter
             self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -156,8 +154,9 @@ def _truncate_after(path: Path, step: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
+            record = parse_json(line)
+        except BadDocument:
             continue  # a line torn by a crash
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
     atomic_write_text(path, "".join(k + "\n" for k in kept))

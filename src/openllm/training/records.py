@@ -65,7 +65,7 @@ def build_checkpoint(run: Run) -> dict:
         epoch=st.samples_seen // run.sampler.windows_per_epoch,
         tokenizer_sha256=run.tokenizer_sha256,
         dataset_fingerprint=run.dataset.fingerprint,
-        provenance={"source": "trained with openllm", "optimizer_state": "trained"},
+        provenance=ck.training_provenance(run.origin, st.step),
         resume={
             "samples_seen": st.samples_seen,
             "global_token_offset": st.samples_seen * run.cfg.seq_len,  # type: ignore[operator]
@@ -99,7 +99,9 @@ def write_model_card(run: Run) -> None:
         model_info(run),
         training_stats(run),
         training_config(run),
-        "trained from scratch with openllm",
+        ck.training_provenance(run.origin, run.state.step)["source"]
+        if run.origin
+        else "trained from scratch with openllm",
     )
 
 

@@ -53,6 +53,7 @@ class Run:
     eval_seconds: float = 0.0  # wall and CPU time spent in validation passes (benchmarks report them apart)
     eval_cpu_seconds: float = 0.0
     validation_fingerprint: str = ""  # sha256 of the validation tokens (a resume on other text resets the best)
+    origin: dict | None = None  # where resumed weights came from before OpenLLM trained them (converted ones)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype == torch.float32:
@@ -76,3 +77,4 @@ class TrainResult:
     best_validation_loss: float
     stop_reason: str | None
     final_checkpoint: Path | None
+    config: TrainConfig | None = None  # the run's resolved options (the closing sample reads its own)

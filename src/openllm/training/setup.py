@@ -15,9 +15,10 @@ import torch
 from openllm.checkpoint import format as ck
 from openllm.checkpoint import rundir
 from openllm.checkpoint.state import RunState
-from openllm.core.device import resolve_device, resolve_dtype
+from openllm.core.device import cpu_description, emulated_precision_warning, resolve_device, resolve_dtype
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import ensure_dir
+from openllm.core.memory import available_memory
 from openllm.data.batches import BatchSampler, EvalBatches
 from openllm.data.dataset import PreparedDataset, load_dataset
 from openllm.data.prepare import prepare_dataset, prepared_request_key
@@ -98,6 +99,9 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
     use_recorded_threads(ckpt, say)
     seed_everything(cfg.seed + dist.rank)
     dtype = resolve_dtype(cfg.dtype, device, get_preset(cfg.model_size).cpu_dtype)
+    warning = emulated_precision_warning(dtype, device)
+    if warning and dist.is_main:
+        say(warning)
     raw = build_model(model_config).to(device)
     raw.activation_checkpointing = bool(cfg.activation_checkpointing)
     model = torch.compile(raw) if cfg.compile else raw
@@ -142,6 +146,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
     )
     if ckpt:
         restore(run, ckpt)
+        run.origin = ck.provenance_origin(ckpt)
         note_validation_change(run, ckpt, say)
         note_schedule_change(run, ckpt, say)
         run.last_checkpoint = resumed_path
@@ -162,6 +167,7 @@ def setup(cfg: TrainConfig, log: Callable[[str], None] = print) -> Run | None:
         f"{dist.world_size} process(es), {run.global_batch * cfg.seq_len:,} tokens/step, steps "
         f"{run.state.step + 1}..{cfg.max_steps}, output {run_dir}"
     )
+    say(f"precision: {describe_precision(dtype, optimizer, device)}")
     return run
 
 
@@ -188,11 +194,7 @@ def find_resume(resume: str | None, run_dir: Path, log) -> tuple[Path | None, di
         if found is None:
             raise OpenLLMError(f"no checkpoint in {path} verifies; nothing to resume from")
         return found
-    ckpt = ck.load_checkpoint(path)
-    v = ck.verify_checkpoint(path, ckpt)
-    if not v.ok:
-        raise OpenLLMError(f"cannot resume from {path}: {'; '.join(v.problems)}")
-    return path, ckpt
+    return path, ck.load_verified(path, "resume from")
 
 
 def already_done(ckpt: dict, cfg: TrainConfig) -> str | None:
@@ -312,13 +314,22 @@ def restore(run: Run, ckpt: dict) -> None:
     run.raw_model.load_state_dict(ckpt["model_state_dict"])
     opt_state = ckpt.get("optimizer_state_dict") or {}
     if ck.has_optimizer_state(opt_state):
+        # the state's layout says which optimizer made it: Muon + AdamW keep one part each (optim.MuonAdamW)
+        trained = "muon" if set(opt_state) == {"muon", "adamw"} else "adamw"
+        if trained != run.cfg.optimizer:
+            raise OpenLLMError(
+                f"the checkpoint was trained with --optimizer {trained}; resume with --optimizer {trained} "
+                "(or start a new run)"
+            )
         # the checkpoint gives the moments; the settings (weight decay, betas, fused) are this run's
         settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
         try:
             run.optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError) as exc:
+            reason = f"it lacks {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
             raise OpenLLMError(
-                f"the checkpoint's optimizer state does not fit this model and --optimizer {run.cfg.optimizer} ({exc})"
+                f"the checkpoint's optimizer state does not fit this model and --optimizer {run.cfg.optimizer} "
+                f"({reason})"
             ) from None
         for group, own in zip(run.optimizer.param_groups, settings, strict=True):
             group.update(own)
@@ -388,13 +399,18 @@ def note_schedule_change(run: Run, ckpt: dict, say: Callable[[str], None]) -> No
         lr_schedule=old.get("schedule", "cosine"),
         cooldown_fraction=old.get("cooldown_fraction", 0.2),
     )
-    step = run.state.step + 1
-    before, after = lr_at(step, was), lr_at(step, run.cfg)
-    if not math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
-        say(
-            f"note: the learning-rate schedule changes with this resume: step {step} gets lr {after:.3g} "
-            f"where the recorded schedule gave {before:.3g} ({describe_schedule(run.cfg)})"
-        )
+    # every step still to run is compared (at most 10,000 of them, evenly spread), not just the next one: a
+    # smaller --max-steps moves a WSD cooldown or a cosine decay to steps the run has not reached yet
+    first, last = run.state.step + 1, run.cfg.max_steps
+    stride = max(1, (last - first + 1) // 10_000)
+    for step in [*range(first, last + 1, stride), last]:
+        before, after = lr_at(step, was), lr_at(step, run.cfg)
+        if not math.isclose(before, after, rel_tol=1e-9, abs_tol=0.0):
+            say(
+                f"note: the learning-rate schedule changes with this resume: step {step} gets lr {after:.3g} "
+                f"where the recorded schedule gave {before:.3g} ({describe_schedule(run.cfg)})"
+            )
+            return
 
 
 def check_memory(cfg: TrainConfig, resumed_config: dict | None, device: torch.device) -> None:
@@ -405,24 +421,13 @@ def check_memory(cfg: TrainConfig, resumed_config: dict | None, device: torch.de
     # float32 bytes kept for the backward pass per token: ~16 values of width C per layer, and the logits
     # (with their gradient and the softmax) over the vocabulary
     need = tokens * 4 * (shape.n_layer * 16 * shape.n_embd + 3 * vocab)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_memory()
+    free = available_memory(device)
     if free and need > free:
         raise OpenLLMError(
             f"--batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} needs about {need / 2**30:.1f} GiB for "
             f"activations, more than the {free / 2**30:.1f} GiB available; lower --batch-size (and raise "
             "--gradient-accumulation-steps to keep the tokens per step)"
         )
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None
 
 
 def check_before_writing(cfg: TrainConfig) -> None:
@@ -439,3 +444,15 @@ def check_before_writing(cfg: TrainConfig) -> None:
     missing = [f"{flag} {path}" for flag, path, exists in wanted if isinstance(path, str) and not exists(Path(path))]
     if missing:
         raise OpenLLMError(f"not found: {'; '.join(missing)}")
+
+
+def describe_precision(dtype: torch.dtype, optimizer, device: torch.device) -> str:
+    """What the run computes in and why, for its first lines: the autocast dtype, Muon's orthogonalisation
+    precision, and the processor that decided them."""
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    parts = [f"{name(dtype)} autocast" if dtype != torch.float32 else "float32"]
+    muon = getattr(optimizer, "parts", {}).get("muon")
+    if muon is not None:
+        parts.append(f"Muon orthogonalises in {name(muon.ns_dtype)}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
+    return f"{', '.join(parts)} ({where})"

@@ -11,8 +11,9 @@ tokenizer's own post-processor does, so prompts are encoded as ``transformers`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -37,9 +38,16 @@ class HFTokenizer(Tokenizer):
     kind = "huggingface"
     config_class = "PreTrainedTokenizerFast"
 
-    def __init__(self, raw: RawTokenizer, tokenizer_config: dict | None = None, model_config: dict | None = None):
-        self.raw = raw
-        self.special = _special_tokens(raw, tokenizer_config, model_config)
+    def __init__(
+        self,
+        raw: RawTokenizer,
+        tokenizer_config: dict | None = None,
+        model_config: dict | None = None,
+        origin: str = "",
+    ):
+        self.raw, self.origin = raw, origin
+        with _rust_failures(origin, "encode"):  # it encodes a probe text
+            self.special = _special_tokens(raw, tokenizer_config, model_config)
         self.chat_template = _chat_template((tokenizer_config or {}).get("chat_template"))
         self._markup = self.special.ids()
         spec = json.loads(raw.to_str())
@@ -72,15 +80,18 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         self._check(text)
-        return self.raw.encode(text, add_special_tokens=False).ids
+        with _rust_failures(self.origin, "encode"):
+            return self.raw.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         for t in texts:
             self._check(t)
-        return [e.ids for e in self.raw.encode_batch(list(texts), add_special_tokens=False)]
+        with _rust_failures(self.origin, "encode"):
+            return [e.ids for e in self.raw.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.raw.decode([i for i in map(int, ids) if i not in self._markup], skip_special_tokens=True)
+        with _rust_failures(self.origin, "decode"):
+            return self.raw.decode([i for i in map(int, ids) if i not in self._markup], skip_special_tokens=True)
 
     def id_to_piece(self, i: int) -> str:
         piece = self.raw.id_to_token(int(i))
@@ -101,6 +112,23 @@ class HFTokenizer(Tokenizer):
     def _write_files(self, directory: Path) -> list[str]:
         atomic_write_text(directory / JSON_FILE, self.raw.to_str())
         return [JSON_FILE]
+
+
+@contextlib.contextmanager
+def _rust_failures(origin: str, action: str) -> Iterator[None]:
+    """A panic inside ``tokenizers`` as one error naming the tokenizer. The panic comes as pyo3's
+    ``PanicException``, a BaseException (not an Exception), e.g. when a regular expression of a hostile
+    tokenizer.json's normalizer or pre-tokenizer backtracks past Oniguruma's retry limit on some text. Such
+    tokenizers are not refused at load: their patterns are ordinary regular expressions, and which text makes
+    one backtrack too much cannot be told in advance; the limit keeps the time each attempt takes bounded."""
+    try:
+        yield
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        reason = (str(exc).strip().splitlines() or ["no reason given"])[0][:200]
+        name = f"the tokenizer {origin}" if origin else "the tokenizer"
+        raise OpenLLMError(f"{name} failed to {action} this text ({reason})") from None
 
 
 def _chat_template(value) -> str | None:
@@ -152,7 +180,7 @@ def read_tokenizer_json(path: Path, tokenizer_config: dict | None, model_config:
         raw = RawTokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises its own exception type
         raise OpenLLMError(f"{path} is not a valid tokenizer.json ({str(exc).splitlines()[0][:200]})") from None
-    return HFTokenizer(raw, tokenizer_config, model_config)
+    return HFTokenizer(raw, tokenizer_config, model_config, str(path))
 
 
 def _byte_level(raw: RawTokenizer) -> RawTokenizer:
@@ -178,7 +206,7 @@ def read_vocab_merges(vocab: Path, merges: Path, tokenizer_config: dict | None, 
     }
     names |= {END_OF_TEXT} if raw.token_to_id(END_OF_TEXT) is not None else set()
     raw.add_special_tokens(sorted(n for n in names if isinstance(n, str) and raw.token_to_id(n) is not None))
-    return HFTokenizer(raw, tokenizer_config, model_config)
+    return HFTokenizer(raw, tokenizer_config, model_config, str(vocab))
 
 
 def character_tokenizer(stoi: dict[str, int]) -> HFTokenizer:
