@@ -1,14 +1,16 @@
-"""OpenLLM: train GPT language models from scratch with complete, crash-safe checkpoints.
+"""OpenLLM: train language models (GPT-2 and Llama-family blocks) from scratch with complete, crash-safe
+checkpoints.
 
 The package is layered; each folder is one layer and imports only from the layers listed before it:
 
 ==================  ==========================================================================
 ``core/``           errors, crash-safe files, fault injection, option declarations, device/dtype
 ``data/``           tokenizer, documents from raw text, ``openllm prepare``, dataset dirs, batches
-``model/``          model config and presets, the GPT architecture, scoring text with a model
+``model/``          model config and presets, the gpt2 and llama architectures, scoring text
 ``checkpoint/``     the checkpoint format (``checkpoint/format.py``, the only module that knows its
                     keys), the run state it carries, run-directory files, training curves
-``interop/``        Hugging Face GPT-2 adapter, tokenizer.json, convert, export, inspect/verify
+``interop/``        Hugging Face GPT-2/Llama/Qwen3 adapters, GGUF, tokenizer.json, convert, export,
+                    inspect/verify
 ``training/``       train options, run set-up, the loop, schedule, optimizer, metrics, torchrun
 ``inference/``      loading a model for use, generation, ``openllm eval``, the HTTP server
 ``cli.py``          the ``openllm`` command line, on top of everything

@@ -1,7 +1,7 @@
 """The ``openllm`` command line: a thin shell over the library functions.
 
 Every command parses its options, calls one library function and prints the result. Errors in
-the user's input surface as :class:`~openllm.errors.OpenLLMError` and become one line on stderr
+the user's input surface as :class:`~openllm.core.errors.OpenLLMError` and become one line on stderr
 with exit status 2.
 """
 

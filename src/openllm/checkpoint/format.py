@@ -25,7 +25,7 @@ the key and shape checks.
 ``model_state_dict`` keeps the legacy key names including ``lm_head.weight``; it shares storage
 with ``transformer.wte.weight``, and ``torch.save`` stores shared storage once.
 
-Files are written with :func:`openllm.fileio.atomic_open` (temporary name, fsync, rename), so a
+Files are written with :func:`openllm.core.fileio.atomic_open` (temporary name, fsync, rename), so a
 crash at any moment leaves either the previous file or the new one, never a torn file.
 """
 
