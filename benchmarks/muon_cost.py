@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import add_cpu_kind_option, apply_cpu_kind, processor, write_section  # noqa: E402
+from report import add_cpu_kind_option, apply_cpu_kind, processor, publish  # noqa: E402
 from throughput import CORPUS, plain_loop  # noqa: E402
 
 from openllm.data.prepare import prepare_dataset  # noqa: E402
@@ -88,10 +88,7 @@ def main() -> None:
         f"({', '.join(f'{r:.3f}' for r in ratios)}) | |",
         "",
     ]
-    record = "\n".join(lines)
-    print(record)
-    write_section(args.output, f"Muon against AdamW ({kind})", record)
-    print(f"wrote {args.output}")
+    publish(args.output, f"Muon against AdamW ({kind})", lines)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,14 @@ def write_section(path: str | Path, heading: str, text: str) -> None:
     path.write_text(doc.rstrip() + "\n\n" + text.rstrip() + "\n")
 
 
+def publish(path: str | Path, heading: str, lines: list[str]) -> None:
+    """Print a benchmark's record and put it in its section of ``path`` (see :func:`write_section`)."""
+    text = "\n".join(lines)
+    print(text)
+    write_section(path, heading, text)
+    print(f"wrote {path}")
+
+
 # What an AVX2-only CPU (most laptops, AMD Zen 2/3) computes with, imposed on a bigger one: ATen's vector
 # kernels and oneDNN's both capped at AVX2, which also makes bf16 emulated (openllm.core.device).
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

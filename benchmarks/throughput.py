@@ -37,7 +37,7 @@ from openllm.training.setup import setup
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import add_cpu_kind_option, apply_cpu_kind, processor, write_section  # noqa: E402
+from report import add_cpu_kind_option, apply_cpu_kind, processor, publish  # noqa: E402
 
 CORPUS = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
 
@@ -265,10 +265,7 @@ def main() -> None:
             f"activations ~{mem['activations']:.1f} MB | {mem['total']:.1f} MB |",
             "",
         ]
-        text = "\n".join(lines)
-        print(text)
-        write_section(args.output, f"Trainer throughput{kind}", text)
-        print(f"wrote {args.output}")
+        publish(args.output, f"Trainer throughput{kind}", lines)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -249,7 +249,8 @@ class TrainConfig:
             "sample_prompt",
         ):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise bad(name, "a path" if name != "model_size" else "a preset name", getattr(self, name))
+                what = {"model_size": "a preset name", "sample_prompt": "text"}.get(name, "a path")
+                raise bad(name, what, getattr(self, name))
         if self.arch not in ARCHS:
             raise bad("arch", " or ".join(ARCHS), self.arch)
         if self.optimizer not in ("adamw", "muon"):
