@@ -7,7 +7,8 @@
 Checks, each reported as ok / FAILED with its figures (the exit status is 1 if any failed):
 
 1. training tokens/s, MFU and peak memory for the `small` preset and the `medium` preset (111M parameters,
-   the GPT-2 124M class), with and without `--compile`, with AdamW (fused on CUDA) and Muon;
+   the GPT-2 124M class), with and without `--compile`, with AdamW (fused) and Muon; for eager AdamW also
+   the time per step without logging (the host never waits for the device) and logging every step;
 2. checkpoint save / load times and time to resume for `small` and `medium`;
 3. a run interrupted half-way and resumed gives the uninterrupted run's next losses (exactly in float32,
    within bf16 noise on the GPU);
@@ -98,18 +99,34 @@ def main() -> None:
         )
         return TrainConfig(**{**base, **changes})
 
-    def throughput(size: str, compile: bool, optimizer: str, arch: str = "gpt2"):
+    def later_rows(out: str) -> list[dict]:
+        rows = [json.loads(x) for x in (work / out / "metrics.jsonl").read_text().splitlines()]
+        return rows[len(rows) // 2 :]  # past compilation and warm-up
+
+    def step_ms(rows: list[dict]) -> float:
+        # the mean, not the median: between log lines the host runs ahead, and the wait for the device is
+        # booked on the step that logs
+        return 1e3 * statistics.mean(r["step_time"] for r in rows)
+
+    def throughput(size: str, compile: bool, optimizer: str, arch: str = "gpt2", logged_too: bool = False):
         def fn() -> str:
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
             out = f"tp-{size}-{compile}-{optimizer}" + ("" if arch == "gpt2" else f"-{arch}")
             train(config(out, model_size=size, compile=compile, optimizer=optimizer, arch=arch), log=quiet)
-            rows = [json.loads(x) for x in (work / out / "metrics.jsonl").read_text().splitlines()]
-            later = rows[len(rows) // 2 :]  # past compilation and warm-up
+            later = later_rows(out)
             tps = statistics.median(r["tokens_per_second"] for r in later)
             mfu = [r["mfu"] for r in later if r.get("mfu") is not None]
             mem = torch.cuda.max_memory_allocated() / 2**20 if gpu else later[-1]["memory_mb"]
-            return f"{tps:,.0f} tokens/s" + (f", MFU {statistics.median(mfu):.1%}" if mfu else "") + f", {mem:,.0f} MB"
+            text = f"{tps:,.0f} tokens/s" + (f", MFU {statistics.median(mfu):.1%}" if mfu else "") + f", {mem:,.0f} MB"
+            if logged_too:  # the same run logging every step: each log line waits for the device
+                logged = out + "-logged"
+                train(
+                    config(logged, model_size=size, compile=compile, optimizer=optimizer, arch=arch, log_every=1),
+                    log=quiet,
+                )
+                text += f"; per step {step_ms(later):.1f} ms unlogged, {step_ms(later_rows(logged)):.1f} ms logging every step"
+            return text
 
         return fn
 
@@ -121,7 +138,7 @@ def main() -> None:
             if compile_ and not gpu:  # torch.compile of a CPU model takes most of a minute: the GPU run covers it
                 check.rows.append((name, "not run", "--smoke leaves compilation out"))
                 continue
-            check.run(name, throughput(size, compile_, optimizer))
+            check.run(name, throughput(size, compile_, optimizer, logged_too=not compile_ and optimizer == "adamw"))
     for compile_ in (False, True):
         name = f"train {bigger} as llama {'compiled' if compile_ else 'eager'} adamw"
         if compile_ and not gpu:

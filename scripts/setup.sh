@@ -9,7 +9,9 @@ spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 stamp=".venv/.installed-${extras:-core}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e "$spec" 2>&1 \
+  # --no-compile: byte-compiling every installed file (torch, transformers: tens of thousands) costs about a
+  # minute of CPU; Python compiles the modules it imports on first use instead
+  .venv/bin/python -m pip install --quiet --no-compile --disable-pip-version-check -c constraints.txt -e "$spec" 2>&1 \
     | grep -v "^WARNING: Location" || true
   .venv/bin/python -c "import openllm, torch" || { echo "setup failed: openllm did not install" >&2; exit 1; }
   touch "$stamp"

@@ -16,6 +16,25 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 BUNDLED = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
 
 
+# The longest tests (none uses a module-scoped fixture), started first: with two xdist workers, longest-first
+# keeps one worker from running a minute-long test alone at the end. A name that no longer exists only loses
+# its place; the rest keep their order.
+LONGEST_FIRST = (
+    "tests/test_distributed.py::test_two_processes_match_one_with_the_same_global_batch_and_resume",
+    "tests/test_faults.py::test_sigkill_sample_resumes_bit_identically",
+    "tests/test_install.py::test_the_wheel_installs_and_prepares_trains_and_serves",
+    "tests/test_benchmarks.py::test_gpu_check_smoke_runs_every_path_on_the_cpu",
+    "tests/test_train.py::test_sigkill_in_mid_save_leaves_previous_checkpoints_and_resume_finishes",
+    "tests/test_benchmarks.py::test_throughput_benchmark_runs_and_writes_its_section",
+    "tests/test_readme.py::test_the_python_example_runs",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("[")[0], len(rank)))
+
+
 def quiet(_message: str) -> None:
     """A log function that prints nothing (training's chatter stays out of test output)."""
 
@@ -90,21 +109,69 @@ def shakespeare_path() -> Path:
     return shared_file("tinyshakespeare.txt")
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory ``build(directory)`` fills once per test session, however many xdist workers run it: it
+    lies beside the workers' own temporary roots, and the first worker to ask builds it while the others wait
+    on a lock. What is built here is read-only for the tests (they copy what they change)."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    target, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this worker dies
+        if not done.is_file():
+            shutil.rmtree(target, ignore_errors=True)  # a build that failed half-way
+            target.mkdir()
+            build(target)
+            done.touch()
+    return target
+
+
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> Path:
     """~300 paragraphs cut from Shakespeare: enough for a tokenizer of a few hundred entries."""
-    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
-    paras = [p for p in text.split("\n\n") if p.strip()][:400]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("\n\n".join(paras) + "\n", encoding="utf-8")
-    return path
+
+    def write(directory: Path) -> None:
+        text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")
+        paras = [p for p in text.split("\n\n") if p.strip()][:400]
+        (directory / "small.txt").write_text("\n\n".join(paras) + "\n", encoding="utf-8")
+
+    return built_once(tmp_path_factory, "corpus", write) / "small.txt"
 
 
 @pytest.fixture(scope="session")
 def small_dataset(small_corpus, tmp_path_factory):
+    from openllm.data.dataset import load_dataset
     from openllm.data.prepare import prepare_dataset
 
-    return prepare_dataset([small_corpus], tmp_path_factory.mktemp("ds") / "small", vocab_size=420)
+    def prepare(directory: Path) -> None:
+        prepare_dataset([small_corpus], directory / "small", vocab_size=420)
+
+    return load_dataset(built_once(tmp_path_factory, "ds", prepare) / "small")
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_dataset, tmp_path_factory) -> Path:
+    """A finished small run (SMALL_RUN: GPT-2 layout, 6 steps, checkpoints at 3 and 6), shared read-only."""
+    from openllm.training.loop import train
+
+    def run(directory: Path) -> None:
+        train(small_config(small_dataset, directory / "run"), log=quiet)
+
+    return built_once(tmp_path_factory, "trained-run", run) / "run"
+
+
+@pytest.fixture(scope="session")
+def llama_run(small_dataset, tmp_path_factory) -> Path:
+    """The same small run with the Llama layout (what GGUF export needs), shared read-only."""
+    from openllm.training.loop import train
+
+    def run(directory: Path) -> None:
+        train(small_config(small_dataset, directory / "run", arch="llama"), log=quiet)
+
+    return built_once(tmp_path_factory, "llama-run", run) / "run"
 
 
 @pytest.fixture

@@ -22,6 +22,11 @@ def test_gpu_check_smoke_runs_every_path_on_the_cpu():
                 "train tiny as llama compiled adamw"}  # fmt: skip
     assert set(results) == expected
     assert all(v == "ok" for k, v in results.items() if "compiled" not in k), results
+    figures = {line.split(" | ")[0][2:]: line.split(" | ")[2] for line in table}
+    assert (
+        "ms unlogged" in figures["train tiny eager adamw"]
+        and "ms logging every step" in figures["train tiny eager adamw"]
+    )
 
 
 def test_the_benchmarks_say_which_kernels_ran_and_the_avx2_limits_take_effect():

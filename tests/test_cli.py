@@ -130,3 +130,38 @@ def test_every_options_default_passes_its_own_parser():
                     assert parsed in action.choices, (name, action.dest)
                 checked += 1
     assert checked > 25  # the walk found the options, train's among them
+
+
+def test_every_command_takes_a_config_file_whose_values_go_through_each_options_parser(small_corpus, tmp_path, capsys):
+    """`--config FILE.yaml` on every command: keys as option names (flag or destination, - or _), lists for
+    options of several values, true/false for flags; the command line wins; a bad key or value is one line."""
+    from openllm.cli import _with_options_file
+    from openllm.core.options import options_file_argv
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, command in sub.choices.items():
+        assert "--config" in command.format_help(), name
+    (tmp_path / "p.yaml").write_text(f"input: [{small_corpus}]\noutput-dir: {tmp_path / 'ds'}\nvocab_size: 300\n")
+    assert main(["prepare", "--config", str(tmp_path / "p.yaml"), "--vocab-size", "320"]) == 0
+    assert "vocab 320" in capsys.readouterr().out  # the command line won over the file's 300
+    (tmp_path / "i.yaml").write_text("json: true\n")
+    assert _with_options_file(parser, ["inspect", "--config", str(tmp_path / "i.yaml"), "x"]) == [
+        "inspect",
+        "--json",
+        "x",
+    ]
+    bad = {
+        "vocab_size: 0\n": "expected a positive integer, got '0'",
+        "nope: 1\n": "unknown option 'nope'",
+        "vocab_size: [1, 2]\n": "option 'vocab_size' takes one value, got a list",
+        "seed:\n": "option 'seed' has no value",
+    }
+    for text, words in bad.items():
+        (tmp_path / "b.yaml").write_text(text)
+        r = cli("prepare", "--config", str(tmp_path / "b.yaml"), "--input", str(small_corpus), "--output-dir",
+                str(tmp_path / "never"))  # fmt: skip
+        assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, (text, r.stderr)
+        assert not (tmp_path / "never").exists()
+    (tmp_path / "s.yaml").write_text("port: 8123\napi-key: k\n")
+    assert options_file_argv(sub.choices["serve"], tmp_path / "s.yaml") == ["--port", "8123", "--api-key", "k"]

@@ -15,20 +15,13 @@ from openllm.model.config import ModelConfig
 from openllm.model.gpt import GPT
 from openllm.training.config import TrainConfig
 from openllm.training.loop import train
-from tests.conftest import cli, quiet, small_config
+from tests.conftest import cli, quiet
 
 transformers = pytest.importorskip("transformers")  # a test dependency: scripts/test.sh installs it
 
 SAMPLE = (
     "ROMEO: But, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun. 1597 — café 🙂"
 )
-
-
-@pytest.fixture(scope="module")
-def trained_run(small_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(small_config(small_dataset, out), log=quiet)
-    return out
 
 
 def test_export_loads_in_stock_transformers_with_same_logits_and_ids(trained_run, tmp_path):

@@ -116,3 +116,96 @@ def test_penalties_and_bias_apply_to_greedy_decoding_too():
     assert forced == [7] * 5
     sampled = SamplingOptions(max_new_tokens=5, temperature=1.0, top_k=None, top_p=None, seed=1, logit_bias={9: 100.0})
     assert list(generate_ids(model, [2, 5], sampled)) == [9] * 5
+
+
+def redecoded_pieces(tok, context, ids):
+    """What streaming gave before it was incremental: the whole generation decoded again at every token, a
+    piece held back while the text ends in an incomplete character."""
+    context, skip, text, out = context[-8:], len(tok.decode(context[-8:])), "", []
+    for i in range(len(ids)):
+        full = tok.decode(context + ids[: i + 1])[skip:]
+        if full.endswith("\ufffd"):
+            out.append("")
+            continue
+        out.append(full[len(text) :])
+        text = full
+    return out, tok.decode(context + ids)[skip:][len(text) :]
+
+
+class CountingTokenizer:
+    """A tokenizer that records how many ids each decode call is given."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+
+    def decode(self, ids):
+        ids = list(ids)
+        self.sizes.append(len(ids))
+        return self.tok.decode(ids)
+
+
+def test_streamed_text_is_decoded_incrementally_and_equals_decoding_everything(small_dataset):
+    """Each piece is what decoding the whole generation again gave (a space joining prompt and continuation,
+    characters split over byte-fallback tokens), but every decode sees a short window, not the whole text."""
+    import random
+
+    from openllm.data.tokenizer import load_tokenizer
+    from openllm.inference.generate import TextStream
+
+    tok = load_tokenizer(small_dataset.path)
+    prompt = tok.prompt_ids("ROMEO: the king")
+    text = " said: caf\u00e9 \u6f22\u5b57 \U0001f600 and \u00fcber" * 40  # (not in the vocabulary: byte tokens)
+    generated = tok.encode(text)
+    assert sum(tok.id_to_piece(i).startswith("<0x") for i in generated) > 100
+    rng = random.Random(0)
+    noise = [rng.randrange(tok.vocab_size) for _ in range(400)]  # any ids: stray and split bytes, markup
+    for ids in (generated, noise):
+        expected, rest = redecoded_pieces(tok, prompt, ids)
+        counting = CountingTokenizer(tok)
+        stream = TextStream(counting, prompt)
+        assert [stream.push(t) for t in ids] == expected and stream.finish() == rest
+        assert max(counting.sizes) <= 2 * TextStream.CONTEXT_TOKENS + 4  # a window, not the text so far
+        stream, pieces, i = TextStream(tok, prompt), [], 0
+        while i < len(ids):  # several tokens at once (the server's pieces): the same text
+            n = rng.randint(1, 6)
+            pieces.append(stream.push_many(ids[i : i + n]))
+            i += n
+        assert "".join(pieces) + stream.finish() == "".join(expected) + rest
+    assert "".join(redecoded_pieces(tok, prompt, generated)[0]).strip() == text.strip()  # (the reference is right)
+
+
+def nanogpt_continuation(model, ids, n):
+    """nanoGPT's sample.py, greedy: every token from the model run on the last block_size tokens; returns the
+    tokens and each one's log-probability."""
+    ids, out = list(ids), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits, _ = model(torch.tensor([ids[-model.config.block_size :]]))
+            logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
+            token = int(logp.argmax())
+            out.append((token, float(logp[token])))
+            ids.append(token)
+    return out
+
+
+@pytest.mark.parametrize("arch", [{}, {"arch": "llama", "bias": False, "n_kv_head": 1}])
+def test_past_the_context_every_token_sees_the_last_block_size_tokens_as_nanogpt(arch):
+    from openllm.inference.generate import generate_steps
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=60, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0, **arch)
+    model = build_model(config).eval()
+    prompt = [2, 10, 11, 12, 13]
+    expected = nanogpt_continuation(model, prompt, 50)  # 39 of them past the context
+
+    def steps(slide):
+        opts = SamplingOptions(max_new_tokens=50, temperature=0, context_slide=slide)
+        return [(s.token, s.logprob) for s in generate_steps(model, prompt, opts, logprobs=0)]
+
+    window = steps("window")
+    assert [t for t, _ in window] == [t for t, _ in expected]
+    assert max(abs(a[1] - b[1]) for a, b in zip(window, expected, strict=True)) < 1e-4
+    # the amortised rule sees one token fewer on every other step past the context: the same within it only
+    amortised = steps("amortised")
+    assert amortised[:12] == window[:12]
+    assert max(abs(a[1] - b[1]) for a, b in zip(amortised, expected, strict=True)) > 1e-3

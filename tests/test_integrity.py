@@ -11,8 +11,7 @@ import torch
 
 from openllm.checkpoint import format as ck
 from openllm.cli import main
-from openllm.training.loop import train
-from tests.conftest import load, quiet, small_config
+from tests.conftest import load
 
 DAMAGE = {
     "format version 999": "unknown checkpoint format version 999",
@@ -21,11 +20,11 @@ DAMAGE = {
 
 
 @pytest.fixture(scope="module")
-def damaged_runs(small_dataset, tmp_path_factory):
+def damaged_runs(small_dataset, trained_run, tmp_path_factory):
     """A small trained run, and copies of it whose best_model.pt is damaged in each way of DAMAGE."""
     root = tmp_path_factory.mktemp("integrity")
     good = root / "good"
-    train(small_config(small_dataset, good), log=quiet)
+    shutil.copytree(trained_run, good)
     runs = {}
     for i, kind in enumerate(DAMAGE):
         run = root / f"damaged{i}"

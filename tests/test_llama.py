@@ -24,13 +24,6 @@ transformers = pytest.importorskip("transformers")  # a test dependency: scripts
 SAMPLE = "ROMEO: But, soft! what light through yonder window breaks? 1597 — café"
 
 
-@pytest.fixture(scope="module")
-def llama_run(small_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("llama") / "run"
-    train(small_config(small_dataset, out, arch="llama"), log=quiet)
-    return out
-
-
 def test_config_refuses_what_an_architecture_cannot_honour():
     with pytest.raises(OpenLLMError, match="qk_norm True needs arch llama"):
         ModelConfig(qk_norm=True)
@@ -162,12 +155,18 @@ def test_gguf_export_holds_the_model_and_tokenizer_in_llama_cpp_layout(llama_run
     assert torch.equal(tensors["blk.0.ffn_down.weight"], state["model.layers.0.mlp.down_proj.weight"])
 
 
-def test_gguf_export_refuses_a_gpt2_model_and_writes_nothing(small_dataset, tmp_path):
+def test_gguf_export_of_a_gpt2_run_is_llama_cpp_gpt2_and_verifies(small_dataset, tmp_path):
+    import gguf
+
     run = tmp_path / "gpt2"
     train(small_config(small_dataset, run, max_steps=1, eval_every=1, save_every=1), log=quiet)
     r = cli("export", "--checkpoint", str(run), "--output-dir", str(tmp_path / "g"), "--format", "gguf")
-    assert r.returncode != 0 and "needs an arch llama model" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "g").exists()
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == "gpt2"
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"  # its SentencePiece tokenizer
+    r = cli("verify", str(tmp_path / "g"))
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
 
 
 def test_inspect_verify_and_compare_know_the_gguf_export(llama_run, tmp_path):

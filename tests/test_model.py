@@ -15,6 +15,7 @@ ARCHS = {
     "gpt2": {},
     "llama": dict(arch="llama", bias=False),
     "llama-gqa-qknorm-untied": dict(arch="llama", bias=False, n_kv_head=1, qk_norm=True, tie_embeddings=False),
+    "qwen2-gqa": dict(arch="qwen2", bias=True, n_kv_head=1),
 }
 
 

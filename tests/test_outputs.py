@@ -11,15 +11,7 @@ from openllm.core.errors import OpenLLMError
 from openllm.data.prepare import prepare_dataset
 from openllm.interop.convert import convert
 from openllm.interop.export import export_checkpoint
-from openllm.training.loop import train
-from tests.conftest import cli, quiet, small_config
-
-
-@pytest.fixture(scope="module")
-def trained_run(small_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    train(small_config(small_dataset, out), log=quiet)
-    return out
+from tests.conftest import cli
 
 
 @pytest.fixture(scope="module")

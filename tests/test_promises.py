@@ -216,13 +216,6 @@ def test_a_real_full_disk_is_one_clear_error(small_dataset, tmp_path):
         assert not list(out.glob(".*.tmp-*"))
 
 
-@pytest.fixture(scope="module")
-def llama_run(small_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("llama") / "run"
-    train(small(small_dataset, out, arch="llama"), log=quiet)  # GGUF export needs the llama layout
-    return out
-
-
 def _corpus(path, paragraphs=12000):
     """About 4 MB of distinct paragraphs (duplicates would be dropped before they are spooled)."""
     import random

@@ -13,7 +13,7 @@ def test_the_python_example_runs(small_corpus, tmp_path):
     block = re.search(r"## From Python.*?```python\n(.*?)```", text, re.S).group(1)
     assert "max_steps=500" in block
     (tmp_path / "example.py").write_text(
-        block.replace("max_steps=500", "max_steps=20").replace("vocab_size=4000", "vocab_size=420")
+        block.replace("max_steps=500", "max_steps=4").replace("vocab_size=4000", "vocab_size=420")
     )
     (tmp_path / "corpus.txt").write_text(small_corpus.read_text())
     r = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -366,7 +366,7 @@ def test_tokenize_and_detokenize(server):
 
 def test_chat_uses_the_tokenizers_own_template(small_dataset):
     from openllm.data.tokenizer import load_tokenizer
-    from openllm.inference.api import render_chat
+    from openllm.inference.protocol import render_chat
 
     tok = load_tokenizer(small_dataset.path)
     messages = [{"role": "user", "content": "hi"}]
@@ -426,3 +426,73 @@ def test_a_hundred_clients_some_malformed_some_leaving(server):
         time.sleep(0.05)
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["waiting"] == 0 and engine.batcher.busy == 0
+
+
+def test_streamed_chunks_carry_the_tokens_that_came_together_and_bad_intervals_are_refused(small_dataset):
+    """--stream-interval: a streamed answer's first token goes at once, later ones may wait to go together;
+    the text is the unstreamed one whatever the interval."""
+    import torch
+
+    from openllm.core.errors import OpenLLMError
+    from openllm.data.tokenizer import load_tokenizer
+    from openllm.inference.loading import LoadedModel
+    from openllm.inference.server import ServerLimits, create_app
+    from openllm.model.config import ModelConfig
+    from openllm.model.gpt import GPT
+
+    tok = load_tokenizer(small_dataset.path)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=32, block_size=64, dropout=0.0))
+    loaded = LoadedModel(model.eval(), tok, small_dataset.path)
+    for bad in (-1.0, float("nan"), float("inf"), "1"):
+        with pytest.raises(OpenLLMError, match="--stream-interval must be a finite number of seconds >= 0"):
+            create_app(loaded, limits=ServerLimits(stream_interval=bad))
+    app = create_app(loaded, "tiny-test", ServerLimits(stream_interval=60.0))
+    body = {"prompt": "ROMEO:", "max_tokens": 24, "temperature": 0, "logit_bias": {str(tok.eos_id): -100}}
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as c:
+            plain = (await c.post("/v1/completions", json=body)).json()["choices"][0]["text"]
+            r = await c.post("/v1/completions", json={**body, "stream": True})
+            return plain, [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+
+    plain, events = asyncio.run(go())
+    texts = [e["choices"][0]["text"] for e in events if e["choices"][0]["text"]]
+    assert "".join(texts) == plain and len(plain) > 10
+    assert len(texts) <= 2  # the first token, then the other 23 together (no chunk per token)
+
+
+def test_tokens_taken_together_give_the_text_count_and_reason_of_tokens_taken_one_by_one(small_dataset):
+    """A stream's steps come in batches; cutting at a stop string, counting tokens and the finish reason are
+    what they are token by token."""
+    import random
+
+    from openllm.data.tokenizer import load_tokenizer
+    from openllm.inference.completions import ChoiceText
+    from openllm.inference.engine import Step
+    from openllm.inference.protocol import CompletionRequest
+
+    tok = load_tokenizer(small_dataset.path)
+    rng = random.Random(0)
+    ids = tok.encode("KING: What light through yonder window breaks? It is the east, and Juliet the sun. " * 3)
+    prompt = tok.prompt_ids("ROMEO:")
+    for stop in ([], ["the east"], ["Juliet", "window"], ["no such text"]):
+        req = CompletionRequest([""], len(ids), 0.0, 1.0, stop, 1, None, True, "m")
+
+        def run(sizes, req=req):
+            choice, i, pieces = ChoiceText(tok, prompt, req), 0, []
+            while i < len(ids) and not choice.cut:
+                n = sizes()
+                choice.add_all([Step(t) for t in ids[i : i + n]])
+                pieces.append(choice.take(0)[0])
+                i += n
+            pieces.append(choice.take(0, final=not choice.cut)[0])
+            return "".join(pieces), choice.tokens, choice.reason, choice.cut
+
+        one_by_one = run(lambda: 1)
+        assert run(lambda: rng.randint(2, 9)) == one_by_one
+        text = tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        assert one_by_one[0] == (text[:cut] if cut >= 0 else text)
+        assert one_by_one[2] == ("stop" if cut >= 0 else "length")

@@ -278,6 +278,113 @@ def test_nonfinite_loss_skips_then_rolls_back(small_dataset, tmp_path, monkeypat
     assert load(out / "checkpoint_step_4.pt")["training_stats"]["skipped_steps"] == 1
 
 
+def test_nonfinite_steps_are_acted_on_at_the_next_read_with_the_same_message(small_dataset, tmp_path, monkeypatch):
+    """Between reads a step's figures stay on the device: the run of bad steps 7-9 is seen at the next read
+    (the log line of step 10), stops with the message it had at step 9, and the logs end at step 9."""
+    out = tmp_path / "run"
+    real_forward = GPT.forward
+    calls = {"n": 0}
+
+    def flaky(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)[:2]
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] >= 7:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", flaky)
+    with pytest.raises(
+        TrainingStopped, match=r"not finite for 3 steps in a row \(steps 7-9\).*rolled back to checkpoint_step_4.pt"
+    ):
+        train(config(small_dataset, out, max_steps=20, max_bad_steps=3, log_every=5), log=quiet)
+    assert calls["n"] == 10  # reads after steps 4, 5, 8 (eval, save) and 10 (log)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))
+    assert load(out / "checkpoint_step_8.pt")["training_stats"]["skipped_steps"] == 2  # read before saving
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_steps_that_do_not_log_never_wait_for_the_device(small_dataset, tmp_path, monkeypatch, optimizer):
+    """No OpenLLM code reads a tensor's value (item, tolist, float, bool, ...) on a step that does not log,
+    validate or save: on a GPU each such read would stall the host until the device caught up."""
+    import openllm.training.loop as T
+
+    src = str(ROOT / "src" / "openllm")
+    current, reads = {"step": 0}, set()
+
+    def watch(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, **kw):
+            if sys._getframe(1).f_code.co_filename.startswith(src):
+                reads.add(current["step"])
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__"):
+        watch(name)
+    real_step = T.train_step
+
+    def step(run):
+        current["step"] = run.state.step + 1
+        return real_step(run)
+
+    monkeypatch.setattr(T, "train_step", step)
+    kw = dict(max_steps=12, log_every=5, eval_every=10, save_every=10, optimizer=optimizer)
+    result = train(config(small_dataset, tmp_path / "run", **kw), log=quiet)
+    assert result.step == 12
+    assert 5 in reads and reads - {0} <= {5, 10, 12}, sorted(reads)  # 0: set-up, before the first step
+    log = load(tmp_path / "run" / "final_model.pt")["training_log"]
+    assert [r["step"] for r in log] == list(range(1, 13)) and all(math.isfinite(r["loss"]) for r in log)
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muon", "unfused adamw"])
+def test_a_bad_step_is_skipped_on_the_device_and_a_good_one_is_the_plain_step(kind):
+    """step_unless hands the non-finite flag to the optimizer: set, the weights and the optimizer state stay bit
+    for bit; clear, the step is the optimizer's own. Only an unfused AdamW (as an old CPU checkpoint restores
+    it) cannot skip on the device; it reads the flag on the host."""
+    from openllm.training.optim import MuonAdamW, configure_optimizer, skips_on_device, step_unless
+
+    def build():
+        torch.manual_seed(0)
+        model = GPT(model_config_for("tiny", arch="gpt2", vocab_size=64, n_layer=1))
+        if kind == "unfused adamw":
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        else:
+            cfg = TrainConfig(model_size="tiny", optimizer=kind).resolved()
+            opt = configure_optimizer(model, cfg, torch.device("cpu"))
+        for _ in range(2):  # some optimizer state to keep
+            for p in model.parameters():
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return model, opt
+
+    def snapshot(model, opt):
+        state = opt.state_dict()
+        parts = state.values() if isinstance(opt, MuonAdamW) else [state]
+        kept = [v for part in parts for s in part["state"].values() for v in s.values()]
+        return [p.detach().clone() for p in model.parameters()] + [t.clone() for t in kept]
+
+    model, opt = build()
+    parts = list(opt.parts.values()) if isinstance(opt, MuonAdamW) else [opt]
+    assert all(skips_on_device(p) for p in parts) == (kind != "unfused adamw")
+    before = snapshot(model, opt)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    step_unless(opt, torch.tensor(True))
+    assert all(torch.equal(x, y) for x, y in zip(before, snapshot(model, opt), strict=True))
+    (a, a_opt), (b, b_opt) = build(), build()
+    torch.manual_seed(1)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        pa.grad = torch.randn_like(pa)
+        pb.grad = pa.grad.clone()
+    a_opt.step()
+    step_unless(b_opt, torch.tensor(False))
+    assert all(torch.equal(x, y) for x, y in zip(snapshot(a, a_opt), snapshot(b, b_opt), strict=True))
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = TrainConfig(
         model_size="tiny", lr_schedule="cosine", learning_rate=1.0, min_lr=0.1, warmup_steps=10, max_steps=110

@@ -1,4 +1,4 @@
-"""OpenLLM: train language models (GPT-2 and Llama-family blocks) from scratch with complete, crash-safe
+"""OpenLLM: train language models (GPT-2, Llama and Qwen2 blocks) from scratch with complete, crash-safe
 checkpoints.
 
 The package is layered; each folder is one layer and imports only from the layers listed before it:
@@ -6,11 +6,12 @@ The package is layered; each folder is one layer and imports only from the layer
 ==================  ==========================================================================
 ``core/``           errors, crash-safe files, fault injection, option declarations, device/dtype
 ``data/``           tokenizer, documents from raw text, ``openllm prepare``, dataset dirs, batches
-``model/``          model config and presets, the gpt2 and llama architectures, scoring text
+``model/``          model config and presets, the architecture registry and one file per
+                    architecture (gpt2, llama, qwen2), scoring text
 ``checkpoint/``     the checkpoint format (``checkpoint/format.py``, the only module that knows its
                     keys), the run state it carries, run-directory files, training curves
-``interop/``        Hugging Face GPT-2/Llama/Qwen3 adapters, GGUF, tokenizer.json, convert, export,
-                    inspect/verify
+``interop/``        each architecture's family (Hugging Face adapter, GGUF layout), GGUF,
+                    tokenizer.json, convert, export, inspect/verify
 ``training/``       train options, run set-up, the loop, schedule, optimizer, metrics, torchrun
 ``inference/``      loading a model for use, generation, ``openllm eval``, the HTTP server
 ``cli.py``          the ``openllm`` command line, on top of everything
@@ -19,7 +20,8 @@ The package is layered; each folder is one layer and imports only from the layer
 The rule: ``core`` < ``data`` < ``model`` < ``checkpoint`` < ``interop`` < {``training``,
 ``inference``} < ``cli``. ``interop`` and ``inference`` never import ``training``, ``training``
 never imports ``interop`` or ``inference``, and no module imports a module that imports it back.
-``tests/test_architecture.py`` checks this on every test run.
+``tests/test_architecture.py`` checks this on every test run. ``docs/architecture.md`` says where
+each concept lives and how to add an architecture.
 """
 
 __version__ = "0.2.0"

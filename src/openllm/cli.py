@@ -17,7 +17,15 @@ from typing import Any, NoReturn
 from openllm import __version__
 from openllm.core.device import DEVICES
 from openllm.core.errors import OpenLLMError
-from openllm.core.options import add_options, option_values, port, positive_int
+from openllm.core.options import (
+    CONFIG_HELP,
+    add_options,
+    one_of,
+    option_values,
+    options_file_argv,
+    port,
+    positive_int,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,7 +95,6 @@ def _add_train(sub: Any) -> None:
         "early stopping and exact resume. Every option can also come from a YAML file (--config); "
         "command-line values win.",
     )
-    p.add_argument("--config", help="YAML file of options (keys as the option names, with - or _)")
     add_options(p, TrainConfig)
     p.set_defaults(func=_run_train)
 
@@ -146,7 +153,7 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--model", required=True, help="checkpoint file, run directory or exported directory")
     p.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
     p.add_argument("--num-samples", type=positive_int, default=1, help="samples to generate (default: 1)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=f"{one_of(DEVICES)} (default: auto)")
     add_options(p, SamplingOptions)
     p.set_defaults(func=_run_generate)
 
@@ -375,7 +382,7 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--model", required=True, help="checkpoint file, run directory or exported directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=port, default=8000, help="TCP port (default: 8000)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=f"{one_of(DEVICES)} (default: auto)")
     add_options(p, ServerLimits)
     add_options(p, ServerSecurity)
     p.set_defaults(func=_run_serve)
@@ -427,7 +434,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, add in COMMANDS.items():
         if command is None or name == command:
             add(sub)
+            sub.choices[name].add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP)
     return parser
+
+
+def _with_options_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``openllm CMD --config FILE.yaml ...``: the file's options put before the command line's (which win), so
+    every value goes through its own option's parser. ``train`` reads its file itself, as typed values."""
+    if not argv or argv[0] not in COMMANDS or argv[0] == "train":
+        return argv
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, rest = pre.parse_known_args(argv[1:])
+    if known.config is None:
+        return argv
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = sub.choices[argv[0]]
+    return [argv[0], *options_file_argv(command, known.config), *rest]
 
 
 def _not_utf8(argv: list[str]) -> str | None:
@@ -457,6 +480,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"openllm{' ' + argv[0] if argv[0] in COMMANDS else ''}: error: {problem}", file=sys.stderr)
         return 2
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    try:
+        argv = _with_options_file(parser, argv)
+    except OpenLLMError as exc:
+        print(f"openllm {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

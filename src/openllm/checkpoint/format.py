@@ -17,7 +17,8 @@ OpenLLM keys (:data:`LEGACY_KEYS`) and what exact resume and verification need:
 
 This module is the only one that knows the keys: :func:`build_checkpoint` assembles a checkpoint
 (training and ``openllm convert`` both use it), :func:`restore_run_state` reads progress back for a
-resume, and :func:`read_info` gives every other reader (inspect, plot, export, loading) a typed view.
+resume, and :func:`read_info` gives every other reader (resume, inspect, plot, export, loading) a typed
+:class:`CheckpointView`. ``tests/test_architecture.py`` fails on a checkpoint key read anywhere else.
 Every command reads files through :func:`load_checkpoint`, which refuses a checkpoint whose format version
 is unknown or whose checksum does not match (:class:`DamagedCheckpoint`); :func:`verify_checkpoint` adds
 the key and shape checks.
@@ -78,6 +79,8 @@ REQUIRED_KEYS = LEGACY_KEYS + (
     "library_versions",
     "provenance",
 )
+# What ``resume_state`` holds (see resume_record); imported weights have none of it.
+RESUME_KEYS = ("samples_seen", "global_token_offset", "world_size", "rng", "grad_scaler", "run_state")
 
 
 def library_versions() -> dict[str, str]:
@@ -158,6 +161,19 @@ def restore_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------ build / read
 
 
+def resume_record(*, samples_seen: int, tokens_per_sample: int, world_size: int, grad_scaler: dict) -> dict:
+    """What exact resume needs beyond the :class:`RunState` (:func:`build_checkpoint`'s ``resume``): the data
+    position (also as a global token offset, which holds for any number of processes), the number of
+    processes, the RNG states as they are now, and the float16 GradScaler's state ({} without one)."""
+    return {
+        "samples_seen": samples_seen,
+        "global_token_offset": samples_seen * tokens_per_sample,
+        "world_size": world_size,
+        "rng": capture_rng_state(),
+        "grad_scaler": grad_scaler,
+    }
+
+
 def build_checkpoint(
     *,
     model_state: dict[str, torch.Tensor],
@@ -175,7 +191,7 @@ def build_checkpoint(
     resume: dict | None = None,
 ) -> dict:
     """A complete checkpoint dict. ``resume`` holds what exact resume needs beyond ``state``
-    (samples_seen, world_size, rng, grad_scaler); None for imported weights, which have no such state."""
+    (:func:`resume_record`); None for imported weights, which have no such state."""
     resume_state: dict = {}
     if resume is not None:
         run_state = {k: v for k, v in state.__dict__.items() if k not in RunState.STORED_ELSEWHERE}
@@ -255,26 +271,98 @@ def training_provenance(origin: dict | None, step: int) -> dict:
     }
 
 
-@dataclass
-class CheckpointInfo:
-    """What a checkpoint says about itself, without its tensors: the typed view every reader uses."""
+def has_optimizer_state(state: dict) -> bool:
+    """Whether an ``optimizer_state_dict`` holds moments: one optimizer's (``state``), or each part's of a
+    combined one (Muon + AdamW: ``{"muon": ..., "adamw": ...}``)."""
+    if not isinstance(state, dict):
+        return False
+    if "state" in state:
+        return bool(state["state"])
+    return bool(state) and all(isinstance(part, dict) and part.get("state") for part in state.values())
 
-    format_version: int | None
-    step: int | None
-    epoch: int | None
-    model_config: dict | None
-    training_config: dict
-    training_stats: dict
-    provenance: dict
-    best_validation_loss: float | None
-    training_log: list
-    validation_log: list
-    has_optimizer_state: bool
-    has_scheduler_state: bool
-    tokenizer_sha256: str | None
-    dataset_fingerprint: str | None
-    checksum: str | None
-    library_versions: dict | None
+
+@dataclass(frozen=True, eq=False)  # (eq would compare the tensors)
+class CheckpointView:
+    """A checkpoint read through typed properties: the only way code outside this module reads one (a test
+    refuses a checkpoint key anywhere else). Tolerant by design: a value that is missing or of the wrong
+    type reads as None or empty, because damaged and foreign files are inspected through it too."""
+
+    data: dict = field(repr=False)
+
+    def _mapping(self, key: str) -> dict:
+        value = self.data.get(key)
+        return value if isinstance(value, dict) else {}
+
+    def _listing(self, key: str) -> list:  # log records only: a damaged file (structure_problems) may hold anything
+        value = self.data.get(key)
+        return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
+
+    def _integer(self, key: str) -> int | None:
+        value = self.data.get(key)
+        return value if isinstance(value, int) else None
+
+    # ---- what the checkpoint says about itself
+    @property
+    def format_version(self) -> Any:
+        return self.data.get("format_version")
+
+    @property
+    def checksum(self) -> str | None:
+        return self.data.get("checksum")
+
+    @property
+    def library_versions(self) -> dict | None:
+        return self.data.get("library_versions")
+
+    @property
+    def step(self) -> int | None:
+        return self._integer("step")
+
+    @property
+    def epoch(self) -> int | None:
+        return self._integer("epoch")
+
+    @property
+    def model_config(self) -> dict | None:
+        """The model's config dict (:meth:`ModelConfig.to_dict`); None when the file has none."""
+        config = self.data.get("config")
+        return config if isinstance(config, dict) else None
+
+    @property
+    def training_config(self) -> dict:
+        return self._mapping("training_config")
+
+    @property
+    def training_stats(self) -> dict:
+        return self._mapping("training_stats")
+
+    @property
+    def model_info(self) -> dict:
+        return self._mapping("model_info")
+
+    @property
+    def provenance(self) -> dict:
+        return self._mapping("provenance")
+
+    @property
+    def best_validation_loss(self) -> float | None:
+        return finite_or_none(self.data.get("best_validation_loss"))
+
+    @property
+    def training_log(self) -> list:
+        return self._listing("training_log")
+
+    @property
+    def validation_log(self) -> list:
+        return self._listing("validation_log")
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        return self.data.get("tokenizer_sha256")
+
+    @property
+    def dataset_fingerprint(self) -> str | None:
+        return self.data.get("dataset_fingerprint")
 
     @property
     def best_step(self) -> int | None:
@@ -292,46 +380,67 @@ class CheckpointInfo:
     def optimizer_note(self) -> str | None:
         return self.provenance.get("optimizer_state")
 
+    # ---- the tensors
+    @property
+    def model_state(self) -> dict[str, torch.Tensor] | None:
+        """The weights under their legacy names; None when the file holds none."""
+        state = self.data.get("model_state_dict")
+        return state if isinstance(state, dict) else None
 
-def has_optimizer_state(state: dict) -> bool:
-    """Whether an ``optimizer_state_dict`` holds moments: one optimizer's (``state``), or each part's of a
-    combined one (Muon + AdamW: ``{"muon": ..., "adamw": ...}``)."""
-    if not isinstance(state, dict):
-        return False
-    if "state" in state:
-        return bool(state["state"])
-    return bool(state) and all(isinstance(part, dict) and part.get("state") for part in state.values())
+    @property
+    def optimizer_state(self) -> dict:
+        return self._mapping("optimizer_state_dict")
+
+    @property
+    def has_optimizer_state(self) -> bool:
+        return has_optimizer_state(self.optimizer_state)
+
+    @property
+    def scheduler_state(self) -> dict:
+        """What :func:`openllm.training.schedule.scheduler_state` recorded ({} for imported weights)."""
+        return self._mapping("scheduler_state_dict")
+
+    @property
+    def has_scheduler_state(self) -> bool:
+        return bool(self.data.get("scheduler_state_dict"))
+
+    def without_tensors(self) -> dict:
+        """The checkpoint minus its weights and optimizer moments: what a loaded model keeps as its metadata."""
+        return {k: v for k, v in self.data.items() if k not in ("model_state_dict", "optimizer_state_dict")}
+
+    # ---- what exact resume needs (see build_checkpoint); empty for imported weights
+    @property
+    def resume_state(self) -> dict:
+        return self._mapping("resume_state")
+
+    @property
+    def world_size(self) -> int | None:
+        """How many processes wrote the checkpoint; None when it does not say (imported weights)."""
+        return self.resume_state.get("world_size")
+
+    @property
+    def run_state(self) -> dict:
+        """The :class:`RunState` fields kept under ``resume_state`` (see :func:`restore_run_state`)."""
+        saved = self.resume_state.get("run_state")
+        return saved if isinstance(saved, dict) else {}
+
+    @property
+    def rng_state(self) -> dict | None:
+        """The RNG states to give :func:`restore_rng_state`; None when none were recorded."""
+        return self.resume_state.get("rng")
+
+    @property
+    def grad_scaler_state(self) -> dict:
+        """The float16 GradScaler's state ({} when the run used none)."""
+        return self.resume_state.get("grad_scaler") or {}
 
 
-def read_info(ckpt: dict) -> CheckpointInfo:
-    def mapping(key: str) -> dict:
-        value = ckpt.get(key)
-        return value if isinstance(value, dict) else {}
+CheckpointInfo = CheckpointView  # the name readers used before the view held the tensors too
 
-    def listing(key: str) -> list:  # log records only: a damaged file (structure_problems) may hold anything
-        value = ckpt.get(key)
-        return [e for e in value if isinstance(e, dict)] if isinstance(value, list) else []
 
-    step = ckpt.get("step")
-    epoch = ckpt.get("epoch")
-    return CheckpointInfo(
-        format_version=ckpt.get("format_version"),
-        step=step if isinstance(step, int) else None,
-        epoch=epoch if isinstance(epoch, int) else None,
-        model_config=ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None,
-        training_config=mapping("training_config"),
-        training_stats=mapping("training_stats"),
-        provenance=mapping("provenance"),
-        best_validation_loss=finite_or_none(ckpt.get("best_validation_loss")),
-        training_log=listing("training_log"),
-        validation_log=listing("validation_log"),
-        has_optimizer_state=has_optimizer_state(mapping("optimizer_state_dict")),
-        has_scheduler_state=bool(ckpt.get("scheduler_state_dict")),
-        tokenizer_sha256=ckpt.get("tokenizer_sha256"),
-        dataset_fingerprint=ckpt.get("dataset_fingerprint"),
-        checksum=ckpt.get("checksum"),
-        library_versions=ckpt.get("library_versions"),
-    )
+def read_info(ckpt: dict) -> CheckpointView:
+    """The typed view of a checkpoint dict (loaded, or being built)."""
+    return CheckpointView(ckpt)
 
 
 # ---------------------------------------------------------------------------------- save / load

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from openllm import __version__
-from openllm.checkpoint.format import load_checkpoint, verify_checkpoint
+from openllm.checkpoint.format import load_checkpoint, read_info, verify_checkpoint
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_write_json, atomic_write_text
 from openllm.core.numbers import finite_or_none
@@ -130,9 +130,10 @@ def resume_candidates(run_dir: str | os.PathLike) -> list[Path]:
         p = run_dir / name
         if p.is_file():
             try:
-                step = int(load_checkpoint(p, mmap=True).get("step", -1))
-            except (OpenLLMError, TypeError, ValueError):
-                step = -1
+                recorded = read_info(load_checkpoint(p, mmap=True)).step
+            except OpenLLMError:
+                recorded = None
+            step = -1 if recorded is None else recorded
             ranked.append((step, rank, p))
     return [p for _, _, p in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True)]
 
@@ -147,7 +148,7 @@ def find_resumable(run_dir: str | os.PathLike, warn: Callable[[str], None] = pri
     return None
 
 
-def rotate(run_dir: str | os.PathLike, keep_last: int, protect: Iterable[Path] = ()) -> list[Path]:
+def rotate(run_dir: str | os.PathLike, keep_last: int, protect: Iterable[Path | None] = ()) -> list[Path]:
     """Delete all but the newest ``keep_last`` step checkpoints, never one in ``protect``."""
     keep = {Path(p).resolve() for p in protect if p}
     files = step_checkpoints(run_dir)

@@ -11,14 +11,14 @@ import platform
 from typing import TYPE_CHECKING, Annotated
 
 from openllm.core.errors import OpenLLMError
-from openllm.core.options import Opt
+from openllm.core.options import Opt, one_of
 
 if TYPE_CHECKING:  # torch is imported where a device is resolved, so that the CLI starts without it
     import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
-DeviceOption = Annotated[str, Opt("auto, cpu or cuda", choices=DEVICES)]
+DeviceOption = Annotated[str, Opt(one_of(DEVICES), choices=DEVICES)]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,8 +17,9 @@ import argparse
 import dataclasses
 import inspect
 import math
+import os
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +172,74 @@ def at_most(maximum: int, why: str = "") -> Callable[[str], int]:
     return checked(int, lambda v: 0 < v <= maximum, f"a positive integer up to {maximum:,}{why}")
 
 
+def one_of(choices: tuple[str, ...]) -> str:
+    """'a, b or c': a choice list as help and error text, from the list itself (never written out by hand)."""
+    return " or ".join([", ".join(choices[:-1]), choices[-1]] if len(choices) > 1 else list(choices))
+
+
 # Tokens generated for one sequence (a request's max_tokens, generate's --max-new-tokens): each is kept, with
 # its log-probabilities where asked for, until the answer is complete.
 MAX_NEW_TOKENS = 1 << 20
+
+
+# ----------------------------------------------------------------------------- options files (--config)
+
+CONFIG_HELP = "YAML file of options (keys as the option names, with - or _); command-line values win"
+
+
+def read_options_file(path: str | os.PathLike, known: Collection[str]) -> dict[str, Any]:
+    """Options from a YAML file (``--config``, every command), keys normalised to option names (``max-steps``
+    and ``max_steps`` are ``max_steps``); a key that is not one of ``known`` or has no value is one error naming
+    it. The file is read by the bounded reader (no anchors or aliases, bounded depth and numbers, valid text;
+    an options file is a few lines, so at most 1 MB)."""
+    from openllm.core.errors import OpenLLMError
+    from openllm.core.untrusted import read_yaml
+
+    data = read_yaml(path, "config file", max_bytes=1 << 20) or {}
+    if not isinstance(data, dict):
+        raise OpenLLMError(f"config file {path} must hold a mapping of option: value")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise OpenLLMError(f"config file {path}: unknown option {key!r}")
+        if value is None:
+            raise OpenLLMError(f"config file {path}: option {key!r} has no value")
+        out[name] = value
+    return out
+
+
+def options_file_argv(parser: argparse.ArgumentParser, path: str | os.PathLike) -> list[str]:
+    """The options of a YAML file as command-line arguments of ``parser``'s command, so that each value goes
+    through its option's own parser and checks, exactly as if typed (and the real command line, parsed after
+    them, wins). ``true``/``false`` set or leave a flag; a list fills an option that takes several values."""
+    from openllm.core.errors import OpenLLMError
+
+    options = {  # by flag name (``input`` for --input) and by destination (``inputs``)
+        name: a
+        for a in parser._actions
+        if a.option_strings and a.dest not in ("help", "config") and not isinstance(a, argparse._VersionAction)
+        for name in {a.dest, *(f.lstrip("-").replace("-", "_") for f in a.option_strings)}
+    }
+    argv: list[str] = []
+    for name, value in read_options_file(path, options).items():
+        action = options[name]
+        flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise OpenLLMError(f"config file {path}: option {name!r} must be true or false, got {value!r}")
+            argv += [flag] if value else []
+            continue
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and action.nargs not in ("+", "*"):
+            raise OpenLLMError(f"config file {path}: option {name!r} takes one value, got a list")
+        if any(isinstance(v, (dict, list)) for v in values):
+            raise OpenLLMError(f"config file {path}: option {name!r} must be a plain value")
+        argv += [flag, *(_yaml_text(v) for v in values)]
+    return argv
+
+
+def _yaml_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)

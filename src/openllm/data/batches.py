@@ -37,14 +37,19 @@ class BatchSampler:
 
     def batch(self, first_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (int64, ``batch_size`` x ``seq_len``) for samples first..first+batch-1."""
+        block = self.windows(first_sample, batch_size)
+        return block[:, :-1], block[:, 1:]
+
+    def windows(self, first_sample: int, batch_size: int) -> torch.Tensor:
+        """The ``batch_size`` x ``seq_len + 1`` windows of samples first..first+batch-1 (int64): inputs and
+        targets are its two overlapping slices, so one copy moves both to a device."""
         rows = []
         for k in range(first_sample, first_sample + batch_size):
             epoch, i = divmod(k, self.windows_per_epoch)
             self._plan(epoch)
             start = self._shift + int(self._perm[i]) * self.seq_len
             rows.append(self.tokens[start : start + self.seq_len + 1])
-        block = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return block[:, :-1], block[:, 1:]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None):

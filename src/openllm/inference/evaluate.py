@@ -51,7 +51,7 @@ def evaluate_models(
                 raise OpenLLMError(f"{data} was tokenized with a different tokenizer than {path}")
             r = evaluate_dataset(loaded.model, data, "val", seq_len, stride, batch_size, dev)
         else:
-            hashes = training_sources(loaded.checkpoint)
+            hashes = training_sources(loaded.info.training_config)
             if hashes and not allow_training_data:
                 _, _, sha = encode_file(loaded.tokenizer, data)
                 if sha in hashes:
@@ -64,11 +64,10 @@ def evaluate_models(
     return results
 
 
-def training_sources(checkpoint_meta: dict | None) -> set[str]:
+def training_sources(training_config: dict) -> set[str]:
     """sha256 of the files a checkpoint's run trained on (when its dataset directory is still there)."""
-    meta = checkpoint_meta or {}
     hashes: set[str] = set()
-    ds_dir = (meta.get("training_config") or {}).get("dataset_dir")
+    ds_dir = training_config.get("dataset_dir")
     if ds_dir and (Path(ds_dir) / "meta.json").is_file():
         try:
             ds_meta = read_json(Path(ds_dir) / "meta.json", "dataset metadata")

@@ -28,24 +28,26 @@ class LoadedModel:
 
     @property
     def dataset_fingerprint(self) -> str | None:
-        return (self.checkpoint or {}).get("dataset_fingerprint")
+        return self.info.dataset_fingerprint
 
     @property
-    def info(self) -> ck.CheckpointInfo:
+    def info(self) -> ck.CheckpointView:
         return ck.read_info(self.checkpoint or {})
 
 
 def model_from_checkpoint(ckpt: dict, origin: str) -> LanguageModel:
-    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model_state_dict"), dict):
+    view = ck.read_info(ckpt)
+    config, state = view.model_config, view.model_state
+    if config is None or state is None:
         raise OpenLLMError(
             f"{origin} is not a full checkpoint (no config/model_state_dict); convert raw weights with "
             "`openllm convert`"
         )
-    problems = ck.shape_problems(ckpt["model_state_dict"], ckpt["config"])
+    problems = ck.shape_problems(state, config)
     if problems:
         raise OpenLLMError(f"{origin}: {problems[0]}")
-    model = build_model(ModelConfig.from_dict(ckpt["config"], dropout=0.0))
-    model.load_state_dict(ckpt["model_state_dict"])
+    model = build_model(ModelConfig.from_dict(config, dropout=0.0))
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -75,5 +77,4 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     ckpt = ck.load_checkpoint(file)
     model = model_from_checkpoint(ckpt, str(file)).to(device)
     tokenizer = _checked_tokenizer(file.parent, model)
-    meta = {k: v for k, v in ckpt.items() if k not in ("model_state_dict", "optimizer_state_dict")}
-    return LoadedModel(model, tokenizer, file, meta)
+    return LoadedModel(model, tokenizer, file, ck.read_info(ckpt).without_tensors())

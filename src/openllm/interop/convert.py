@@ -34,7 +34,7 @@ from openllm.data.tokenizer import CONFIG_FILE, Tokenizer, find_tokenizer, load_
 from openllm.data.tokenizer.base import TOKENIZER_FILES
 from openllm.interop import nanogpt
 from openllm.interop.gpt2 import read_config_json, read_hf_dir, tie_head, without_mask_buffers
-from openllm.interop.hf import MODEL_TYPES, import_hf_weights
+from openllm.interop.hf import import_hf_weights, model_types
 from openllm.model import LanguageModel, build_model
 from openllm.model.config import PRESETS, ImportedFields, ModelConfig
 from openllm.model.scoring import evaluate_file
@@ -79,12 +79,12 @@ def detect(path: Path) -> str:
         return "nanogpt"
     cfg = read_config_json(path, " (and is not a nanoGPT ckpt.pt): cannot tell what it holds")
     cfg_file = path / "config.json"
-    if cfg.get("model_type") in MODEL_TYPES:
+    if cfg.get("model_type") in model_types():
         return "openllm-export" if "openllm" in cfg else f"hf-{cfg['model_type']}"
     if cfg.get("model_type") == "gpt" or "GPTModel" in (cfg.get("architectures") or []):
         return "legacy"
     raise OpenLLMError(
-        f"{cfg_file}: unknown model_type {cfg.get('model_type')!r} (expected {', '.join(MODEL_TYPES)} or legacy "
+        f"{cfg_file}: unknown model_type {cfg.get('model_type')!r} (expected {', '.join(model_types())} or legacy "
         "OpenLLM gpt)"
     )
 
@@ -131,9 +131,8 @@ def import_legacy(path: Path, tokenizer: str | None) -> Imported:
     if not weights.is_file():
         raise OpenLLMError(f"{path} has no pytorch_model.bin")
     raw = ck.load_checkpoint(weights)
-    if "model_state_dict" in raw:
-        raw = raw["model_state_dict"]
-    state = tie_head(without_mask_buffers(raw))
+    inner = ck.read_info(raw).model_state  # a legacy training checkpoint saved as pytorch_model.bin
+    state = tie_head(without_mask_buffers(inner if inner is not None else raw))
     config = _nanogpt_style_config(cfg, f"{path / 'config.json'}", default_dropout=0.1)
     imp = Imported("legacy", config, state, _tokenizer(path, tokenizer), step=cfg.get("training_steps"))
     gen = path / "generation_config.json"
@@ -169,7 +168,7 @@ def import_nanogpt(path: Path, tokenizer: str | None) -> Imported:
     config = _nanogpt_style_config(args, f"{file}: model_args", default_dropout=0.0)
     tok = _tokenizer(file.parent, tokenizer)
     if tokenizer is None:  # nanoGPT's character vocabulary, where its sample.py would find it
-        meta = next((m for m in nanogpt.meta_candidates(file, raw.get("config") or {}) if m.is_file()), None)
+        meta = next((m for m in nanogpt.meta_candidates(file, raw) if m.is_file()), None)
         tok = nanogpt.meta_tokenizer(meta) if meta is not None else tok
     imp = Imported("nanogpt", config, state, tok, step=raw.get("iter_num"))
     if isinstance(raw.get("best_val_loss"), (int, float, torch.Tensor)):
@@ -377,10 +376,16 @@ def convert(
         _write_run(staging, ckpt, imp, model_size, tconfig, state, provenance, info, stats)
 
     input_bytes = sum(p.stat().st_size for p in ([src] if src.is_file() else src.rglob("*")) if p.is_file())
-    comp = {}
-    for key in ("model_state_dict", "optimizer_state_dict", "training_log", "validation_log"):
+    view, comp = ck.read_info(ckpt), {}
+    parts = {
+        "model_state_dict": view.model_state,
+        "optimizer_state_dict": view.optimizer_state,
+        "training_log": view.training_log,
+        "validation_log": view.validation_log,
+    }
+    for key, part in parts.items():
         buf = io.BytesIO()
-        torch.save(ckpt[key], buf)
+        torch.save(part, buf)
         comp[key] = buf.tell()
     return ConvertReport(
         kind,
@@ -391,7 +396,7 @@ def convert(
         (out.path / BEST).stat().st_size,
         best,
         imp.notes,
-        ckpt["provenance"]["optimizer_state"],
+        view.optimizer_note or "",
     )
 
 

@@ -90,7 +90,7 @@ def export_checkpoint(
     out.check()
     ckpt = ck.load_verified(src, "export")
     info = ck.read_info(ckpt)
-    config = ModelConfig.from_dict(ckpt["config"])
+    config = ModelConfig.from_dict(info.model_config or {})
     tok = load_tokenizer(src.parent)
     if tok.vocab_size != config.vocab_size:
         raise OpenLLMError(
@@ -110,27 +110,27 @@ def export_checkpoint(
     }
     with out.replacing("export directory") as staging:
         if format == "gguf":
-            _write_gguf(staging, ckpt, config, tok, info, gguf_dtype)
+            _write_gguf(staging, config, tok, info, gguf_dtype)
         else:
-            _write_export(staging, ckpt, src, config, tok, info, extra)
+            _write_export(staging, src, config, tok, info, extra)
     return ExportResult(out.path, {p.name: p.stat().st_size for p in sorted(out.path.iterdir())})
 
 
-def _write_gguf(staging: Path, ckpt: dict, config: ModelConfig, tok: Tokenizer, info, dtype: str) -> None:
+def _write_gguf(staging: Path, config: ModelConfig, tok: Tokenizer, info: ck.CheckpointInfo, dtype: str) -> None:
     # (here and in _write_export, a failure leaves cleaning up to OutputDir.replacing, which first reads a full
     # disk as full: removing the staging directory here first would free the space it lacked)
-    write_gguf(staging / GGUF_FILE, ckpt["model_state_dict"], config, tok, dtype, name="openllm")
+    write_gguf(staging / GGUF_FILE, info.model_state or {}, config, tok, dtype, name="openllm")
     atomic_write_text(
         staging / "README.md",
-        _card(ckpt, config, info, "OpenLLM model (GGUF export)")
+        _card(config, info, "OpenLLM model (GGUF export)")
         + f"\nRun with llama.cpp: `llama-cli -m {GGUF_FILE}` ({dtype} weights).\n",
     )
 
 
-def _card(ckpt: dict, config: ModelConfig, info: ck.CheckpointInfo, title: str) -> str:
-    model_info = dict(ckpt.get("model_info") or {})
+def _card(config: ModelConfig, info: ck.CheckpointInfo, title: str) -> str:
+    model_info = dict(info.model_info)
     model_info.setdefault(
-        "parameters", sum(t.numel() for k, t in ckpt["model_state_dict"].items() if k != "lm_head.weight")
+        "parameters", sum(t.numel() for k, t in (info.model_state or {}).items() if k != "lm_head.weight")
     )
     model_info.setdefault("vocab_size", config.vocab_size)
     model_info.setdefault("context", config.block_size)
@@ -145,7 +145,6 @@ def _card(ckpt: dict, config: ModelConfig, info: ck.CheckpointInfo, title: str) 
 
 def _write_export(
     staging: Path,
-    ckpt: dict,
     src: Path,
     config: ModelConfig,
     tok: Tokenizer,
@@ -155,7 +154,7 @@ def _write_export(
     from safetensors.torch import save_file
 
     save_file(
-        to_hf(ckpt["model_state_dict"], config),
+        to_hf(info.model_state or {}, config),
         str(staging / EXPORT_WEIGHTS),
         metadata={"format": "pt", "openllm_version": __version__},
     )
@@ -174,6 +173,6 @@ def _write_export(
     )
     atomic_write_text(
         staging / "README.md",
-        _card(ckpt, config, info, "OpenLLM model (Hugging Face export)")
+        _card(config, info, "OpenLLM model (Hugging Face export)")
         + "\nLoad with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`.\n",
     )

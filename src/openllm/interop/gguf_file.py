@@ -1,18 +1,19 @@
 """``openllm export --format gguf``: one GGUF file that llama.cpp loads, written with the ``gguf`` package.
 
-Supported: ``arch: llama`` (written as llama.cpp's ``llama`` architecture, or ``qwen3`` for a model
-with QK-norm) with a SentencePiece tokenizer (written as llama.cpp's ``llama`` tokenizer: pieces,
-scores and token types, the special ids and whether a prompt starts with bos). Anything else is
-refused by name rather than written half-right.
+The writer here is the same for every architecture: the common metadata, the tokenizer, then the tensors
+the architecture's GGUF layout gives (registered with its family in :mod:`openllm.interop.families`:
+llama.cpp's architecture name, its own metadata, its tensor names and layout; see ``interop/llama.py``,
+``interop/qwen2.py``, ``interop/gpt2.py``). Tokenizers: SentencePiece as llama.cpp's ``llama`` tokenizer
+(pieces, scores and token types) and a byte-level BPE with GPT-2's pre-tokenizer as its ``gpt2`` tokenizer
+(pieces, merges, pre-tokenizer ``gpt-2``), each with the special ids and whether a prompt starts with bos.
+Anything else is refused by name rather than written half-right.
 
-llama.cpp's ``llama`` architecture rotates interleaved pairs of each head, where our model (like
-``transformers``) rotates the two halves; the query and key rows are permuted to match, as llama.cpp's
-own converter does. Its ``qwen3`` architecture rotates halves, so those rows are written as they are.
-Weight matrices are written in f32 or f16; norms stay f32, as llama.cpp expects.
+Weight matrices are written in f32 or f16; norms and biases stay f32, as llama.cpp expects.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,38 +23,50 @@ from openllm import __version__
 from openllm.core.errors import OpenLLMError
 from openllm.core.extras import require
 from openllm.data.tokenizer import Tokenizer
+from openllm.data.tokenizer.hf import HFTokenizer
 from openllm.data.tokenizer.spm import SentencePieceTokenizer
+from openllm.interop.families import GGUFLayout, family, gguf_layout_of
 from openllm.model.config import ModelConfig
 
 GGUF_DTYPES = ("f16", "f32")
 
-# our (= Hugging Face's) names -> llama.cpp's, per layer and for the rest
-LAYER_TENSORS = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight",
-    "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-MODEL_TENSORS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+
+def gguf_layout(config: ModelConfig) -> GGUFLayout:
+    """The architecture's GGUF layout (:mod:`openllm.interop.families`), or one error saying why there is none."""
+    fam = family(config.arch)
+    if fam.gguf is None:
+        raise OpenLLMError(f"GGUF export cannot write an arch {config.arch} model: {fam.gguf_refusal}")
+    return fam.gguf
+
+
+def tokenizer_kind(tokenizer: Tokenizer) -> str:
+    """How llama.cpp holds this tokenizer: ``llama`` (SentencePiece) or ``gpt2`` (byte-level BPE with GPT-2's
+    pre-tokenizer); anything else is refused by name."""
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        return "llama"
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.model_type == "BPE" and _gpt2_pretokenizer(tokenizer):
+        return "gpt2"
+    raise OpenLLMError(
+        "GGUF export needs a SentencePiece tokenizer or a byte-level BPE with GPT-2's pre-tokenizer; this model's "
+        f"is {tokenizer.describe()} (export it with --format hf)"
+    )
+
+
+def _gpt2_pretokenizer(tokenizer: HFTokenizer) -> bool:
+    """GPT-2's text split (its regex, bytes as printable characters, no prefix space): llama.cpp's ``gpt-2``."""
+    spec = json.loads(tokenizer.raw.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    return (
+        pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True) is True
+        and pre.get("add_prefix_space") is False
+        and spec.get("normalizer") is None
+    )
 
 
 def check_exportable(config: ModelConfig, tokenizer: Tokenizer) -> None:
-    if config.arch != "llama":
-        raise OpenLLMError(
-            f"GGUF export needs an arch llama model; this one is arch {config.arch} (export it with --format hf)"
-        )
-    if not isinstance(tokenizer, SentencePieceTokenizer):
-        raise OpenLLMError(
-            f"GGUF export needs a SentencePiece tokenizer; this model's is {tokenizer.describe()} "
-            "(export it with --format hf)"
-        )
+    gguf_layout(config)
+    tokenizer_kind(tokenizer)
 
 
 def interleave_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -67,10 +80,8 @@ def write_gguf(
 ) -> None:
     gguf = require("gguf", "gguf", "GGUF export")
 
-    check_exportable(config, tokenizer)
-    assert isinstance(tokenizer, SentencePieceTokenizer)
-    arch = "qwen3" if config.qk_norm else "llama"
-    writer = gguf.GGUFWriter(str(path), arch)
+    layout, kind = gguf_layout(config), tokenizer_kind(tokenizer)
+    writer = gguf.GGUFWriter(str(path), layout.arch(config))
     writer.add_name(name)
     writer.add_string("openllm.version", __version__)
     writer.add_context_length(config.block_size)
@@ -78,32 +89,17 @@ def write_gguf(
     writer.add_block_count(config.n_layer)
     writer.add_feed_forward_length(config.mlp_hidden)
     writer.add_head_count(config.n_head)
-    writer.add_head_count_kv(config.kv_heads)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_key_length(config.head_dim)
-    writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(float(config.rope_theta))
-    writer.add_layer_norm_rms_eps(float(config.norm_eps))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-    _add_sentencepiece(writer, tokenizer, gguf)
-
-    for key, tensor in state.items():
-        if key == "lm_head.weight":
-            if config.tie_embeddings:
-                continue  # llama.cpp uses token_embd for the output when there is no output tensor
-            target = "output.weight"
-        elif key in MODEL_TENSORS:
-            target = MODEL_TENSORS[key]
-        else:
-            _, _, layer, rest = key.split(".", 3)
-            target = f"blk.{layer}.{LAYER_TENSORS[rest]}"
-        t = tensor.detach().to(torch.float32)
-        if arch == "llama" and key.endswith("q_proj.weight"):
-            t = interleave_halves(t, config.n_head)
-        elif arch == "llama" and key.endswith("k_proj.weight"):
-            t = interleave_halves(t, config.kv_heads)
-        array = t.numpy()
+    layout.metadata(writer, config)
+    if kind == "llama":
+        assert isinstance(tokenizer, SentencePieceTokenizer)
+        _add_sentencepiece(writer, tokenizer, gguf)
+    else:
+        assert isinstance(tokenizer, HFTokenizer)
+        _add_bytelevel_bpe(writer, tokenizer, gguf)
+    for target, tensor in layout.tensors(state, config):
+        array = tensor.detach().to(torch.float32).numpy()
         writer.add_tensor(target, array.astype(np.float16) if dtype == "f16" and array.ndim == 2 else array)
     try:
         writer.write_header_to_file()
@@ -111,6 +107,36 @@ def write_gguf(
         writer.write_tensors_to_file()
     finally:
         writer.close()
+
+
+def _add_special_ids(writer, tokenizer: Tokenizer) -> None:  # type: ignore[no-untyped-def]
+    special = tokenizer.special
+    for role, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
+        if getattr(special, role) is not None:
+            add(getattr(special, role))
+    writer.add_add_bos_token(special.add_bos)
+    writer.add_add_eos_token(False)
+
+
+def _add_bytelevel_bpe(writer, tokenizer: HFTokenizer, gguf) -> None:  # type: ignore[no-untyped-def]
+    """A byte-level BPE as llama.cpp's ``gpt2`` tokenizer: the pieces (bytes as GPT-2's printable characters),
+    the merges in rank order, special tokens as control tokens, and GPT-2's pre-tokenizer."""
+    spec = json.loads(tokenizer.raw.to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in (spec.get("model") or {}).get("merges", [])]
+    specials = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")} | tokenizer.special.ids()
+    pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+    types = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL for i in range(len(pieces))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(pieces)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    _add_special_ids(writer, tokenizer)
 
 
 def _add_sentencepiece(writer, tokenizer: SentencePieceTokenizer, gguf) -> None:  # type: ignore[no-untyped-def]
@@ -134,17 +160,7 @@ def _add_sentencepiece(writer, tokenizer: SentencePieceTokenizer, gguf) -> None:
     writer.add_token_list(pieces)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    special = tokenizer.special
-    for role, add in (
-        ("bos", writer.add_bos_token_id),
-        ("eos", writer.add_eos_token_id),
-        ("unk", writer.add_unk_token_id),
-        ("pad", writer.add_pad_token_id),
-    ):
-        if getattr(special, role) is not None:
-            add(getattr(special, role))
-    writer.add_add_bos_token(special.add_bos)
-    writer.add_add_eos_token(False)
+    _add_special_ids(writer, tokenizer)
     # SentencePiece's dummy prefix: "a" encodes as "▁a" when the model adds a space before the text
     writer.add_add_space_prefix(sp.encode("a", out_type=str)[:1] == ["\u2581a"])
 
@@ -192,11 +208,12 @@ def gguf_metadata(reader) -> dict:  # type: ignore[no-untyped-def]
 
 
 def gguf_problems(reader, meta: dict) -> list[str]:  # type: ignore[no-untyped-def]
-    """What keeps a GGUF file of the architectures we write (llama, qwen3) from being a whole model: every
-    tensor llama.cpp needs is there and the embedding fits the vocabulary (empty: it is). A file of another
-    architecture is only checked to be readable. GGUF carries no checksum, so changed values go unseen."""
+    """What keeps a GGUF file of an architecture we write from being a whole model: every tensor llama.cpp
+    needs is there and the embedding fits the vocabulary (empty: it is). A file of another architecture is
+    only checked to be readable. GGUF carries no checksum, so changed values go unseen."""
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen3"):
+    layout = gguf_layout_of(arch)
+    if layout is None:
         return []
     layers, width, vocab = (
         meta.get(k) for k in (f"{arch}.block_count", f"{arch}.embedding_length", "tokenizer.ggml.tokens")
@@ -206,9 +223,7 @@ def gguf_problems(reader, meta: dict) -> list[str]:  # type: ignore[no-untyped-d
     tensors = {t.name: t for t in reader.tensors}
     if not 0 < layers <= len(tensors):  # checked before a list of names that long is made
         return [f"{arch}.block_count is {layers:,}; the file holds {len(tensors)} tensors"]
-    qk_norm = ("attn_q_norm.weight", "attn_k_norm.weight")  # qwen3 only
-    per_layer = [v for v in LAYER_TENSORS.values() if arch == "qwen3" or v not in qk_norm]
-    want = [*MODEL_TENSORS.values(), *(f"blk.{i}.{v}" for i in range(layers) for v in per_layer)]
+    want = layout.expected(str(arch), layers)
     problems = []
     missing = [name for name in want if name not in tensors]
     if missing:

@@ -1,5 +1,6 @@
-"""The GPT-2 family adapter: our state dict and config to and from Hugging Face GPT-2, and the
-nanoGPT-layout checkpoints (legacy OpenLLM, nanoGPT) that share our key names.
+"""The GPT-2 family adapter: our state dict and config to and from Hugging Face GPT-2, the
+nanoGPT-layout checkpoints (legacy OpenLLM, nanoGPT) that share our key names, and the GGUF layout of
+llama.cpp's ``gpt2`` architecture.
 
 ``to_hf`` / ``from_hf`` translate state dicts, ``config_to_hf`` / ``config_from_hf`` configs (as
 torchtitan's state-dict adapters do); :func:`read_hf_dir` reads a Hugging Face directory (of any family).
@@ -7,7 +8,9 @@ torchtitan's state-dict adapters do); :func:`read_hf_dir` reads a Hugging Face d
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +20,7 @@ from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import read_json
 from openllm.core.progress import Progress
 from openllm.data.tokenizer import SpecialTokens
+from openllm.interop.families import Family, GGUFLayout, register
 from openllm.model.config import ImportedFields, ModelConfig
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -75,12 +79,15 @@ def to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torc
     return out
 
 
-def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """GPT-2 (Conv1D layout, with or without the ``transformer.`` prefix) to our layout; mask buffers dropped."""
+def from_hf(state: dict[str, torch.Tensor], config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """GPT-2 (Conv1D layout, with or without the ``transformer.`` prefix) to our layout; mask buffers dropped,
+    and for a bias-free ``config`` the zero biases our export wrote."""
     out = {}
     for k, t in without_mask_buffers(state).items():
         name = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k
         out[name] = (t.t() if name.endswith(CONV1D) else t).contiguous()
+    if config is not None and not config.bias:
+        out = {k: v for k, v in out.items() if not k.endswith(".bias")}
     return tie_head(out)
 
 
@@ -172,3 +179,70 @@ def config_from_hf(cfg: dict, origin: str) -> ModelConfig:
         bias=extra.flag("bias", True),
         activation=extra.cfg.get("activation", acts[act]),
     )
+
+
+# ------------------------------------------------------------------------------------ GGUF
+
+# our names -> llama.cpp's ``gpt2`` architecture (nn.Linear layout, as our state dict holds it)
+GGUF_LAYER = {
+    "ln_1": "attn_norm",
+    "attn.c_attn": "attn_qkv",
+    "attn.c_proj": "attn_output",
+    "ln_2": "ffn_norm",
+    "mlp.c_fc": "ffn_up",
+    "mlp.c_proj": "ffn_down",
+}
+GGUF_MODEL = {
+    "transformer.wte.weight": "token_embd.weight",
+    "transformer.wpe.weight": "position_embd.weight",
+    "transformer.ln_f.weight": "output_norm.weight",
+    "transformer.ln_f.bias": "output_norm.bias",
+}
+
+
+def _gguf_metadata(writer: Any, config: ModelConfig) -> None:
+    writer.add_layer_norm_eps(1e-5)
+
+
+def _gguf_tensors(state: dict[str, torch.Tensor], config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor under llama.cpp's name; a bias-free model gets the zero biases llama.cpp's ``gpt2`` needs, and
+    the tied head is written out as ``output.weight``."""
+    for key, tensor in state.items():
+        if key == "lm_head.weight":
+            yield "output.weight", tensor.detach().to(torch.float32)
+        elif key in GGUF_MODEL:
+            yield GGUF_MODEL[key], tensor.detach().to(torch.float32)
+        else:
+            _, _, layer, rest = key.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            yield f"blk.{layer}.{GGUF_LAYER[module]}.{kind}", tensor.detach().to(torch.float32)
+            if not config.bias and kind == "weight":
+                yield f"blk.{layer}.{GGUF_LAYER[module]}.bias", torch.zeros(tensor.shape[0])
+    if not config.bias:
+        yield "output_norm.bias", torch.zeros(config.n_embd)
+
+
+def _gguf_expected(arch: str, layers: int) -> list[str]:
+    per_layer = [f"{name}.{kind}" for name in GGUF_LAYER.values() for kind in ("weight", "bias")]
+    return [*GGUF_MODEL.values(), "output.weight", *(f"blk.{i}.{v}" for i in range(layers) for v in per_layer)]
+
+
+register(
+    Family(
+        arch="gpt2",
+        hf_model_types={"gpt2": "GPT2LMHeadModel"},
+        hf_names={"gpt2": "GPT-2"},
+        to_hf=to_hf,
+        from_hf=from_hf,
+        config_to_hf=config_to_hf,
+        config_from_hf=config_from_hf,
+        hf_config_keys=("vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "activation_function"),
+        gguf=GGUFLayout(
+            arch=lambda config: "gpt2",
+            gguf_archs=("gpt2",),
+            metadata=_gguf_metadata,
+            tensors=_gguf_tensors,
+            expected=_gguf_expected,
+        ),
+    )
+)

@@ -16,27 +16,11 @@ from openllm.core.fileio import read_json
 from openllm.core.numbers import finite_or_none
 from openllm.data.tokenizer import load_tokenizer
 from openllm.interop.export import GGUF_FILE, HF_FILES
+from openllm.interop.families import family, family_of_model_type
 from openllm.interop.gguf_file import gguf_metadata, gguf_problems, is_gguf, read_gguf
 from openllm.interop.gpt2 import is_export_dir, is_mask_buffer, read_hf_dir
 from openllm.interop.hf import import_hf_weights
 from openllm.model.config import ModelConfig
-
-HF_FAMILIES = {"gpt2": "GPT-2", "llama": "Llama", "qwen3": "Qwen3"}
-_LLAMA_KEYS = (
-    "vocab_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_size",
-    "intermediate_size",
-    "max_position_embeddings",
-    "hidden_act",
-)
-HF_CONFIG_KEYS = {
-    "gpt2": ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "activation_function"),
-    "llama": _LLAMA_KEYS,
-    "qwen3": _LLAMA_KEYS,
-}
 
 
 def _dir_size(path: Path) -> int:
@@ -88,7 +72,8 @@ def _describe_file(file: Path, size: int, label: str, show_damaged: bool = False
     info: dict = {"path": label, "file": str(file), "size_bytes": size}
     if damaged:
         info["damaged"] = damaged
-    if "model_state_dict" not in obj:
+    ci = ck.read_info(obj)
+    if ci.model_state is None:
         state = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         info.update(
@@ -108,12 +93,11 @@ def _describe_file(file: Path, size: int, label: str, show_damaged: bool = False
             }
         )
         return info
-    ci = ck.read_info(obj)
     tlog, vlog = ci.training_log, ci.validation_log
     info.update(
         {
             "format": f"openllm checkpoint v{ci.format_version}" if ci.format_version else "legacy openllm checkpoint",
-            "parameters": _params(obj["model_state_dict"]),
+            "parameters": _params(ci.model_state),
             "optimizer_state": ci.has_optimizer_state,
             "optimizer_note": ci.optimizer_note,
             "scheduler_state": ci.has_scheduler_state,
@@ -141,9 +125,10 @@ def _describe_export(path: Path) -> dict:
     cfg, state = read_hf_dir(path)
     meta = cfg.get("openllm") or {}
     model_type = str(cfg.get("model_type"))
+    fam = family_of_model_type(model_type)
     return {
         "path": str(path),
-        "format": f"Hugging Face {HF_FAMILIES.get(model_type, model_type)} directory"
+        "format": f"Hugging Face {fam.hf_names[model_type] if fam else model_type} directory"
         + (" (openllm export)" if meta else ""),
         "size_bytes": _dir_size(path),
         "parameters": _params(state),
@@ -154,7 +139,7 @@ def _describe_export(path: Path) -> dict:
         "validation_log_entries": 0,
         "best_step": (meta.get("training_stats") or {}).get("best_step"),
         "best_validation_loss": meta.get("best_validation_loss"),
-        "config": {k: cfg.get(k) for k in HF_CONFIG_KEYS.get(model_type, HF_CONFIG_KEYS["gpt2"])},
+        "config": {k: cfg.get(k) for k in (fam or family("gpt2")).hf_config_keys},
         "provenance": (meta.get("provenance") or {}).get("source", "unknown") if meta else "Hugging Face",
         "files": sorted(p.name for p in path.iterdir()),
     }

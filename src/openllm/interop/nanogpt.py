@@ -99,10 +99,12 @@ def _vocabulary(meta: object, path: Path) -> dict[str, int]:
     return vocab
 
 
-def meta_candidates(ckpt_file: Path, config: dict) -> list[Path]:
+def meta_candidates(ckpt_file: Path, raw: dict) -> list[Path]:
     """Where nanoGPT keeps ``meta.pkl``: beside ``ckpt.pt``, or in ``data/<dataset>/`` of the nanoGPT checkout
-    (the checkpoint's parent folder or the current directory), as its ``sample.py`` looks for it."""
+    (the checkpoint's parent folder or the current directory), as its ``sample.py`` looks for it; ``raw`` is
+    nanoGPT's checkpoint dict, whose ``config`` names the dataset."""
     found = [ckpt_file.parent / META_FILE]
+    config = raw.get("config") if isinstance(raw, dict) else None
     dataset = config.get("dataset") if isinstance(config, dict) else None
     if isinstance(dataset, str) and re.fullmatch(r"[A-Za-z0-9_.-]+", dataset) and dataset not in (".", ".."):
         found += [ckpt_file.parent.parent / "data" / dataset / META_FILE, Path("data") / dataset / META_FILE]

@@ -8,11 +8,10 @@ from openllm.model.config import ModelConfig
 
 
 def model_class(arch: str) -> type[LanguageModel]:
-    """The class of an architecture (KeyError for an unknown one)."""
-    from openllm.model.gpt import GPT
-    from openllm.model.llama import Llama
+    """The class of a registered architecture (an OpenLLMError naming the choices for an unknown one)."""
+    from openllm.model.registry import architecture
 
-    return {"gpt2": GPT, "llama": Llama}[arch]
+    return architecture(arch).model
 
 
 def build_model(config: ModelConfig) -> LanguageModel:

@@ -60,9 +60,12 @@ class LanguageModel(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits for ``idx`` (B, T), each row continuing its slot of ``cache`` (which it extends)."""
-        logits = self.lm_head(self._hidden(idx, cache))
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Logits for ``idx`` (B, T), each row continuing its slot of ``cache`` (which it extends). With
+        ``last_only``, for the last position only (B, 1, vocab): a prefill needs no more, and the head over
+        every position of a long prompt costs as much as the blocks."""
+        hidden = self._hidden(idx, cache)
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)
         cache.extend(*idx.shape)
         return logits
 

@@ -4,21 +4,24 @@ Every preset lives in :data:`PRESETS`; ``small``/``medium``/``large`` are the le
 shapes (vocab 32,000, arch ``gpt2``, AdamW, cosine schedule); ``tiny`` (arch ``llama``, Muon, a
 warmup-stable-decay schedule) is sized to train well on two CPU cores in under a minute.
 
-``arch`` picks the architecture: ``gpt2`` (the legacy layout, :mod:`openllm.model.gpt`) or ``llama``
-(rotary positions, RMSNorm, SwiGLU, no biases, :mod:`openllm.model.llama`). The fields after ``arch``
-belong to ``llama``; a ``gpt2`` config refuses any of them set to something it cannot honour.
+``arch`` picks the architecture from the registry (:mod:`openllm.model.registry`): ``gpt2`` (the legacy
+layout), ``llama`` (rotary positions, RMSNorm, SwiGLU, no biases) or ``qwen2`` (the Llama block with
+query/key/value biases). Each architecture honours some of the fields after ``arch`` and refuses any other
+set to something it cannot honour; its own rules (biases, head sizes) are checked by its registration.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openllm.core.errors import OpenLLMError
 
-ARCHS = ("gpt2", "llama")
+if TYPE_CHECKING:
+    from openllm.model.registry import Architecture
 
 # Sanity bounds checked before any model is built from a config (an untrusted file may ask for anything).
 LIMITS = {"vocab_size": 2**24, "n_layer": 1024, "n_head": 1024, "n_embd": 65536, "block_size": 2**20}
@@ -102,33 +105,7 @@ class ModelConfig:
                 raise OpenLLMError(f"model config: {name} {value:,} is beyond what OpenLLM builds (at most {limit:,})")
         if self.n_embd % self.n_head:
             raise OpenLLMError(f"model config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.arch not in ARCHS:
-            raise OpenLLMError(f"model config: arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
-        if self.arch == "gpt2":
-            llama_only = {"n_kv_head": None, "intermediate_size": None, "rope_theta": 10000.0, "qk_norm": False}
-            for name, neutral in {**llama_only, "tie_embeddings": True, "norm_eps": 1e-5}.items():
-                if getattr(self, name) != neutral and not (name == "n_kv_head" and self.n_kv_head == self.n_head):
-                    raise OpenLLMError(f"model config: {name} {getattr(self, name)!r} needs arch llama")
-        else:
-            if self.bias:
-                raise OpenLLMError("model config: arch llama has no biases (bias must be false)")
-            for name in ("n_kv_head", "intermediate_size"):
-                value = getattr(self, name)
-                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                    raise OpenLLMError(f"model config: {name} must be a positive integer, got {value!r}")
-            if self.n_head % self.kv_heads:
-                raise OpenLLMError(f"model config: n_head ({self.n_head}) must be a multiple of n_kv_head")
-            if (self.n_embd // self.n_head) % 2:
-                raise OpenLLMError("model config: rotary positions need an even head size (n_embd / n_head)")
-            for name in ("rope_theta", "norm_eps"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                    raise OpenLLMError(f"model config: {name} must be a positive number, got {value!r}")
-            for name in ("qk_norm", "tie_embeddings"):
-                if not isinstance(getattr(self, name), bool):
-                    raise OpenLLMError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
-        if self.activation not in ("gelu", "gelu_tanh"):
-            raise OpenLLMError(f"model config: activation must be gelu or gelu_tanh, got {self.activation!r}")
+        self.architecture.validate(self)
         if (
             isinstance(self.dropout, bool)
             or not isinstance(self.dropout, (int, float))
@@ -145,12 +122,17 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
     @property
+    def architecture(self) -> Architecture:
+        """This config's entry in the architecture registry (:mod:`openllm.model.registry`)."""
+        from openllm.model.registry import architecture
+
+        return architecture(self.arch)
+
+    @property
     def mlp_hidden(self) -> int:
-        """The MLP's hidden width: 4x for gpt2; for llama ``intermediate_size`` or 8/3 n_embd rounded up to 64
-        (the SwiGLU MLP's three matrices then hold about as many weights as GPT-2's two)."""
-        if self.arch == "gpt2":
-            return 4 * self.n_embd
-        return self.intermediate_size or -(-8 * self.n_embd // 3 // 64) * 64
+        """The MLP's hidden width, as the architecture defines it (gpt2: 4x; Llama-family: ``intermediate_size``
+        or 8/3 n_embd rounded up to 64)."""
+        return self.architecture.mlp_hidden(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,14 +140,11 @@ class ModelConfig:
     def describe(self) -> dict[str, Any]:
         """The fields that shape this architecture, with the values the model really uses (``inspect``): a
         Llama block shows its SwiGLU width and key/value heads, not the GPT-2 activation it never runs."""
-        out = self.to_dict()
-        if self.arch == "gpt2":
-            for name in ("n_kv_head", "intermediate_size", "rope_theta", "qk_norm", "tie_embeddings", "norm_eps"):
-                out.pop(name)
-        else:
-            del out["activation"]
-            out.update(mlp="SwiGLU (SiLU gate)", intermediate_size=self.mlp_hidden, n_kv_head=self.kv_heads)
-        return out
+        from openllm.model.registry import OPTIONAL_FIELDS
+
+        arch = self.architecture
+        out = {k: v for k, v in self.to_dict().items() if k not in OPTIONAL_FIELDS or k in arch.fields}
+        return {**out, **arch.described(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **changes: Any) -> ModelConfig:
@@ -204,65 +183,75 @@ class Preset:
         return self.model.vocab_size
 
 
-PRESETS: dict[str, Preset] = {
-    # Tuned for quality per CPU-second on tiny Shakespeare (docs/benchmarks.md, "Sweep for the `tiny` preset"):
-    # with ~0.7M training tokens in under a minute of CPU, a shallow Llama block trained with Muon, a short
-    # warmup and a warmup-stable-decay schedule learns the most per second.
-    "tiny": Preset(
-        model=ModelConfig(
-            vocab_size=1024, n_layer=2, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=False, arch="llama"
+@functools.cache
+def _presets() -> dict[str, Preset]:
+    """The presets, built on first use: validating their configs loads the architecture registry, whose
+    model files import this module."""
+    return {
+        # Tuned for quality per CPU-second on tiny Shakespeare (docs/benchmarks.md, "Sweep for the `tiny` preset"):
+        # with ~0.7M training tokens in under a minute of CPU, a shallow Llama block trained with Muon, a short
+        # warmup and a warmup-stable-decay schedule learns the most per second.
+        "tiny": Preset(
+            model=ModelConfig(
+                vocab_size=1024, n_layer=2, n_head=4, n_embd=128, block_size=128, dropout=0.0, bias=False, arch="llama"
+            ),
+            batch_size=16,
+            seq_len=128,
+            learning_rate=6e-3,
+            warmup_steps=10,
+            max_steps=350,
+            eval_every=175,
+            save_every=175,
+            weight_decay=0.1,
+            optimizer="muon",
+            lr_schedule="wsd",
         ),
-        batch_size=16,
-        seq_len=128,
-        learning_rate=6e-3,
-        warmup_steps=10,
-        max_steps=350,
-        eval_every=175,
-        save_every=175,
-        weight_decay=0.1,
-        optimizer="muon",
-        lr_schedule="wsd",
-    ),
-    "small": Preset(
-        model=ModelConfig(vocab_size=32000, n_layer=6, n_head=8, n_embd=512, block_size=1024, dropout=0.1),
-        batch_size=8,
-        seq_len=512,
-        learning_rate=6e-4,
-        warmup_steps=500,
-        max_steps=10000,
-        eval_every=500,
-        save_every=500,
-    ),
-    "medium": Preset(
-        model=ModelConfig(vocab_size=32000, n_layer=12, n_head=12, n_embd=768, block_size=2048, dropout=0.1),
-        batch_size=8,
-        seq_len=1024,
-        learning_rate=3e-4,
-        warmup_steps=1000,
-        max_steps=20000,
-        eval_every=1000,
-        save_every=1000,
-        gradient_accumulation_steps=4,
-    ),
-    "large": Preset(
-        model=ModelConfig(vocab_size=32000, n_layer=24, n_head=16, n_embd=1024, block_size=2048, dropout=0.1),
-        batch_size=4,
-        seq_len=1024,
-        learning_rate=2e-4,
-        warmup_steps=2000,
-        max_steps=50000,
-        eval_every=1000,
-        save_every=1000,
-        gradient_accumulation_steps=8,
-    ),
-}
+        "small": Preset(
+            model=ModelConfig(vocab_size=32000, n_layer=6, n_head=8, n_embd=512, block_size=1024, dropout=0.1),
+            batch_size=8,
+            seq_len=512,
+            learning_rate=6e-4,
+            warmup_steps=500,
+            max_steps=10000,
+            eval_every=500,
+            save_every=500,
+        ),
+        "medium": Preset(
+            model=ModelConfig(vocab_size=32000, n_layer=12, n_head=12, n_embd=768, block_size=2048, dropout=0.1),
+            batch_size=8,
+            seq_len=1024,
+            learning_rate=3e-4,
+            warmup_steps=1000,
+            max_steps=20000,
+            eval_every=1000,
+            save_every=1000,
+            gradient_accumulation_steps=4,
+        ),
+        "large": Preset(
+            model=ModelConfig(vocab_size=32000, n_layer=24, n_head=16, n_embd=1024, block_size=2048, dropout=0.1),
+            batch_size=4,
+            seq_len=1024,
+            learning_rate=2e-4,
+            warmup_steps=2000,
+            max_steps=50000,
+            eval_every=1000,
+            save_every=1000,
+            gradient_accumulation_steps=8,
+        ),
+    }
+
+
+def __getattr__(name: str) -> Any:  # PRESETS is built on first use (see _presets)
+    if name == "PRESETS":
+        return _presets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_preset(name: str) -> Preset:
     try:
-        return PRESETS[name]
+        return _presets()[name]
     except (KeyError, TypeError):
-        raise OpenLLMError(f"unknown model size {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise OpenLLMError(f"unknown model size {name!r}; choose one of: {', '.join(_presets())}") from None
 
 
 def model_config_for(
@@ -275,7 +264,9 @@ def model_config_for(
     config = get_preset(name).model
     if arch is not None and arch != config.arch:
         shape = {k: getattr(config, k) for k in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "dropout")}
-        config = ModelConfig(**shape, arch=arch, bias=arch == "gpt2")
+        from openllm.model.registry import architecture
+
+        config = ModelConfig(**shape, arch=arch, bias=architecture(arch).bias)
     if vocab_size is not None:
         config = config.replace(vocab_size=vocab_size)
     return config.replace(**{k: v for k, v in overrides.items() if v is not None})

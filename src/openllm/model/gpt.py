@@ -8,6 +8,8 @@ device has them), so there is no mask buffer in the state dict.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +17,9 @@ import torch.nn.functional as F
 from openllm.model.base import LanguageModel
 from openllm.model.config import ModelConfig
 from openllm.model.kv_cache import KVCache, attend
+from openllm.model.registry import Architecture, register
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,18 +86,28 @@ class GPT(LanguageModel):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied: one tensor, stored once
+        self.lm_head.weight = self._part("wte", nn.Embedding).weight  # tied: one tensor, stored once
         self.init_weights(residual="c_proj.weight")
+
+    def _part(self, name: str, kind: type[M]) -> M:
+        """A submodule of ``transformer``, typed (a ModuleDict's members are only ``Module`` to a type checker)."""
+        module = self.transformer[name]
+        assert isinstance(module, kind)
+        return module
 
     @property
     def blocks(self) -> nn.ModuleList:  # type: ignore[override]
-        return self.transformer.h  # type: ignore[return-value]
+        return self._part("h", nn.ModuleList)
 
     def embed(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        x = self._part("wte", nn.Embedding)(idx) + self._part("wpe", nn.Embedding)(positions)
+        return self._part("drop", nn.Dropout)(x)
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transformer.ln_f(x)
+        return self._part("ln_f", nn.LayerNorm)(x)
 
     def position_parameters(self) -> int:
-        return self.transformer.wpe.weight.numel()
+        return self._part("wpe", nn.Embedding).weight.numel()
+
+
+register(Architecture(name="gpt2", model=GPT, fields=("activation",), bias=True, bias_optional=True))

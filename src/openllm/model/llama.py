@@ -16,9 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from openllm.core.errors import OpenLLMError
 from openllm.model.base import LanguageModel
 from openllm.model.config import ModelConfig
 from openllm.model.kv_cache import KVCache, attend
+from openllm.model.registry import Architecture, register
 
 
 def rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,12 +43,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
+    QKV_BIAS = False  # biases on the query, key and value projections (Qwen2's one difference)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv, self.d = config.n_head, config.kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.d, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, self.n_kv * self.d, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, self.n_kv * self.d, bias=False)
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.d, bias=self.QKV_BIAS)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv * self.d, bias=self.QKV_BIAS)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv * self.d, bias=self.QKV_BIAS)
         self.o_proj = nn.Linear(self.n_head * self.d, config.n_embd, bias=False)
         if config.qk_norm:
             self.q_norm = nn.RMSNorm(self.d, eps=config.norm_eps)
@@ -82,10 +86,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    ATTENTION: type[Attention] = Attention
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = self.ATTENTION(config)
         self.post_attention_layernorm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
@@ -99,6 +105,7 @@ class Llama(LanguageModel):
     ARCHITECTURE = "Llama (pre-RMSNorm, rotary positions, SwiGLU, no biases)"
     BLOCKS = "model.layers."
     EMBEDDING = "model.embed_tokens.weight"
+    BLOCK: type[Block] = Block
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
@@ -109,7 +116,7 @@ class Llama(LanguageModel):
         self.model = nn.ModuleDict(
             dict(
                 embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
-                layers=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                layers=nn.ModuleList([self.BLOCK(config) for _ in range(config.n_layer)]),
                 norm=nn.RMSNorm(config.n_embd, eps=config.norm_eps),
             )
         )
@@ -135,3 +142,50 @@ class Llama(LanguageModel):
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.model["norm"](x)
+
+
+# ------------------------------------------------------------------------------------ registration
+
+ROTARY_FIELDS = ("n_kv_head", "intermediate_size", "rope_theta", "tie_embeddings", "norm_eps")
+
+
+def swiglu_width(config: ModelConfig) -> int:
+    """``intermediate_size``, or 8/3 n_embd rounded up to 64 (the SwiGLU MLP's three matrices then hold about
+    as many weights as GPT-2's two)."""
+    return config.intermediate_size or -(-8 * config.n_embd // 3 // 64) * 64
+
+
+def check_rotary_config(config: ModelConfig) -> None:
+    """The rules of a rotary, grouped-query block (Llama and the families built on it)."""
+    for name in ("n_kv_head", "intermediate_size"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise OpenLLMError(f"model config: {name} must be a positive integer, got {value!r}")
+    if config.n_head % config.kv_heads:
+        raise OpenLLMError(f"model config: n_head ({config.n_head}) must be a multiple of n_kv_head")
+    if (config.n_embd // config.n_head) % 2:
+        raise OpenLLMError("model config: rotary positions need an even head size (n_embd / n_head)")
+    for name in ("rope_theta", "norm_eps"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise OpenLLMError(f"model config: {name} must be a positive number, got {value!r}")
+    for name in ("qk_norm", "tie_embeddings"):
+        if not isinstance(getattr(config, name), bool):
+            raise OpenLLMError(f"model config: {name} must be true or false, got {getattr(config, name)!r}")
+
+
+def describe_rotary(config: ModelConfig) -> dict:
+    return {"mlp": "SwiGLU (SiLU gate)", "intermediate_size": config.mlp_hidden, "n_kv_head": config.kv_heads}
+
+
+register(
+    Architecture(
+        name="llama",
+        model=Llama,
+        fields=(*ROTARY_FIELDS, "qk_norm"),
+        bias=False,
+        mlp_hidden=swiglu_width,
+        check=check_rotary_config,
+        described=describe_rotary,
+    )
+)

@@ -1,9 +1,18 @@
-"""``TrainConfig``: every ``openllm train`` option, declared once (name, type, default, help).
+"""A training run's configuration, as two types.
 
-A field left ``None`` means "not given": :meth:`TrainConfig.resolved` fills it from the checkpoint
-being resumed (if any), then the preset of ``model_size``, then the built-in default declared in
-the field's :class:`~openllm.core.options.Opt`. The command line and YAML files (``--config``)
-are generated from and checked against these fields.
+:class:`TrainConfig` holds the options a user gave (command line, ``--config`` YAML, keyword arguments):
+every ``openllm train`` option is declared once there (name, type, choices, default, help), and a field left
+``None`` means "not given". :func:`resolve` is the one function that turns it into a :class:`RunConfig`:
+given values first, then the checkpoint being resumed (its ``training_config``), then the preset of
+``model_size``, then the built-in defaults declared in the fields' :class:`~openllm.core.options.Opt`,
+checked once. A :class:`RunConfig` is frozen and has every field present and typed; its fields keep the
+option names (so the checkpoint's ``training_config`` is :meth:`RunConfig.to_dict`, as it always was) and its
+groups (:attr:`RunConfig.model`, ``.inputs``, ``.optimization``, ``.schedule``, ``.checkpointing``,
+``.evaluation``, ``.distributed``) are what the functions that need one part take.
+
+Each choice list is declared once (:data:`SCHEDULES`, :data:`OPTIMIZERS` here; devices, dtypes, tokenizer types
+and architectures where they live) and gives the parser its choices, the help its text and :func:`resolve`
+its check.
 """
 
 from __future__ import annotations
@@ -11,17 +20,36 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
 from openllm.core.device import DEVICES, DTYPES
 from openllm.core.errors import OpenLLMError
-from openllm.core.options import Opt, builtin_defaults, nonneg_int
-from openllm.core.untrusted import read_yaml
+from openllm.core.options import Opt, builtin_defaults, declared_options, nonneg_int, one_of, read_options_file
 from openllm.data.tokenizer import TOKENIZER_TYPES
-from openllm.model.config import ARCHS, get_preset
+from openllm.model import registry
+from openllm.model.config import PRESETS, get_preset
 
 PRESET = "the preset's"
+ARCH_HELP = "model architecture at the preset's size: " + "; ".join(
+    f"{name}: {registry.architecture(name).model.ARCHITECTURE}" for name in registry.names()
+)
+# The learning-rate schedules (openllm.training.schedule) and optimizers (openllm.training.optim), with what
+# each is: the --lr-schedule and --optimizer choices and help.
+SCHEDULES = {
+    "cosine": "cosine decay",
+    "wsd": "constant, then a linear cooldown; extends without disturbing the learning rate",
+}
+OPTIMIZERS = {
+    "adamw": "AdamW",
+    "muon": "PyTorch's Muon for the transformer blocks' matrices, AdamW for embeddings, biases and gains",
+}
+
+
+def described(choices: dict[str, str]) -> str:
+    """'a (what a is), or b (what b is)': a choice list's help text, from the list."""
+    return ", or ".join(f"{name} ({what})" for name, what in choices.items())
 
 
 @dataclass
@@ -47,13 +75,12 @@ class TrainConfig:
         str | None,
         Opt("kind of tokenizer to train for --data-file", choices=TOKENIZER_TYPES, default="sentencepiece"),
     ] = None
-    model_size: Annotated[str | None, Opt("preset: tiny, small, medium or large", default="tiny")] = None
+    model_size: Annotated[str | None, Opt(f"preset: {one_of(tuple(PRESETS))}", default="tiny")] = None
     arch: Annotated[
         str | None,
         Opt(
-            "model architecture: gpt2 (the legacy layout) or llama (rotary positions, RMSNorm, SwiGLU, no biases) "
-            "at the preset's size",
-            choices=ARCHS,
+            ARCH_HELP,
+            choices=registry.names(),
             default_text=PRESET,
         ),
     ] = None
@@ -85,9 +112,8 @@ class TrainConfig:
     lr_schedule: Annotated[
         str | None,
         Opt(
-            "learning-rate schedule after warmup: cosine decay, or wsd (constant, then a linear cooldown; "
-            "extends without disturbing the learning rate)",
-            choices=("cosine", "wsd"),
+            f"learning-rate schedule after warmup: {described(SCHEDULES)}",
+            choices=tuple(SCHEDULES),
             default_text=PRESET,
         ),
     ] = None
@@ -100,12 +126,7 @@ class TrainConfig:
     weight_decay: Annotated[float | None, Opt("AdamW weight decay (matrices only)", default_text=PRESET)] = None
     optimizer: Annotated[
         str | None,
-        Opt(
-            "adamw, or muon (PyTorch's Muon for the transformer blocks' matrices, AdamW for embeddings, biases "
-            "and gains)",
-            choices=("adamw", "muon"),
-            default_text=PRESET,
-        ),
+        Opt(described(OPTIMIZERS), choices=tuple(OPTIMIZERS), default_text=PRESET),
     ] = None
     grad_clip: Annotated[float | None, Opt("clip the gradient norm (0: off)", default=1.0)] = None
     dropout: Annotated[float | None, Opt("dropout probability", default_text=PRESET)] = None
@@ -154,119 +175,15 @@ class TrainConfig:
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
-    def resolved(self, inherited: dict[str, Any] | None = None) -> TrainConfig:
-        """A complete, checked config: given values, then ``inherited``, then preset and defaults."""
-        merged = {k: v for k, v in (inherited or {}).items() if k in TRAIN_OPTION_NAMES and k not in NOT_INHERITED}
-        if inherited:  # a run recorded before an option existed ran with what was then its only behaviour
-            for name, value in BEFORE_THE_OPTION.items():
-                merged.setdefault(name, value)
-        given = self.given()
-        if "data" in given or "data_file" in given:  # new data given on resume replaces the recorded source
-            merged.pop("data", None)
-            merged.pop("data_file", None)
-        merged.update(given)
-        out = TrainConfig(**merged)
-        for name, value in DEFAULTS.items():
-            if getattr(out, name) is None:
-                setattr(out, name, value)
-        preset = get_preset(out.model_size)  # type: ignore[arg-type]
-        for name in PRESET_FIELDS:
-            if getattr(out, name) is None:
-                setattr(out, name, getattr(preset, name))
-        if out.dropout is None:
-            out.dropout = preset.model.dropout
-        if out.arch is None:
-            out.arch = preset.model.arch
-        if out.min_lr is None or (
-            "min_lr" not in given
-            and _is_number(out.learning_rate)
-            and _is_number(out.min_lr)
-            and out.min_lr > out.learning_rate
-        ):
-            # a min-lr the user did not set follows the learning rate (the presets decay to a tenth)
-            out.min_lr = out.learning_rate / 10 if _is_number(out.learning_rate) else out.learning_rate
-        out.validate()
-        return out
+    def run_dir(self) -> Path:
+        """The run directory: --output-dir, else its declared default (known before anything is resolved)."""
+        if self.output_dir is not None and not isinstance(self.output_dir, str):  # (from YAML or a caller)
+            raise OpenLLMError(f"--output-dir must be a path, got {self.output_dir!r}")
+        return Path(self.output_dir or DEFAULTS["output_dir"])
 
-    def validate(self) -> None:
-        def bad(name: str, what: str, value: Any) -> OpenLLMError:
-            return OpenLLMError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
-
-        def integer(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise bad(name, "a positive integer" if minimum else "a non-negative integer", value)
-            if value > 2**63 - 1:
-                raise bad(name, "below 2**63", value)
-
-        def number(name: str) -> None:
-            value = getattr(self, name)
-            if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise bad(name, "a finite number >= 0", value)
-
-        for name in (
-            "max_steps",
-            "save_every",
-            "eval_every",
-            "eval_batches",
-            "log_every",
-            "batch_size",
-            "seq_len",
-            "gradient_accumulation_steps",
-            "keep_last",
-            "max_bad_steps",
-            "vocab_size",
-        ):
-            integer(name, 1)
-        for name in ("warmup_steps", "early_stopping_patience", "seed", "sample_tokens"):
-            integer(name, 0)
-        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "early_stopping_min_delta"):
-            number(name)
-        if self.lr_schedule not in ("cosine", "wsd"):
-            raise bad("lr_schedule", "cosine or wsd", self.lr_schedule)
-        number("cooldown_fraction")
-        if self.cooldown_fraction > 1:  # type: ignore[operator]
-            raise bad("cooldown_fraction", "a number in [0, 1]", self.cooldown_fraction)
-        if self.peak_flops is not None:
-            number("peak_flops")
-        if self.lr_decay_steps is not None:
-            integer("lr_decay_steps", 1)
-        if self.min_lr > self.learning_rate:  # type: ignore[operator]
-            raise OpenLLMError(f"--min-lr ({self.min_lr}) must not exceed --learning-rate ({self.learning_rate})")
-        if not _is_number(self.dropout) or not (0.0 <= self.dropout < 1.0):  # type: ignore[operator]
-            raise bad("dropout", "a number in [0, 1)", self.dropout)
-        for name in ("compile", "activation_checkpointing", "allow_data_change", "reset_early_stopping", "tensorboard"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "true or false", getattr(self, name))
-        for name in (
-            "data",
-            "data_file",
-            "validation_data",
-            "tokenizer_dir",
-            "output_dir",
-            "resume",
-            "model_size",
-            "sample_prompt",
-        ):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                what = {"model_size": "a preset name", "sample_prompt": "text"}.get(name, "a path")
-                raise bad(name, what, getattr(self, name))
-        if self.arch not in ARCHS:
-            raise bad("arch", " or ".join(ARCHS), self.arch)
-        if self.optimizer not in ("adamw", "muon"):
-            raise bad("optimizer", "adamw or muon", self.optimizer)
-        if self.tokenizer_type not in TOKENIZER_TYPES:
-            raise bad("tokenizer_type", " or ".join(TOKENIZER_TYPES), self.tokenizer_type)
-        if self.device not in DEVICES:
-            raise bad("device", ", ".join(DEVICES), self.device)
-        if self.dtype not in (None, *DTYPES):
-            raise bad("dtype", ", ".join(DTYPES), self.dtype)
-        if self.data and self.data_file:
-            raise OpenLLMError("give either --data (a prepared dataset) or --data-file (raw text), not both")
-        get_preset(self.model_size)  # type: ignore[arg-type]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def resolved(self, inherited: dict[str, Any] | None = None) -> RunConfig:
+        """:func:`resolve` of these options."""
+        return resolve(self, inherited)
 
 
 def _is_number(x: Any) -> bool:
@@ -296,19 +213,308 @@ BEFORE_THE_OPTION = {"optimizer": "adamw", "lr_schedule": "cosine"}
 NOT_INHERITED = ("resume", "allow_data_change", "reset_early_stopping", "output_dir")
 
 
+# ------------------------------------------------------------------------------ the resolved run configuration
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    model_size: str
+    arch: str
+    vocab_size: int
+    dropout: float
+    activation_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """The data and how it is cut into batches."""
+
+    data: str | None
+    data_file: str | None
+    validation_data: str | None
+    tokenizer_dir: str | None
+    tokenizer_type: str
+    batch_size: int
+    seq_len: int
+    gradient_accumulation_steps: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class OptimizerOptions:
+    optimizer: str
+    weight_decay: float
+    grad_clip: float
+    max_bad_steps: int
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """The learning-rate schedule (:mod:`openllm.training.schedule`) and the steps it spans."""
+
+    learning_rate: float
+    min_lr: float
+    warmup_steps: int
+    max_steps: int
+    lr_schedule: str = "cosine"
+    cooldown_fraction: float = 0.2
+    lr_decay_steps: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    output_dir: str
+    save_every: int
+    keep_last: int
+    resume: str | None
+    allow_data_change: bool
+    reset_early_stopping: bool
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """Validation, early stopping, what the run reports and the closing sample."""
+
+    eval_every: int
+    eval_batches: int
+    early_stopping_patience: int
+    early_stopping_min_delta: float
+    log_every: int
+    tensorboard: bool
+    sample_tokens: int
+    sample_prompt: str
+
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    """Where and how each process computes."""
+
+    device: str
+    dtype: str | None
+    compile: bool
+    peak_flops: float | None
+
+
+GROUPS = (
+    ModelOptions,
+    InputOptions,
+    OptimizerOptions,
+    ScheduleOptions,
+    CheckpointOptions,
+    EvaluationOptions,
+    DistributedOptions,
+)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A resolved run configuration (made by :func:`resolve` only): every option present, typed and checked,
+    under the same names and in the same order as :class:`TrainConfig`'s fields."""
+
+    data: str | None
+    data_file: str | None
+    validation_data: str | None
+    tokenizer_dir: str | None
+    tokenizer_type: str
+    model_size: str
+    arch: str
+    vocab_size: int
+    max_steps: int
+    output_dir: str
+    save_every: int
+    eval_every: int
+    eval_batches: int
+    log_every: int
+    early_stopping_patience: int
+    early_stopping_min_delta: float
+    batch_size: int
+    seq_len: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    min_lr: float
+    warmup_steps: int
+    lr_schedule: str
+    cooldown_fraction: float
+    lr_decay_steps: int | None
+    weight_decay: float
+    optimizer: str
+    grad_clip: float
+    dropout: float
+    seed: int
+    device: str
+    dtype: str | None
+    compile: bool
+    activation_checkpointing: bool
+    keep_last: int
+    resume: str | None
+    allow_data_change: bool
+    reset_early_stopping: bool
+    max_bad_steps: int
+    tensorboard: bool
+    peak_flops: float | None
+    sample_tokens: int
+    sample_prompt: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option by name: the checkpoint's ``training_config`` (what a resume inherits)."""
+        return dataclasses.asdict(self)
+
+    # A resolved config also serves where options are taken (train(), setup()): all of it counts as given.
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if v is not None}
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+    def resolved(self, inherited: dict[str, Any] | None = None) -> RunConfig:
+        return resolve(self, inherited)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def _group(self, kind: type) -> Any:
+        return kind(**{f.name: getattr(self, f.name) for f in fields(kind)})
+
+    @cached_property
+    def model(self) -> ModelOptions:
+        return self._group(ModelOptions)
+
+    @cached_property
+    def inputs(self) -> InputOptions:
+        return self._group(InputOptions)
+
+    @cached_property
+    def optimization(self) -> OptimizerOptions:
+        return self._group(OptimizerOptions)
+
+    @cached_property
+    def schedule(self) -> ScheduleOptions:
+        return self._group(ScheduleOptions)
+
+    @cached_property
+    def checkpointing(self) -> CheckpointOptions:
+        return self._group(CheckpointOptions)
+
+    @cached_property
+    def evaluation(self) -> EvaluationOptions:
+        return self._group(EvaluationOptions)
+
+    @cached_property
+    def distributed(self) -> DistributedOptions:
+        return self._group(DistributedOptions)
+
+
+def resolve(options: TrainConfig | RunConfig, inherited: dict[str, Any] | None = None) -> RunConfig:
+    """The run configuration ``options`` describe: given values, then ``inherited`` (the training_config of the
+    checkpoint resumed), then the preset of ``model_size``, then the built-in defaults; checked once."""
+    merged = {k: v for k, v in (inherited or {}).items() if k in TRAIN_OPTION_NAMES and k not in NOT_INHERITED}
+    if inherited:  # a run recorded before an option existed ran with what was then its only behaviour
+        for name, value in BEFORE_THE_OPTION.items():
+            merged.setdefault(name, value)
+    given = options.given()
+    if "data" in given or "data_file" in given:  # new data given on resume replaces the recorded source
+        merged.pop("data", None)
+        merged.pop("data_file", None)
+    merged.update(given)
+    values: dict[str, Any] = {name: merged.get(name) for name in TRAIN_OPTION_NAMES}
+    for name, value in DEFAULTS.items():
+        if values[name] is None:
+            values[name] = value
+    preset = get_preset(values["model_size"])
+    for name in PRESET_FIELDS:
+        if values[name] is None:
+            values[name] = getattr(preset, name)
+    if values["dropout"] is None:
+        values["dropout"] = preset.model.dropout
+    if values["arch"] is None:
+        values["arch"] = preset.model.arch
+    lr, min_lr = values["learning_rate"], values["min_lr"]
+    if min_lr is None or ("min_lr" not in given and _is_number(lr) and _is_number(min_lr) and min_lr > lr):
+        # a min-lr the user did not set follows the learning rate (the presets decay to a tenth)
+        values["min_lr"] = lr / 10 if _is_number(lr) else lr
+    _check(values)
+    return RunConfig(**values)
+
+
+def _check(values: dict[str, Any]) -> None:
+    """Refuse, by option name, any value a resolved config cannot have (from YAML, keyword arguments or a
+    checkpoint; the command line's parsers refuse most of them first)."""
+
+    def bad(name: str, what: str, value: Any) -> OpenLLMError:
+        return OpenLLMError(f"--{name.replace('_', '-')} must be {what}, got {value!r}")
+
+    def integer(name: str, minimum: int) -> None:
+        value = values[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise bad(name, "a positive integer" if minimum else "a non-negative integer", value)
+        if value > 2**63 - 1:
+            raise bad(name, "below 2**63", value)
+
+    def number(name: str) -> None:
+        value = values[name]
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise bad(name, "a finite number >= 0", value)
+
+    for name in (
+        "max_steps",
+        "save_every",
+        "eval_every",
+        "eval_batches",
+        "log_every",
+        "batch_size",
+        "seq_len",
+        "gradient_accumulation_steps",
+        "keep_last",
+        "max_bad_steps",
+        "vocab_size",
+    ):
+        integer(name, 1)
+    for name in ("warmup_steps", "early_stopping_patience", "seed", "sample_tokens"):
+        integer(name, 0)
+    for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "early_stopping_min_delta"):
+        number(name)
+    number("cooldown_fraction")
+    if values["cooldown_fraction"] > 1:
+        raise bad("cooldown_fraction", "a number in [0, 1]", values["cooldown_fraction"])
+    if values["peak_flops"] is not None:
+        number("peak_flops")
+    if values["lr_decay_steps"] is not None:
+        integer("lr_decay_steps", 1)
+    if values["min_lr"] > values["learning_rate"]:
+        raise OpenLLMError(f"--min-lr ({values['min_lr']}) must not exceed --learning-rate ({values['learning_rate']})")
+    if not _is_number(values["dropout"]) or not (0.0 <= values["dropout"] < 1.0):
+        raise bad("dropout", "a number in [0, 1)", values["dropout"])
+    for name in ("compile", "activation_checkpointing", "allow_data_change", "reset_early_stopping", "tensorboard"):
+        if not isinstance(values[name], bool):
+            raise bad(name, "true or false", values[name])
+    for name in (
+        "data",
+        "data_file",
+        "validation_data",
+        "tokenizer_dir",
+        "output_dir",
+        "resume",
+        "model_size",
+        "sample_prompt",
+    ):
+        if values[name] is not None and not isinstance(values[name], str):
+            what = {"model_size": "a preset name", "sample_prompt": "text"}.get(name, "a path")
+            raise bad(name, what, values[name])
+    for option in CHOICE_OPTIONS:  # the choices the command line offers, from the same declaration
+        value, choices = values[option.name], option.opt.choices or ()
+        if value not in choices and not (value is None and option.name in OPTIONAL):
+            raise bad(option.name, one_of(choices), value)
+    if values["data"] and values["data_file"]:
+        raise OpenLLMError("give either --data (a prepared dataset) or --data-file (raw text), not both")
+    get_preset(values["model_size"])
+
+
+CHOICE_OPTIONS = tuple(o for o in declared_options(TrainConfig) if o.opt.choices)
+# Options a resolved config may leave None ("not set": e.g. --dtype, decided by the device).
+OPTIONAL = frozenset(f.name for f in fields(RunConfig) if str(f.type).endswith("| None"))
+
+
 def load_yaml_options(path: str | Path) -> dict[str, Any]:
-    """Options from a YAML file, keys normalised to field names; unknown keys are an error. The file is read by
-    the bounded reader (no anchors or aliases, bounded depth and numbers, valid text; an options file is a few
-    lines, so at most 1 MB)."""
-    data = read_yaml(path, "config file", max_bytes=1 << 20) or {}
-    if not isinstance(data, dict):
-        raise OpenLLMError(f"config file {path} must hold a mapping of option: value")
-    out = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in TRAIN_OPTION_NAMES:
-            raise OpenLLMError(f"config file {path}: unknown option {key!r}")
-        if value is None:
-            raise OpenLLMError(f"config file {path}: option {key!r} has no value")
-        out[name] = value
-    return out
+    """``train``'s options from a YAML file (``--config``), as typed values for :class:`TrainConfig` (which checks
+    them); the file is read as every command reads its ``--config`` (:func:`openllm.core.options.read_options_file`)."""
+    return read_options_file(path, TRAIN_OPTION_NAMES)

@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -25,12 +26,14 @@ from openllm.core import faults
 from openllm.core.fileio import directory_lock, remove_stale_temporaries
 from openllm.core.numbers import perplexity
 from openllm.training import records
-from openllm.training.config import DEFAULTS, TrainConfig
+from openllm.training.config import RunConfig, TrainConfig
 from openllm.training.distributed import DistInfo, barrier, broadcast_flag, mean_across, shutdown
 from openllm.training.metrics import MetricsLog, memory_mb
+from openllm.training.optim import step_unless
+from openllm.training.resume import restore
 from openllm.training.run import Run, TrainingStopped, TrainResult
 from openllm.training.schedule import lr_at
-from openllm.training.setup import check_before_writing, restore, setup
+from openllm.training.setup import check_before_writing, setup
 
 __all__ = ["TrainingStopped", "lr_at", "train", "train_loop", "train_step"]
 
@@ -38,11 +41,11 @@ __all__ = ["TrainingStopped", "lr_at", "train", "train_loop", "train_step"]
 # ------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> TrainResult | None:
+def train(cfg: TrainConfig | RunConfig, log: Callable[[str], None] = print) -> TrainResult | None:
     """Run (or resume) a training job described by ``cfg`` (see ``openllm train --help``); None when a
     resumed run has nothing left to do. The run directory is locked for the whole job (rank 0 only)."""
     check_before_writing(cfg)
-    run_dir = Path(cfg.given().get("output_dir") or DEFAULTS["output_dir"])
+    run_dir = cfg.run_dir()
     is_main = os.environ.get("RANK", "0") == "0"
     lock = directory_lock(run_dir, "run directory") if is_main else contextlib.nullcontext()
     console = ConsoleLog(log)
@@ -98,7 +101,20 @@ class ConsoleLog:
             self.file = None
 
 
+# The host reads the figures of unlogged steps at least this often, to bound the device memory they hold.
+READ_AT_LEAST_EVERY = 1000
+
+
 def train_loop(run: Run) -> TrainResult:
+    """The steps, validations and checkpoints of the run.
+
+    The host never waits for the device between reads: a step's loss, gradient norm and non-finite flag stay
+    on the device (a non-finite step is skipped there, see optim.step_unless) until :func:`read_steps` takes
+    the figures of all unread steps at once. That happens after every step that logs (``--log-every``, the
+    last step), validates or saves, when a stop is requested, and at least every READ_AT_LEAST_EVERY steps;
+    only then are skipped steps reported, counted, and a run of ``--max-bad-steps`` of them rolled back, so
+    the stop comes at the latest at that next read, with the same message and files as at the step itself.
+    """
     cfg, st = run.cfg, run.state
     metrics = MetricsLog(
         run.run_dir / "metrics.jsonl",
@@ -111,23 +127,22 @@ def train_loop(run: Run) -> TrainResult:
     )
     signals = StopSignals()
     started = time.perf_counter() - st.elapsed_seconds
+    unread: list[StepOnDevice] = []
     try:
         while st.step < cfg.max_steps and not st.stopped:
-            record = train_step(run)
+            unread.append(train_step(run))
             st.elapsed_seconds = time.perf_counter() - started
-            metrics.step(record)
-            if record["skipped"]:
-                metrics.say(
-                    f"step {st.step}: loss {record['loss']} / grad norm {record['grad_norm']} not finite; step skipped"
-                )
-                if st.consecutive_bad >= cfg.max_bad_steps:
-                    roll_back(run)
+            # every rank reads at the same steps; with torchrun a stop request is shared only then
+            stop = signals.received is not None and not run.dist.enabled
+            if stop or read_due(run, len(unread)):
+                read_steps(run, unread, metrics)
+                stop = stop or broadcast_flag(run.dist, signals.received is not None)
             if st.step % cfg.eval_every == 0 or st.step == cfg.max_steps:
                 validate(run, metrics.say)
                 metrics.validation(st.step, st.validation_log[-1]["validation_loss"])
             if st.step % cfg.save_every == 0 and not st.stopped and st.step < cfg.max_steps:
                 save_step_checkpoint(run)
-            if broadcast_flag(run.dist, signals.received is not None):
+            if stop:
                 st.stop_reason = f"stopped by {signals.received} at step {st.step} (resumable with --resume auto)"
                 path = save_step_checkpoint(run)
                 records.write_model_card(run)
@@ -142,63 +157,132 @@ def train_loop(run: Run) -> TrainResult:
     return finish(run)
 
 
-def train_step(run: Run) -> dict:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches; returns its log record."""
+def read_due(run: Run, unread: int) -> bool:
+    """Whether the step just taken must be read now: it logs, validates, saves or ends the run."""
+    cfg, step = run.cfg, run.state.step
+    return (
+        step % cfg.log_every == 0
+        or step % cfg.eval_every == 0
+        or step % cfg.save_every == 0
+        or step >= cfg.max_steps
+        or unread >= READ_AT_LEAST_EVERY
+    )
+
+
+@dataclass
+class StepOnDevice:
+    """A step taken: what the host knows of it, and its figures still on the device."""
+
+    step: int
+    figures: torch.Tensor  # [loss, gradient norm, 1.0 if not finite]
+    learning_rate: float
+    step_time: float
+    tokens: int
+
+
+def train_step(run: Run) -> StepOnDevice:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches, queued without waiting for the
+    device; :func:`read_steps` makes its log record."""
     cfg, st, B = run.cfg, run.state, run.cfg.batch_size
     accum, world, rank = cfg.gradient_accumulation_steps, run.dist.world_size, run.dist.rank
     step = st.step + 1
-    lr = lr_at(step, cfg)
+    lr = lr_at(step, cfg.schedule)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=run.device)
     for micro in range(accum):
-        x, y = run.sampler.batch(st.samples_seen + (micro * world + rank) * B, B)
-        if run.device.type == "cuda":  # pinned host memory lets the copy overlap the previous micro-step
-            x, y = x.pin_memory().to(run.device, non_blocking=True), y.pin_memory().to(run.device, non_blocking=True)
+        x, y = micro_batch(run, st.samples_seen + (micro * world + rank) * B)
         no_sync = run.dist.enabled and micro < accum - 1
-        with run.model.no_sync() if no_sync else contextlib.nullcontext(), run.autocast():
+        with run.model.no_sync() if no_sync else contextlib.nullcontext(), run.autocast():  # type: ignore[operator]  # DDP's
             _, loss = run.model(x, y)
         loss = loss / accum
         run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
+        # while the device computes, the host cuts the next micro-batch (after the last: the next step's first)
+        fetch_ahead(run, st.samples_seen + ((micro + 1) * world + rank) * B)
     faults.reached("step")
-    run.scaler.unscale_(run.optimizer)
+    run.scaler.unscale_(run.optimizer)  # type: ignore[arg-type]  # MuonAdamW has the param_groups it reads
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or math.inf)
-    loss_value = float(mean_across(run.dist, loss_sum).item())
-    norm_value = float(grad_norm.item())
-    bad = not math.isfinite(loss_value) or (not run.scaler.is_enabled() and not math.isfinite(norm_value))
+    loss_mean = mean_across(run.dist, loss_sum)
+    bad = ~torch.isfinite(loss_mean)
     if run.scaler.is_enabled():
-        run.scaler.step(run.optimizer)  # skips the update itself when gradients overflowed
+        run.scaler.step(run.optimizer)  # type: ignore[arg-type]  # skips the update itself when gradients overflowed
         run.scaler.update()
-    elif not bad:
-        run.optimizer.step()
+    else:
+        bad |= ~torch.isfinite(grad_norm)
+        step_unless(run.optimizer, bad)
     run.optimizer.zero_grad(set_to_none=True)
-    step_time = time.perf_counter() - t0
-
+    figures = torch.stack([loss_mean, grad_norm.to(loss_mean.dtype), bad.to(loss_mean.dtype)])
     st.step = step
     st.samples_seen += run.global_batch
     tokens = run.global_batch * cfg.seq_len
     st.tokens_seen += tokens
-    st.skipped_steps += bad
-    st.consecutive_bad = st.consecutive_bad + 1 if bad else 0
-    if not bad:
-        st.lowest_training_loss = min(st.lowest_training_loss, loss_value)
-    record = {
-        "step": step,
-        "loss": loss_value,
-        "perplexity": perplexity(loss_value),
-        "learning_rate": lr,
-        "step_time": step_time,
-        "tokens_per_second": tokens / step_time,
-        "memory_mb": memory_mb(run.device),
-        "grad_norm": norm_value,
-        "skipped": bad,
-    }
-    if run.peak_flops:
-        record["mfu"] = run.raw_model.flops_per_token(cfg.seq_len) * tokens / step_time / run.peak_flops / world
-    st.training_log.append(record)
-    return record
+    return StepOnDevice(step, figures, lr, time.perf_counter() - t0, tokens)
+
+
+def micro_batch(run: Run, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of the micro-batch of samples ``first``.. on the device (fetched ahead if it was)."""
+    ahead, run.next_batch = run.next_batch, None
+    if ahead is not None and ahead[0] == first:
+        return ahead[1], ahead[2]
+    return fetch(run, first)
+
+
+def fetch_ahead(run: Run, first: int) -> None:
+    run.next_batch = (first, *fetch(run, first))
+
+
+def fetch(run: Run, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    block = run.sampler.windows(first, run.cfg.batch_size)
+    if run.device.type == "cuda":  # from pinned memory the copy runs beside the computation
+        block = block.pin_memory().to(run.device, non_blocking=True)
+    return block[:, :-1], block[:, 1:]
+
+
+def read_steps(run: Run, unread: list[StepOnDevice], metrics: MetricsLog) -> None:
+    """Read the figures of the unread steps (one transfer, where the host waits for the device) and log them
+    in order: metrics line, training log, counters, the skipped-step message; ``--max-bad-steps`` non-finite
+    steps in a row roll back here. Empties ``unread``."""
+    if not unread:
+        return
+    cfg, st = run.cfg, run.state
+    t0 = time.perf_counter()
+    values = torch.stack([s.figures for s in unread]).tolist()
+    unread[-1].step_time += time.perf_counter() - t0  # the wait belongs to the steps the device was finishing
+    memory = memory_mb(run.device)
+    taken, unread[:] = list(unread), []
+    for s, (loss, norm, flag) in zip(taken, values, strict=True):
+        bad = flag != 0
+        st.skipped_steps += bad
+        st.consecutive_bad = st.consecutive_bad + 1 if bad else 0
+        if not bad:
+            st.lowest_training_loss = min(st.lowest_training_loss, loss)
+        record = {
+            "step": s.step,
+            "loss": loss,
+            "perplexity": perplexity(loss),
+            "learning_rate": s.learning_rate,
+            "step_time": s.step_time,
+            "tokens_per_second": s.tokens / s.step_time,
+            "memory_mb": memory,
+            "grad_norm": norm,
+            "skipped": bad,
+        }
+        if run.peak_flops:
+            record["mfu"] = (
+                run.raw_model.flops_per_token(cfg.seq_len)
+                * s.tokens
+                / s.step_time
+                / run.peak_flops
+                / run.dist.world_size
+            )
+        st.training_log.append(record)
+        metrics.step(record)
+        if bad:
+            metrics.say(f"step {s.step}: loss {loss} / grad norm {norm} not finite; step skipped")
+            if st.consecutive_bad >= cfg.max_bad_steps:
+                roll_back(run, s.step)
 
 
 @torch.no_grad()
@@ -282,13 +366,13 @@ def finish(run: Run) -> TrainResult:
     return TrainResult(run.run_dir, st.step, st.best_step, st.best_validation_loss, st.stop_reason, path, run.cfg)
 
 
-def roll_back(run: Run) -> None:
-    st, n = run.state, run.state.consecutive_bad
-    first_bad = st.step - n + 1
+def roll_back(run: Run, last_bad: int) -> None:
+    n = run.state.consecutive_bad
+    first_bad = last_bad - n + 1
     target = run.last_checkpoint or run.resumed_path
     if target is None or not target.is_file():
         raise TrainingStopped(
-            f"the loss was not finite for {n} steps in a row (steps {first_bad}-{st.step}) and no "
+            f"the loss was not finite for {n} steps in a row (steps {first_bad}-{last_bad}) and no "
             "checkpoint had been written yet; nothing saved. Lower --learning-rate or check the data.",
             3,
         )

@@ -90,7 +90,7 @@ class MetricsLog:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def step(self, record: dict) -> None:
-        if not self.enabled:
+        if self.file is None:  # not enabled (another process than rank 0 logs nothing)
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()  # every line reaches the OS at once: a kill after any later save loses no step

@@ -40,7 +40,7 @@ def model_info(run: Run) -> dict:
         "model_size": run.cfg.model_size,
         **run.raw_model.summary(run.cfg.seq_len),
         "tokenizer": run.tokenizer.describe(),
-    }  # type: ignore[arg-type]
+    }
 
 
 def training_stats(run: Run) -> dict:
@@ -60,19 +60,18 @@ def build_checkpoint(run: Run) -> dict:
         model_config=run.model_config,
         training_config=training_config(run),
         model_info=model_info(run),
-        scheduler=scheduler_state(st.step, run.cfg),
+        scheduler=scheduler_state(st.step, run.cfg.schedule),
         training_stats=training_stats(run),
         epoch=st.samples_seen // run.sampler.windows_per_epoch,
         tokenizer_sha256=run.tokenizer_sha256,
         dataset_fingerprint=run.dataset.fingerprint,
         provenance=ck.training_provenance(run.origin, st.step),
-        resume={
-            "samples_seen": st.samples_seen,
-            "global_token_offset": st.samples_seen * run.cfg.seq_len,  # type: ignore[operator]
-            "world_size": run.dist.world_size,
-            "rng": ck.capture_rng_state(),
-            "grad_scaler": run.scaler.state_dict() if run.scaler.is_enabled() else {},
-        },
+        resume=ck.resume_record(
+            samples_seen=st.samples_seen,
+            tokens_per_sample=run.cfg.seq_len,
+            world_size=run.dist.world_size,
+            grad_scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {},
+        ),
     )
 
 
@@ -122,11 +121,10 @@ def complete_finished_run(run_dir: Path) -> bool:
     final = ck.load_checkpoint(run_dir / rundir.FINAL)
     info = ck.read_info(final)
     if not card.is_file():
-        model_info = final.get("model_info") if isinstance(final.get("model_info"), dict) else {}
         rundir.write_model_card(
             run_dir,
-            f"OpenLLM {model_info.get('model_size')} model",
-            model_info,
+            f"OpenLLM {info.model_info.get('model_size')} model",
+            info.model_info,
             info.training_stats,
             info.training_config,
             info.source,

@@ -16,7 +16,7 @@ from openllm.data.dataset import PreparedDataset
 from openllm.data.tokenizer import Tokenizer
 from openllm.model import LanguageModel
 from openllm.model.config import ModelConfig
-from openllm.training.config import TrainConfig
+from openllm.training.config import RunConfig
 from openllm.training.distributed import DistInfo
 from openllm.training.optim import MuonAdamW
 
@@ -31,7 +31,7 @@ class TrainingStopped(OpenLLMError):
 
 @dataclass
 class Run:
-    cfg: TrainConfig
+    cfg: RunConfig
     run_dir: Path
     dataset: PreparedDataset
     model_config: ModelConfig
@@ -54,6 +54,8 @@ class Run:
     eval_cpu_seconds: float = 0.0
     validation_fingerprint: str = ""  # sha256 of the validation tokens (a resume on other text resets the best)
     origin: dict | None = None  # where resumed weights came from before OpenLLM trained them (converted ones)
+    # the micro-batch fetched ahead (its first sample, inputs, targets), on the device: see loop.micro_batch
+    next_batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype == torch.float32:
@@ -66,7 +68,7 @@ class Run:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.dist.world_size  # type: ignore[operator]
+        return self.cfg.batch_size * self.cfg.gradient_accumulation_steps * self.dist.world_size
 
 
 @dataclass
@@ -77,4 +79,4 @@ class TrainResult:
     best_validation_loss: float
     stop_reason: str | None
     final_checkpoint: Path | None
-    config: TrainConfig | None = None  # the run's resolved options (the closing sample reads its own)
+    config: RunConfig | None = None  # the run's resolved options (the closing sample reads its own)

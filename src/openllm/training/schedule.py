@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import math
 
-from openllm.training.config import TrainConfig
-
-SCHEDULES = ("cosine", "wsd")
+from openllm.training.config import ScheduleOptions
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: ScheduleOptions) -> float:
     """The learning rate of optimizer step ``step`` (1-based)."""
-    lr, min_lr, warmup = float(cfg.learning_rate), float(cfg.min_lr), int(cfg.warmup_steps)  # type: ignore[arg-type]
+    lr, min_lr, warmup = float(cfg.learning_rate), float(cfg.min_lr), int(cfg.warmup_steps)
     if warmup and step <= warmup:
         return lr * step / warmup
-    horizon = int(cfg.lr_decay_steps or cfg.max_steps)  # type: ignore[arg-type]
+    horizon = int(cfg.lr_decay_steps or cfg.max_steps)
     if step >= horizon:
         return min_lr
     if (cfg.lr_schedule or "cosine") == "wsd":
@@ -35,7 +33,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def describe_schedule(cfg: TrainConfig) -> str:
+def describe_schedule(cfg: ScheduleOptions) -> str:
     horizon = cfg.lr_decay_steps or cfg.max_steps
     shape = (
         f"constant, then a linear cooldown over the last {cfg.cooldown_fraction:.0%} of the steps"
@@ -45,7 +43,7 @@ def describe_schedule(cfg: TrainConfig) -> str:
     return f"warmup {cfg.warmup_steps}, {shape}, reaching {cfg.min_lr:g} at step {horizon}"
 
 
-def scheduler_state(step: int, cfg: TrainConfig) -> dict:
+def scheduler_state(step: int, cfg: ScheduleOptions) -> dict:
     """The checkpoint's ``scheduler_state_dict``: the schedule's parameters and where it stands."""
     return {
         "name": "warmup_stable_decay" if cfg.lr_schedule == "wsd" else "warmup_cosine",

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible request shapes the server accepts: validation of ``/v1/completions`` and
-``/v1/chat/completions`` bodies into :class:`CompletionRequest`, and the chat template.
+"""The OpenAI protocol: validation of ``/v1/completions`` and ``/v1/chat/completions`` bodies into a
+:class:`CompletionRequest`, the chat template, and the one builder of answers (:func:`choice_object`,
+:func:`answer_object`) that plain and streamed responses both go through.
 
 Every field is either honoured or refused with a 400 that names it; nothing is accepted and
 ignored. Fields this server cannot honour: ``suffix`` (no infilling), ``best_of`` other than ``n``,
@@ -8,9 +9,12 @@ and the chat API's ``tools``.
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass, field
 
 from openllm.data.tokenizer import Tokenizer
+from openllm.inference.logprobs import chat_logprobs
 
 # A plain template a base model can continue: what OpenLLM uses when the tokenizer has none of its own.
 DEFAULT_CHAT_TEMPLATE = (
@@ -279,3 +283,46 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict]) -> tuple[str, bool]:
     if own and bos and text.startswith(bos) and tokenizer.special.add_bos:
         text = text[len(bos) :]  # the template wrote the bos token that encoding adds anyway
     return text, own is None
+
+
+# --- answers ---------------------------------------------------------------------------------------
+
+
+def choice_object(
+    chat: bool, stream: bool, index: int, text: str, logprobs: dict | None, finish: str | None, first: bool = False
+) -> dict:
+    """One choice of an answer: a whole choice (``stream`` False), or a chunk of one; ``first``: the chunk
+    that opens a streamed chat choice (it names the role)."""
+    if not chat:
+        return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+    if stream:
+        delta = {} if finish else {"content": text}
+        if first:
+            delta = {"role": "assistant", **delta}
+        return {"index": index, "delta": delta, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
+    message = {"role": "assistant", "content": text}
+    return {"index": index, "message": message, "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
+
+
+def answer_object(
+    cid: str, model_id: str, chat: bool, stream: bool, choices: list[dict], usage: dict | None = None
+) -> dict:
+    """A response body (or one streamed chunk) around ``choices``."""
+    kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+    out = {"id": cid, "object": kind, "created": int(time.time()), "model": model_id, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def event(body: dict) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(body)}\n\n"
