@@ -38,7 +38,8 @@ def optimizer_step_ms(name: str, vocab: int, repeats: int = 30) -> float:
     model = build_model(model_config_for("tiny", vocab_size=vocab))
     for p in model.parameters():
         p.grad = torch.randn_like(p)
-    opt = configure_optimizer(model, TrainConfig(optimizer=name).resolved(), torch.device("cpu"))
+    cfg = TrainConfig(optimizer=name).resolved()
+    opt = configure_optimizer(model, cfg.optimization, cfg.learning_rate, torch.device("cpu"))
     for _ in range(3):
         opt.step()
     start = time.perf_counter()

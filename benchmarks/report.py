@@ -3,9 +3,12 @@ processor and kernels ran, and run as an AVX2-only CPU on request."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -65,3 +68,29 @@ def processor() -> str:
     isa = next((line.split("isa:", 1)[1] for line in lines if ",isa:" in line), "unused")
     limits = " ".join(f"{k}={os.environ[k]}" for k in AVX2_ONLY if k in os.environ)
     return f"{lines[0]}, oneDNN {isa}" + (f" (limited by {limits})" if limits else "")
+
+
+@contextlib.contextmanager
+def server_process(script: str, *args: str):
+    """``python SCRIPT --port P ARGS`` (a benchmark's own server mode) on a free port of 127.0.0.1, started and
+    waited for until ``/health`` answers; yields (its URL, its pid) and stops it at the end."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, script, "--port", str(port), *args])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise SystemExit(f"the server process exited with status {proc.returncode} before answering")
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

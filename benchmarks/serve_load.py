@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import server_process  # noqa: E402
 
 PROMPTS = ["ROMEO:", "JULIET:", "First Citizen:", "KING HENRY:", "The", "O, ", "What light", "MENENIUS:"]
 
@@ -54,26 +55,9 @@ def serve_only(args) -> None:
 @contextlib.contextmanager
 def serving(name: str, tiny_run: str, max_batch: int, max_tokens: int):
     """A server in its own process (so the load generator does not share its interpreter); yields its URL."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, __file__, "--serve", name, "--tiny-run", tiny_run, "--max-batch", str(max_batch),
-           "--port", str(port), "--max-tokens", str(max_tokens)]  # fmt: skip
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                httpx.get(url + "/health")
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    args = ("--serve", name, "--tiny-run", tiny_run, "--max-batch", str(max_batch), "--max-tokens", str(max_tokens))
+    with server_process(__file__, *args) as (url, _pid):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 async def one_request(client, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:

@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import processor, publish  # noqa: E402
+from report import processor, publish, server_process  # noqa: E402
 from serve_load import PROMPTS, load_level  # noqa: E402
 
 
@@ -74,34 +71,17 @@ def serve_only(args) -> None:
     uvicorn.run(create_app(loaded, "tiny", limits), host="127.0.0.1", port=args.port, log_level="warning")
 
 
-@contextlib.contextmanager
 def serving(args):
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, __file__, "--serve", "--port", str(port), "--tokenizer", args.tokenizer,
-           "--concurrent", str(args.concurrent), "--max-tokens", str(args.max_tokens), "--requests", str(args.requests)]  # fmt: skip
+    """The server process; yields (its URL, its pid)."""
+    cmd = ["--serve", "--tokenizer", args.tokenizer, "--concurrent", str(args.concurrent),
+           "--max-tokens", str(args.max_tokens), "--requests", str(args.requests)]  # fmt: skip
     if args.tiny_run:
         cmd += ["--tiny-run", args.tiny_run]
     if args.stream_interval is not None:
         cmd += ["--stream-interval", str(args.stream_interval)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.Popen(cmd)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                httpx.get(url + "/health")
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        yield url, proc.pid
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    return server_process(__file__, *cmd)
 
 
 async def lean_request(reader, writer, body: bytes) -> int:

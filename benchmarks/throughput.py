@@ -51,7 +51,7 @@ def plain_loop(
     model = build_model(model_config_for(cfg.model_size, vocab_size=vocab, arch=cfg.arch, dropout=cfg.dropout)).to(
         device
     )
-    opt = configure_optimizer(model, cfg, device)
+    opt = configure_optimizer(model, cfg.optimization, cfg.learning_rate, device)
     rng = np.random.default_rng(cfg.seed)
     T, B = cfg.seq_len, cfg.batch_size
     start, cpu_start = time.perf_counter(), time.process_time()

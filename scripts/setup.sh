@@ -9,10 +9,12 @@ spec="."
 [ -n "$extras" ] && spec=".[${extras}]"
 stamp=".venv/.installed-${extras:-core}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  # --no-compile: byte-compiling every installed file (torch, transformers: tens of thousands) costs about a
-  # minute of CPU; Python compiles the modules it imports on first use instead
+  # Byte-compiled once here, on every core (pip compiles one file at a time): where PYTHONDONTWRITEBYTECODE is
+  # set, as on CI machines, Python would otherwise recompile torch's modules in every process, 3 s each time
   .venv/bin/python -m pip install --quiet --no-compile --disable-pip-version-check -c constraints.txt -e "$spec" 2>&1 \
     | grep -v "^WARNING: Location" || true
+  .venv/bin/python -m compileall -q -j 0 "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    >/dev/null 2>&1 || true
   .venv/bin/python -c "import openllm, torch" || { echo "setup failed: openllm did not install" >&2; exit 1; }
   touch "$stamp"
 fi

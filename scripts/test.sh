@@ -2,20 +2,25 @@
 # Set up the environment with the test extras, check style and types, and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh test
-# The web page test drives headless Chromium; install it from Debian's packages when missing.
+# The web page test drives headless Chromium; install it from Debian's packages when missing, in the background
+# while the environment is set up (both wait mostly on downloads).
+chromium_install=""
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "installing chromium for the browser test (apt-get)..."
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-    || echo "warning: could not install chromium; the browser test will fail" >&2
+  echo "installing chromium for the browser test (apt-get, in the background)..."
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 &
+  chromium_install=$!
 fi
+scripts/setup.sh test
 echo "ruff check, ruff format --check, mypy..."
 # mypy's cache lives outside the checkout: most of it is the analysis of torch and the other dependencies, a
-# minute of CPU that a fresh clone would otherwise redo; mypy checks every entry against its file's hash
+# half-minute of CPU that a fresh clone would otherwise redo; mypy checks every entry against its file's hash
 export MYPY_CACHE_DIR="${MYPY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/openllm/mypy}"
 mkdir -p "$MYPY_CACHE_DIR"
 .venv/bin/ruff check --quiet .
 .venv/bin/ruff format --check --quiet .
 .venv/bin/mypy
+if [ -n "$chromium_install" ]; then
+  wait "$chromium_install" || echo "warning: could not install chromium; the browser test will fail" >&2
+fi
 # two workers (pytest-xdist): most tests wait on subprocesses and files, so two share two cores well
 exec .venv/bin/python -m pytest -q -n 2 "$@"

@@ -6,10 +6,11 @@ import contextlib
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests import clirunner
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -39,16 +40,10 @@ def quiet(_message: str) -> None:
     """A log function that prints nothing (training's chatter stays out of test output)."""
 
 
-def cli(*args: str, env: dict | None = None, cwd=None, **kw) -> subprocess.CompletedProcess:
-    """Run ``python -m openllm ARGS`` as a user would; returns the finished process (text output)."""
-    return subprocess.run(
-        [sys.executable, "-m", "openllm", *args],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, **(env or {})),
-        cwd=cwd,
-        **kw,
-    )
+def cli(*args: str, env: dict | None = None, cwd=None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m openllm ARGS`` in a process of its own, as a user would; returns the finished process
+    (text output). The process is forked from one that has imported torch already (tests/clirunner.py)."""
+    return clirunner.run(list(args), dict(os.environ, **(env or {})), cwd=cwd, timeout=timeout)
 
 
 def load(path):

@@ -17,7 +17,8 @@ from openllm.checkpoint import format as ck
 from openllm.checkpoint import rundir
 from openllm.core.errors import OpenLLMError
 from openllm.training.loop import train
-from tests.conftest import quiet, small_args, small_config
+from tests import clirunner
+from tests.conftest import built_once, cli, quiet, small_args, small_config
 
 
 def args(dataset, out, steps=24):
@@ -27,13 +28,7 @@ def args(dataset, out, steps=24):
 
 
 def launch(cmd, env=None):
-    return subprocess.Popen(
-        [sys.executable, "-m", "openllm", *cmd],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, **(env or {})),
-    )
+    return clirunner.start(cmd, dict(os.environ, **(env or {})))
 
 
 def weights(path):
@@ -230,15 +225,25 @@ EXPECTED = {
 }
 
 
+@pytest.fixture(scope="session")
+def nine_steps(small_dataset, tmp_path_factory):
+    """A run of 9 steps (checkpoints at 3, 6, 9; no validation), shared read-only."""
+
+    def run(directory):
+        train(config(small_dataset, directory / "run", max_steps=9, eval_every=100), log=quiet)
+
+    return built_once(tmp_path_factory, "faults-nine-steps", run) / "run"
+
+
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
-def test_resume_auto_skips_broken_checkpoints_and_verify_names_the_problem(small_dataset, tmp_path, kind):
+def test_resume_auto_skips_broken_checkpoints_and_verify_names_the_problem(nine_steps, small_dataset, tmp_path, kind):
     out = tmp_path / "run"
-    train(config(small_dataset, out, max_steps=9, eval_every=100), log=quiet)
+    shutil.copytree(nine_steps, out)
     (out / rundir.FINAL).unlink()
     (out / rundir.BEST).unlink()
     newest = out / "checkpoint_step_6.pt"
     CORRUPTIONS[kind](newest)
-    r = subprocess.run([sys.executable, "-m", "openllm", "verify", str(newest)], capture_output=True, text=True)
+    r = cli("verify", str(newest))
     assert r.returncode == 1 and "BAD" in r.stdout, r.stdout + r.stderr
     assert __import__("re").search(EXPECTED[kind], r.stdout), r.stdout
     messages = []
@@ -253,7 +258,7 @@ def test_logs_that_are_not_json_are_clear_errors(small_dataset, tmp_path):
     out = tmp_path / "run"
     train(config(small_dataset, out, max_steps=3), log=quiet)
     (out / "training_log.json").write_text("{not json")
-    r = subprocess.run([sys.executable, "-m", "openllm", "plot", str(out)], capture_output=True, text=True)
+    r = cli("plot", str(out))
     assert r.returncode == 2 and "not valid JSON" in r.stderr and r.stderr.count("\n") == 1
     # resuming does not depend on the JSON copies: the checkpoint holds the logs and rewrites them
     result = train(config(small_dataset, out, max_steps=6, resume="auto"), log=quiet)

@@ -54,7 +54,7 @@ def test_muon_orthogonalises_in_the_devices_fast_precision(monkeypatch, small_da
 
     model = build_model(model_config_for("tiny", vocab_size=64))
     cfg = config(small_dataset, tmp_path, optimizer="muon").resolved()
-    opt = configure_optimizer(model, cfg, torch.device("cpu"))
+    opt = configure_optimizer(model, cfg.optimization, cfg.learning_rate, torch.device("cpu"))
     assert opt.parts["muon"].ns_dtype == (torch.bfloat16 if native else torch.float32)
 
 

@@ -17,6 +17,7 @@ from openllm.model.config import get_preset, model_config_for
 from openllm.model.gpt import GPT
 from openllm.training.config import TrainConfig
 from openllm.training.loop import TrainingStopped, lr_at, train
+from tests import clirunner
 from tests.conftest import GPT2_TINY, GPT2_TINY_FLAGS, cli, load, quiet
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -354,7 +355,7 @@ def test_a_bad_step_is_skipped_on_the_device_and_a_good_one_is_the_plain_step(ki
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         else:
             cfg = TrainConfig(model_size="tiny", optimizer=kind).resolved()
-            opt = configure_optimizer(model, cfg, torch.device("cpu"))
+            opt = configure_optimizer(model, cfg.optimization, cfg.learning_rate, torch.device("cpu"))
         for _ in range(2):  # some optimizer state to keep
             for p in model.parameters():
                 p.grad = torch.randn_like(p)
@@ -400,7 +401,8 @@ def test_weight_decay_only_on_matrices(small_dataset):
     from openllm.training.optim import configure_optimizer
 
     model = GPT(model_config_for("tiny", arch="gpt2"))
-    opt = configure_optimizer(model, TrainConfig(model_size="tiny", optimizer="adamw").resolved(), torch.device("cpu"))
+    cfg = TrainConfig(model_size="tiny", optimizer="adamw").resolved()
+    opt = configure_optimizer(model, cfg.optimization, cfg.learning_rate, torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -458,11 +460,8 @@ def test_sigkill_in_mid_save_leaves_previous_checkpoints_and_resume_finishes(sma
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_saves_and_says_how_to_resume(small_dataset, tmp_path, sig):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
+    proc = clirunner.start(
         [
-            sys.executable,
-            "-m",
-            "openllm",
             *cli_args(small_dataset, out)[:-8],
             "--max-steps",
             "100000",
@@ -473,9 +472,7 @@ def test_signal_saves_and_says_how_to_resume(small_dataset, tmp_path, sig):
             "--sample-tokens",
             "5",
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        dict(os.environ),
     )
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "metrics.jsonl").is_file():

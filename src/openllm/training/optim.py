@@ -10,11 +10,11 @@ from torch.optim._muon import _adjust_lr  # Muon's learning-rate scaling, kept P
 
 from openllm.core.device import fast_matmul_dtype
 from openllm.model import LanguageModel
-from openllm.training.config import RunConfig
+from openllm.training.config import OptimizerOptions
 
 
 def configure_optimizer(
-    model: LanguageModel, cfg: RunConfig, device: torch.device
+    model: LanguageModel, cfg: OptimizerOptions, learning_rate: float, device: torch.device
 ) -> torch.optim.Optimizer | MuonAdamW:
     """``--optimizer adamw``: AdamW with weight decay on matrices only (not biases, LayerNorms), fused.
     ``--optimizer muon``: Muon (PyTorch's, orthogonalising in the device's fast precision) for the transformer
@@ -27,14 +27,14 @@ def configure_optimizer(
         {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
         {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
     ]
-    adamw = fused_adamw(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    adamw = fused_adamw(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8)
     if not hidden:
         return adamw
     # "match_rms_adamw" scales Muon's orthogonalised update to AdamW's size, so one learning-rate schedule
     # drives both parts
     muon = Muon(
         [params[n] for n in hidden],
-        lr=cfg.learning_rate,
+        lr=learning_rate,
         weight_decay=cfg.weight_decay,
         adjust_lr_fn="match_rms_adamw",
         ns_dtype=fast_matmul_dtype(device),

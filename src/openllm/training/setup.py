@@ -26,7 +26,7 @@ from openllm.model import build_model
 from openllm.model.config import ModelConfig, get_preset
 from openllm.model.scoring import encode_file
 from openllm.training import records, resume
-from openllm.training.config import RunConfig, TrainConfig
+from openllm.training.config import DistributedOptions, InputOptions, ModelOptions, RunConfig, TrainConfig
 from openllm.training.distributed import DistInfo, barrier, init_distributed
 from openllm.training.metrics import peak_flops_for
 from openllm.training.optim import configure_optimizer, seed_everything
@@ -40,7 +40,7 @@ def setup(options: TrainConfig | RunConfig, log: Callable[[str], None] = print) 
     """The run ``options`` describe, ready to train; None when a resumed run has nothing left to do."""
     plan = resume.plan(options, log)
     cfg, run_dir = plan.cfg, plan.run_dir
-    device, dist = start_processes(cfg)
+    device, dist = start_processes(cfg.distributed)
     say = log if dist.is_main else (lambda _m: None)
     if plan.finished:
         if dist.is_main and records.complete_finished_run(run_dir):
@@ -65,7 +65,7 @@ def setup(options: TrainConfig | RunConfig, log: Callable[[str], None] = print) 
     return run
 
 
-def start_processes(cfg: RunConfig) -> tuple[torch.device, DistInfo]:
+def start_processes(cfg: DistributedOptions) -> tuple[torch.device, DistInfo]:
     """The device this process trains on, and its place among the processes (one, without torchrun)."""
     device = resolve_device(cfg.device)
     dist = init_distributed(device.type)
@@ -80,7 +80,7 @@ def check_fits(plan: ResumePlan, device: torch.device) -> None:
     cfg = plan.cfg
     if cfg.seq_len > plan.context:
         raise OpenLLMError(f"--seq-len {cfg.seq_len} is above the model's context of {plan.context} tokens")
-    check_memory(cfg, plan.model_config, device)
+    check_memory(cfg.model, cfg.inputs, plan.model_config, device)
     if cfg.data and cfg.validation_data and not Path(cfg.validation_data).is_file():
         raise OpenLLMError(f"--validation-data file not found: {cfg.validation_data}")
 
@@ -129,7 +129,7 @@ def build_run(
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
-    optimizer = configure_optimizer(raw, cfg, device)
+    optimizer = configure_optimizer(raw, cfg.optimization, cfg.learning_rate, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     sampler = BatchSampler(dataset.train, cfg.seq_len, cfg.seed)
     if not dataset.meta.get("validation_file") and not cfg.validation_data:
@@ -137,7 +137,7 @@ def build_run(
             f"no --validation-data given: validating on the {dataset.meta['val_documents']:,} documents "
             f"({dataset.meta['val_tokens']:,} tokens) held out from the training text ({dataset.meta['split']})"
         )
-    val_tokens = validation_tokens(cfg, dataset, tokenizer)
+    val_tokens = validation_tokens(cfg.inputs, dataset, tokenizer)
     # the same validation windows for any number of processes: eval_batches global batches' worth
     val = EvalBatches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size, device)
     if not val:
@@ -227,7 +227,7 @@ def token_digest(tokens: np.ndarray, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def validation_tokens(cfg: RunConfig, dataset: PreparedDataset, tokenizer: Tokenizer) -> np.ndarray:
+def validation_tokens(cfg: InputOptions, dataset: PreparedDataset, tokenizer: Tokenizer) -> np.ndarray:
     """The token stream validation runs on: ``--validation-data`` encoded with the dataset's tokenizer
     when it is given beside ``--data`` (with ``--data-file`` it was prepared into the dataset), else the
     dataset's held-out split."""
@@ -237,10 +237,10 @@ def validation_tokens(cfg: RunConfig, dataset: PreparedDataset, tokenizer: Token
     return dataset.val
 
 
-def check_memory(cfg: RunConfig, resumed_config: dict | None, device: torch.device) -> None:
+def check_memory(model: ModelOptions, cfg: InputOptions, resumed_config: dict | None, device: torch.device) -> None:
     """Refuse, before writing anything, a batch whose activations alone would not fit in memory."""
-    shape = ModelConfig.from_dict(resumed_config) if resumed_config else get_preset(cfg.model_size).model
-    vocab = shape.vocab_size if resumed_config else cfg.vocab_size
+    shape = ModelConfig.from_dict(resumed_config) if resumed_config else get_preset(model.model_size).model
+    vocab = shape.vocab_size if resumed_config else model.vocab_size
     tokens = cfg.batch_size * cfg.seq_len
     # float32 bytes kept for the backward pass per token: ~16 values of width C per layer, and the logits
     # (with their gradient and the softmax) over the vocabulary
