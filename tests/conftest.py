@@ -28,6 +28,9 @@ LONGEST_FIRST = (
     "tests/test_train.py::test_sigkill_in_mid_save_leaves_previous_checkpoints_and_resume_finishes",
     "tests/test_benchmarks.py::test_throughput_benchmark_runs_and_writes_its_section",
     "tests/test_readme.py::test_the_python_example_runs",
+    "tests/test_benchmarks.py::test_finetune_chat_benchmark_smoke_scores_before_and_after",
+    "tests/test_finetune.py::test_a_killed_finetune_resumes_bit_identically",
+    "tests/test_benchmarks.py::test_lora_memory_benchmark_smoke_prints_both_modes_and_their_ratios",
 )
 
 

@@ -17,6 +17,7 @@ LAYERS = {
     "interop": 4,
     "training": 5,
     "inference": 5,
+    "finetune": 5,
     "cli": 6,
     "__main__": 6,
 }
@@ -117,7 +118,7 @@ LOADERS = {"load_checkpoint", "load_verified", "build_checkpoint"}
 
 
 def checkpoint_keys() -> set[str]:
-    """The keys format.py declares (LEGACY_KEYS, REQUIRED_KEYS, RESUME_KEYS), read from its source."""
+    """The keys format.py declares (LEGACY_KEYS, REQUIRED_KEYS, RESUME_KEYS, LORA_KEYS), read from its source."""
     tuples: dict[str, tuple] = {}
 
     def value(node: ast.expr) -> tuple:
@@ -128,10 +129,10 @@ def checkpoint_keys() -> set[str]:
     for node in ast.parse(FORMAT.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
-            if name in ("LEGACY_KEYS", "REQUIRED_KEYS", "RESUME_KEYS"):
+            if name in ("LEGACY_KEYS", "REQUIRED_KEYS", "RESUME_KEYS", "LORA_KEYS"):
                 tuples[name] = value(node.value)
-    assert set(tuples) == {"LEGACY_KEYS", "REQUIRED_KEYS", "RESUME_KEYS"}, sorted(tuples)
-    return set(tuples["REQUIRED_KEYS"]) | set(tuples["RESUME_KEYS"])
+    assert set(tuples) == {"LEGACY_KEYS", "REQUIRED_KEYS", "RESUME_KEYS", "LORA_KEYS"}, sorted(tuples)
+    return set(tuples["REQUIRED_KEYS"]) | set(tuples["RESUME_KEYS"]) | set(tuples["LORA_KEYS"])
 
 
 CHECKPOINT_KEYS = checkpoint_keys()
@@ -259,4 +260,4 @@ def test_the_checkpoint_key_check_can_fail():
         "    d = {'step': 1}['step']\n"
     )
     assert checkpoint_key_reads(ordinary) == []
-    assert {"step", "resume_state", "world_size", "run_state", "model_state_dict"} <= CHECKPOINT_KEYS
+    assert {"step", "resume_state", "world_size", "run_state", "model_state_dict", "lora_base"} <= CHECKPOINT_KEYS

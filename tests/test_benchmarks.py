@@ -70,3 +70,31 @@ def test_throughput_benchmark_runs_and_writes_its_section(tmp_path):
     assert r.stdout.startswith("processor: ") and "kernels" in r.stdout.splitlines()[0]
     text = out.read_text()
     assert "## Trainer throughput (muon, own kernels)" in text and "trainer / plain loop (median)" in text
+
+
+def test_lora_memory_benchmark_smoke_prints_both_modes_and_their_ratios():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lora_memory.py"), "--smoke", "--output", "-"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in r.stdout.splitlines() if line.startswith("| ")]
+    rows = {c[0]: c[1:] for c in cells}
+    full, lora, ratio = rows["trainable parameters"]
+    assert int(lora.replace(",", "")) < int(full.replace(",", "")) / 10 and 0 < float(ratio) < 0.1
+    assert "MiB" in rows["peak memory (median)"][0] and float(rows["step time (median)"][2]) > 0
+
+
+def test_finetune_chat_benchmark_smoke_scores_before_and_after():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "finetune_chat.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "%" in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["base, before fine-tuning", "fine-tuned (best_model.pt)"]
+    assert all(0 <= float(row.split("|")[3].strip().rstrip("%")) <= 100 for row in rows)

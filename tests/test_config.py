@@ -16,9 +16,9 @@ from openllm.training.config import RunConfig, TrainConfig, resolve
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_parser() -> argparse.ArgumentParser:
-    sub = build_parser("train")
-    return next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+def train_parser(command: str = "train") -> argparse.ArgumentParser:
+    sub = build_parser(command)
+    return next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
 
 
 def test_the_resolved_config_is_frozen_complete_typed_and_grouped():
@@ -34,6 +34,9 @@ def test_the_resolved_config_is_frozen_complete_typed_and_grouped():
     assert C.OPTIONAL == {"data", "data_file", "validation_data", "tokenizer_dir", "lr_decay_steps", "dtype"} | {
         "resume",
         "peak_flops",
+        "base_model",
+        "chat_data",
+        "epochs",
     }
     assert all(cfg.to_dict()[name] is not None for name in C.TRAIN_OPTION_NAMES if name not in C.OPTIONAL)
     # every option is in exactly one group, and each group reads the config's own values
@@ -55,7 +58,8 @@ def test_the_resolved_config_is_frozen_complete_typed_and_grouped():
 @pytest.mark.parametrize("option", [o.name for o in C.CHOICE_OPTIONS])
 def test_each_choice_list_is_the_parsers_the_checks_and_the_helps(option):
     declared = next(o for o in C.CHOICE_OPTIONS if o.name == option).opt.choices
-    action = next(a for a in train_parser()._actions if a.dest == option)
+    command = "finetune" if option in C.FINETUNE_ONLY else "train"
+    action = next(a for a in train_parser(command)._actions if a.dest == option)
     assert tuple(action.choices) == declared
     if option in ("lr_schedule", "optimizer", "arch"):  # the help says what each choice is
         assert all(name in action.help for name in declared)

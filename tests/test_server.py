@@ -365,14 +365,23 @@ def test_tokenize_and_detokenize(server):
 
 
 def test_chat_uses_the_tokenizers_own_template(small_dataset):
+    from openllm.data.chat import encode_chat, with_chat_tokens
     from openllm.data.tokenizer import load_tokenizer
-    from openllm.inference.protocol import render_chat
+    from openllm.inference.protocol import Limits, parse_chat, render_chat
 
     tok = load_tokenizer(small_dataset.path)
+    LIMITS = Limits(
+        max_tokens=16, max_prompt_chars=10_000, max_n=1, max_prompts=1, vocab_size=tok.vocab_size + 2, context=64
+    )
     messages = [{"role": "user", "content": "hi"}]
     assert render_chat(tok, messages) == ("User: hi\n\nAssistant:", True)
-    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
-    assert render_chat(tok, messages) == ("<user>hi<assistant>", False)
+    req, default = parse_chat({"messages": messages}, LIMITS, "m", tok)
+    assert req.prompts == ["User: hi\n\nAssistant:"] and default and req.stop_ids is None
+    # with a template (here OpenLLM's, as `openllm finetune` adds it): the ids training encodes, ending at its turn
+    chat = with_chat_tokens(tok)
+    req, default = parse_chat({"messages": messages}, LIMITS, "m", chat)
+    assert req.prompts == [encode_chat(chat, messages, add_generation_prompt=True)[0]] and not default
+    assert req.stop_ids == {chat.piece_to_id("<|im_end|>"), chat.eos_id}
 
 
 def test_sixteen_concurrent_greedy_requests_equal_their_sequential_answers(server):

@@ -86,7 +86,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_train(sub: Any) -> None:
-    from openllm.training.config import TrainConfig
+    from openllm.training.config import FINETUNE_ONLY, TrainConfig
 
     p = sub.add_parser(
         "train",
@@ -95,22 +95,39 @@ def _add_train(sub: Any) -> None:
         "early stopping and exact resume. Every option can also come from a YAML file (--config); "
         "command-line values win.",
     )
-    add_options(p, TrainConfig)
+    add_options(p, TrainConfig, skip=FINETUNE_ONLY)
+    p.set_defaults(func=_run_train)
+
+
+def _add_finetune(sub: Any) -> None:
+    from openllm.training.config import TRAIN_ONLY, TrainConfig
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on conversations (full or LoRA)",
+        description="Fine-tune a model (a run directory or checkpoint of ours, or a Hugging Face directory) on "
+        "conversations, with the trainer's guarantees: best model on validation loss, early stopping, exact "
+        "resume (--resume auto), every checkpoint and record. The loss counts what the assistant says "
+        "(--train-on); --lora-rank R trains low-rank adapters with the model frozen.",
+    )
+    add_options(p, TrainConfig, skip=TRAIN_ONLY)
     p.set_defaults(func=_run_train)
 
 
 def train_config_from_args(args: argparse.Namespace) -> Any:
     from openllm.training.config import TrainConfig, load_yaml_options
 
-    options = load_yaml_options(args.config) if args.config else {}
+    # (finetune's --config went through its parser: its `data` is the conversations' --data)
+    options = load_yaml_options(args.config) if args.config and args.command == "train" else {}
     options.update({k: v for k, v in option_values(args, TrainConfig).items() if v is not None})
     return TrainConfig(**options)
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from openllm.finetune import finetune
     from openllm.training.loop import train
 
-    result = train(train_config_from_args(args))
+    result = (finetune if args.command == "finetune" else train)(train_config_from_args(args))
     if result is None or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(
@@ -316,7 +333,7 @@ def _add_eval(sub: Any) -> None:
 
     p = sub.add_parser(
         "eval",
-        help="loss, perplexity and bits per byte on held-out text",
+        help="loss, perplexity and bits per byte on held-out text; a chat model's answers on conversations",
         description="Evaluate one or more models on a text file (or a prepared dataset's validation "
         "split) with sliding windows; several models give one comparison table.",
     )
@@ -331,6 +348,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     results = evaluate_models(**option_values(args, evaluate_models))
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    elif args.chat_data:
+        width = max(len(r["model"]) for r in results)
+        print(f"{'model'.ljust(width)}  {'assistant loss':>14}  {'exact match':>11}  {'conversations':>13}")
+        for r in results:
+            loss, match, n = r["assistant_loss"], r["exact_match"], r["conversations"]
+            print(f"{r['model'].ljust(width)}  {loss:14.4f}  {match:11.1%}  {n:>13,}")
     else:
         width = max(len(r["model"]) for r in results)
         print(f"{'model'.ljust(width)}  {'loss':>8}  {'perplexity':>10}  {'bits/byte':>9}  {'tokens':>10}")
@@ -413,6 +436,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable] = {
     "prepare": _add_prepare,
     "train": _add_train,
+    "finetune": _add_finetune,
     "generate": _add_generate,
     "eval": _add_eval,
     "convert": _add_convert,

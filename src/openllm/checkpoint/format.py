@@ -15,6 +15,13 @@ OpenLLM keys (:data:`LEGACY_KEYS`) and what exact resume and verification need:
 ``provenance``           how the weights came to be (trained here, converted from ...)
 =======================  =====================================================================
 
+A LoRA checkpoint (:mod:`openllm.model.lora`) adds :data:`LORA_KEYS`: ``lora_config`` (the adapters'
+:class:`~openllm.model.lora.LoRAConfig`) and ``lora_base`` (``path``: the checkpoint file or Hugging Face
+directory of the frozen base weights, ``sha256``: their :func:`~openllm.model.lora.base_sha256`). Its
+``model_state_dict`` holds the adapter tensors (and whole any base tensor trained along, such as an embedding
+grown for new tokens: ``lora.lora_state_dict``), its ``optimizer_state_dict`` the optimizer over them; the
+base is loaded from ``lora_base`` and must still hash the same (:func:`check_lora_base`).
+
 This module is the only one that knows the keys: :func:`build_checkpoint` assembles a checkpoint
 (training and ``openllm convert`` both use it), :func:`restore_run_state` reads progress back for a
 resume, and :func:`read_info` gives every other reader (resume, inspect, plot, export, loading) a typed
@@ -53,6 +60,7 @@ from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_open, write_failure
 from openllm.core.numbers import finite_or_none
 from openllm.model.config import ModelConfig
+from openllm.model.lora import LoRAConfig, adapter_shapes
 
 FORMAT_VERSION = 2  # 1 was the legacy OpenLLM checkpoint, which had no version key
 LEGACY_KEYS = (
@@ -81,6 +89,9 @@ REQUIRED_KEYS = LEGACY_KEYS + (
 )
 # What ``resume_state`` holds (see resume_record); imported weights have none of it.
 RESUME_KEYS = ("samples_seen", "global_token_offset", "world_size", "rng", "grad_scaler", "run_state")
+# What a LoRA checkpoint holds besides (both or neither; see lora_record), and what its ``lora_base`` holds.
+LORA_KEYS = ("lora_config", "lora_base")
+LORA_BASE_KEYS = ("path", "sha256")
 
 
 def library_versions() -> dict[str, str]:
@@ -189,9 +200,12 @@ def build_checkpoint(
     dataset_fingerprint: str | None,
     provenance: dict,
     resume: dict | None = None,
+    lora: dict | None = None,
 ) -> dict:
     """A complete checkpoint dict. ``resume`` holds what exact resume needs beyond ``state``
-    (:func:`resume_record`); None for imported weights, which have no such state."""
+    (:func:`resume_record`); None for imported weights, which have no such state. ``lora`` (:func:`lora_record`)
+    makes it a LoRA checkpoint: ``model_state`` is then ``lora.lora_state_dict(model)`` (the adapters, and any
+    base tensor trained along) and ``optimizer_state`` that of the optimizer over them."""
     resume_state: dict = {}
     if resume is not None:
         run_state = {k: v for k, v in state.__dict__.items() if k not in RunState.STORED_ELSEWHERE}
@@ -219,7 +233,50 @@ def build_checkpoint(
         "dataset_fingerprint": dataset_fingerprint,
         "library_versions": library_versions(),
         "provenance": provenance,
+        **(lora or {}),
     }
+
+
+def lora_record(config: LoRAConfig, base_path: str | os.PathLike, base_sha256: str) -> dict:
+    """:func:`build_checkpoint`'s ``lora``: the adapters' config and where their frozen base is (``base_path``:
+    the base checkpoint file, not a run directory, whose best model may change; or a Hugging Face directory),
+    with :func:`~openllm.model.lora.base_sha256` of the base model as loaded."""
+    return {
+        "lora_config": config.to_dict(),
+        "lora_base": {"path": str(Path(base_path).resolve()), "sha256": base_sha256},
+    }
+
+
+@dataclass(frozen=True)
+class LoRAParts:
+    """A LoRA checkpoint's own parts, checked (see :attr:`CheckpointView.lora`)."""
+
+    config: LoRAConfig
+    base_path: Path
+    base_sha256: str
+    tensors: dict[str, torch.Tensor]  # the adapters, and whole any base tensor trained along
+
+    def base_missing(self, origin: str) -> OpenLLMError:
+        """The refusal of a LoRA checkpoint ``origin`` whose base is not where it was."""
+        return OpenLLMError(
+            f"cannot use {origin}: its LoRA base {self.base_path} ({self.base_sha256}) is missing; the checkpoint "
+            "holds only the adapters, which need the weights they were trained on: put the base back at that path"
+        )
+
+
+def check_lora_base(view: CheckpointView, base_sha256: str, origin: str) -> None:
+    """Refuse (one error naming both hashes) a base model whose hash is not the one the adapters were trained
+    on: they fit those weights only. ``base_sha256``: :func:`~openllm.model.lora.base_sha256` of the base as
+    loaded; ``origin``: the LoRA checkpoint, for the message."""
+    parts = view.lora
+    if parts is None:
+        raise OpenLLMError(f"{origin} is not a LoRA checkpoint")
+    if base_sha256 != parts.base_sha256:
+        raise OpenLLMError(
+            f"cannot use {origin}: its LoRA base {parts.base_path} has changed since the adapters were trained "
+            f"(recorded {parts.base_sha256}, found {base_sha256}); the adapters fit only the weights they were "
+            "trained on: restore that base, or train the adapters again on this one"
+        )
 
 
 def restore_run_state(ckpt: dict, samples_per_step: int) -> RunState:
@@ -278,7 +335,14 @@ def has_optimizer_state(state: dict) -> bool:
         return False
     if "state" in state:
         return bool(state["state"])
-    return bool(state) and all(isinstance(part, dict) and part.get("state") for part in state.values())
+    parts = list(state.values())
+    if not parts or not all(isinstance(part, dict) for part in parts):
+        return False
+    # a part over no parameters holds nothing (LoRA under Muon: every adapter is a block matrix, AdamW gets none)
+    empty = [not any(g.get("params") for g in part.get("param_groups") or [] if isinstance(g, dict)) for part in parts]
+    return any(part.get("state") for part in parts) and all(
+        part.get("state") or none for part, none in zip(parts, empty, strict=True)
+    )
 
 
 @dataclass(frozen=True, eq=False)  # (eq would compare the tensors)
@@ -383,7 +447,8 @@ class CheckpointView:
     # ---- the tensors
     @property
     def model_state(self) -> dict[str, torch.Tensor] | None:
-        """The weights under their legacy names; None when the file holds none."""
+        """The weights under their legacy names; None when the file holds none. A LoRA checkpoint's are its
+        adapters only (:attr:`lora`)."""
         state = self.data.get("model_state_dict")
         return state if isinstance(state, dict) else None
 
@@ -403,6 +468,25 @@ class CheckpointView:
     @property
     def has_scheduler_state(self) -> bool:
         return bool(self.data.get("scheduler_state_dict"))
+
+    # ---- a LoRA checkpoint (see lora_record)
+    @property
+    def is_lora(self) -> bool:
+        return any(k in self.data for k in LORA_KEYS)
+
+    @property
+    def lora(self) -> LoRAParts | None:
+        """The LoRA config, base and adapters of a LoRA checkpoint (None for any other); a LoRA checkpoint whose
+        parts are unusable is one error saying why (a verified one never is)."""
+        if not self.is_lora:
+            return None
+        problems = lora_problems(self.data)
+        if problems:
+            raise OpenLLMError(f"a damaged LoRA checkpoint: {problems[0]}")
+        base = self.data["lora_base"]
+        return LoRAParts(
+            LoRAConfig.from_dict(self.data["lora_config"]), Path(base["path"]), base["sha256"], self.model_state or {}
+        )
 
     def without_tensors(self) -> dict:
         """The checkpoint minus its weights and optimizer moments: what a loaded model keeps as its metadata."""
@@ -586,8 +670,14 @@ def verify_checkpoint(path: str | os.PathLike, *, keep: bool = False) -> Verific
     v.problems.extend(damage)
     if damage and damage[0].startswith("unknown checkpoint format version"):
         return v  # a newer format: its shapes and keys mean something this OpenLLM does not know
-    if isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_state_dict"), dict):
-        v.problems.extend(shape_problems(ckpt["model_state_dict"], ckpt["config"]))
+    is_lora, lora_damage = any(k in ckpt for k in LORA_KEYS), lora_problems(ckpt)
+    v.problems.extend(lora_damage)
+    lora = LoRAConfig.from_dict(ckpt["lora_config"]) if is_lora and not lora_damage else None
+    if lora is not None and not Path(ckpt["lora_base"]["path"]).exists():
+        v.problems.append(f"its LoRA base {ckpt['lora_base']['path']} is missing (the file holds only the adapters)")
+    usable = lora is not None or not is_lora  # (the shapes of adapters of an unreadable config mean nothing)
+    if usable and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_state_dict"), dict):
+        v.problems.extend(shape_problems(ckpt["model_state_dict"], ckpt["config"], lora))
     v.ok = not v.problems
     if v.ok and keep:
         v.checkpoint = ckpt
@@ -625,8 +715,26 @@ class _NoRandomFill(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def shape_problems(state: dict, config: dict) -> list[str]:
-    """What keeps ``state`` from being the weights of a model with ``config`` (empty: they fit).
+def lora_problems(ckpt: dict) -> list[str]:
+    """What makes a LoRA checkpoint's own keys unusable (empty: nothing, or not a LoRA checkpoint)."""
+    if not any(k in ckpt for k in LORA_KEYS):
+        return []
+    missing = [k for k in LORA_KEYS if k not in ckpt]
+    if missing:
+        return [f"a LoRA checkpoint without {missing[0]}"]
+    try:
+        LoRAConfig.from_dict(ckpt["lora_config"])
+    except (OpenLLMError, TypeError) as exc:
+        return [f"its lora_config is invalid ({exc})"]
+    base = ckpt["lora_base"]
+    if not (isinstance(base, dict) and all(isinstance(base.get(k), str) and base.get(k) for k in LORA_BASE_KEYS)):
+        return ["its lora_base does not name the base model's path and sha256"]
+    return []
+
+
+def shape_problems(state: dict, config: dict, lora: LoRAConfig | None = None) -> list[str]:
+    """What keeps ``state`` from being the weights of a model with ``config`` (empty: they fit); with
+    ``lora``, from being a LoRA checkpoint's state for it (every adapter, and maybe some base tensors).
 
     The config's sizes are checked against the tensors actually present before anything is built from
     them, so an absurd config (a billion layers, an enormous vocabulary) is one problem, not a memory bomb.
@@ -649,11 +757,14 @@ def shape_problems(state: dict, config: dict) -> list[str]:
                 f"{embedding} has shape {tuple(wte.shape)}, the config needs "
                 f"{(int(config['vocab_size']), int(config['n_embd']))}"
             ]
-        want = expected_shapes(config)
+        want = required = expected_shapes(config)
+        if lora is not None:  # every adapter, and whole any base tensor trained along (model.lora.lora_state_dict)
+            required = adapter_shapes(want, config.get("arch", "gpt2"), n_layer, blocks, lora)
+            want = {**want, **required}
     except (KeyError, TypeError, ValueError, OpenLLMError) as exc:
         return [f"config is incomplete or invalid ({exc})"]
     problems = []
-    missing = [k for k in want if k not in state]
+    missing = [k for k in required if k not in state]
     if missing:
         problems.append(f"model_state_dict lacks {len(missing)} tensors (first: {missing[0]})")
     for k, shape in want.items():

@@ -21,6 +21,7 @@ and a text document (paragraph or line) longer than that is cut into documents o
 from __future__ import annotations
 
 import bz2
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -35,7 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from openllm.core.errors import OpenLLMError
 from openllm.core.untrusted import BadDocument, parse_json
@@ -265,18 +266,8 @@ class Reader:
     def _parquet(self, path: Path, compression: str | None, stream: IO[bytes]) -> Iterator[str]:
         import pyarrow as pa
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
-        with tempfile.TemporaryDirectory(prefix="openllm-parquet-") as tmp:
-            source: str | IO[bytes] = str(path)
-            if compression:  # Parquet needs random access: decompress to a temporary file first
-                source = os.path.join(tmp, "input.parquet")
-                with open(source, "wb") as out:
-                    shutil.copyfileobj(stream, out, 1 << 20)
-            try:
-                pf = pq.ParquetFile(source)
-            except (pa.ArrowException, OSError) as exc:
-                raise OpenLLMError(f"{path} is not a readable Parquet file ({exc})") from None
+        with open_parquet(path, compression, stream) as pf:
             names = pf.schema_arrow.names
             if self.text_field not in names:
                 raise OpenLLMError(f"{path} has no column {self.text_field!r} (columns: {', '.join(names)})")
@@ -303,6 +294,26 @@ class Reader:
                             yield doc
             except (pa.ArrowException, OSError) as exc:
                 raise OpenLLMError(f"{path}: corrupt Parquet data near record {number + 1} ({exc})") from None
+
+
+@contextlib.contextmanager
+def open_parquet(path: Path, compression: str | None, stream: IO[bytes]) -> Iterator[Any]:
+    """``path`` as a pyarrow ParquetFile; a compressed one is decompressed to a temporary file first (Parquet needs
+    random access), removed afterwards. An unreadable file is one error naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="openllm-parquet-") as tmp:
+        source: str | IO[bytes] = str(path)
+        if compression:
+            source = os.path.join(tmp, "input.parquet")
+            with open(source, "wb") as out:
+                shutil.copyfileobj(stream, out, 1 << 20)
+        try:
+            pf = pq.ParquetFile(source)
+        except (pa.ArrowException, OSError) as exc:
+            raise OpenLLMError(f"{path} is not a readable Parquet file ({exc})") from None
+        yield pf
 
 
 class _ZstdFrames(io.RawIOBase):

@@ -256,7 +256,8 @@ class Completions:
             frequency_penalty=req.frequency_penalty,
         )
         reader = self._reader()
-        self.batcher.submit(ids, opts, self.loaded.tokenizer.eos_id, cancel, req.logprobs, reader)
+        end = req.stop_ids if req.stop_ids is not None else self.loaded.tokenizer.eos_id
+        self.batcher.submit(ids, opts, end, cancel, req.logprobs, reader)
         return reader
 
     async def pieces(

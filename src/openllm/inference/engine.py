@@ -124,7 +124,7 @@ class Collected(Reader):
 class Sequence:
     ids: list[int]  # the prompt
     opts: SamplingOptions
-    eos_id: int | None
+    eos_id: int | frozenset[int] | None  # the id (or ids: a chat's end of turn and eos) that end it
     logprobs: int | None  # alternatives wanted with each token's log-probability (None: no log-probabilities)
     cancel: threading.Event  # the request's: its client went away
     reader: Reader
@@ -163,7 +163,7 @@ class Engine:
         self,
         ids: list[int],
         opts: SamplingOptions,
-        eos_id: int | None = None,
+        eos_id: int | frozenset[int] | None = None,
         cancel: threading.Event | None = None,
         logprobs: int | None = None,
         reader: Reader | None = None,
@@ -249,7 +249,7 @@ class Engine:
         """What the sequence's reader gets of its chosen ``step``: the step, a :class:`Finished`, or both."""
         if seq.ended() or seq.produced >= seq.opts.max_new_tokens:
             return [Finished()]
-        if step.token == seq.eos_id:
+        if step.token == seq.eos_id or (isinstance(seq.eos_id, frozenset) and step.token in seq.eos_id):
             return [Finished(step)]
         seq.history.append(step.token)
         return [step, Finished()] if seq.produced >= seq.opts.max_new_tokens else [step]

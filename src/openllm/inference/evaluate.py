@@ -17,7 +17,7 @@ from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt, positive_int
 from openllm.core.untrusted import read_json
 from openllm.data.dataset import load_dataset
-from openllm.inference.loading import load_model
+from openllm.inference.loading import LoadedModel, load_model
 from openllm.model.scoring import encode_file, evaluate_dataset, evaluate_file
 
 
@@ -25,8 +25,20 @@ def evaluate_models(
     models: Annotated[
         Sequence[str | os.PathLike], Opt("checkpoint files, run directories or exports", flag="--model", nargs="+")
     ],
-    data: Annotated[str | os.PathLike, Opt("a text file, or a prepared dataset directory (its val split)")],
+    data: Annotated[
+        str | os.PathLike | None, Opt("a text file, or a prepared dataset directory (its val split)")
+    ] = None,
     *,
+    chat_data: Annotated[
+        Sequence[str] | None,
+        Opt(
+            "conversations (JSON lines or Parquet, as `openllm finetune` reads them) whose last message is the "
+            "assistant's answer: the loss on assistant tokens and the exact-match rate of greedy answers",
+            nargs="+",
+            metavar="FILE",
+        ),
+    ] = None,
+    max_answer_tokens: Annotated[int, Opt("longest greedy answer for --chat-data", parse=positive_int)] = 64,
     batch_size: Annotated[int, Opt("windows per forward pass", parse=positive_int)] = 8,
     seq_len: Annotated[int | None, Opt("window length", parse=positive_int, default_text="the model's context")] = None,
     stride: Annotated[
@@ -40,11 +52,18 @@ def evaluate_models(
     device: DeviceOption = "auto",
     allow_training_data: Annotated[bool, Opt("report even on text the model trained on")] = False,
 ) -> list[dict]:
-    """One result dict per model: model, loss, perplexity, bits_per_byte, tokens, bytes, source."""
+    """One result dict per model: model, loss, perplexity, bits_per_byte, tokens, bytes, source (with
+    ``chat_data``: model, assistant_loss, exact_match, conversations, assistant_tokens)."""
+    if (data is None) == (chat_data is None):
+        raise OpenLLMError("give --data (text) or --chat-data (conversations), one of them")
     dev = resolve_device(device)
     results = []
     for path in models:
         loaded = load_model(path, dev)
+        if chat_data is not None:
+            results.append({"model": str(path), **evaluate_chat(loaded, chat_data, batch_size, max_answer_tokens, dev)})
+            continue
+        assert data is not None
         if Path(data).is_dir():
             ds = load_dataset(data)
             if ds.meta["tokenizer_sha256"] != loaded.tokenizer.sha256:
@@ -75,3 +94,59 @@ def training_sources(training_config: dict) -> set[str]:
         except (OpenLLMError, AttributeError, KeyError, TypeError):
             pass  # no readable record of the training files: nothing to compare with
     return hashes
+
+
+def evaluate_chat(loaded: LoadedModel, files: Sequence[str], batch_size: int, max_answer_tokens: int, device) -> dict:
+    """A chat model on conversations: the token-weighted loss on what the assistant says (with its end of turn),
+    through the chat template the model was fine-tuned with; and how many greedy answers to the last user turn
+    equal the last assistant message exactly (surrounding whitespace aside)."""
+    import torch
+
+    from openllm.data.chat import encode_chat, end_of_turn_ids
+    from openllm.data.conversations import ConversationReader
+    from openllm.data.sources import expand_inputs
+    from openllm.inference.engine import Engine, TokenStream
+    from openllm.inference.sampling import SamplingOptions
+
+    tok, model = loaded.tokenizer, loaded.model.eval()
+    if not tok.chat_template:
+        raise OpenLLMError(
+            f"{loaded.source} has no chat template: fine-tune it on conversations first (openllm finetune)"
+        )
+    chats = [r.messages for r in ConversationReader().records(expand_inputs(list(files)))]
+    if not chats:
+        raise OpenLLMError("--chat-data holds no conversations")
+    context = model.config.block_size
+    total, counted, prompts, answers = 0.0, 0, [], []
+    for i, messages in enumerate(chats):
+        if messages[-1]["role"] != "assistant":
+            raise OpenLLMError(f"--chat-data: conversation {i + 1} does not end with the assistant's answer")
+        ids, mask = encode_chat(tok, messages)
+        if len(ids) > context + 1:
+            raise OpenLLMError(f"--chat-data: conversation {i + 1} has {len(ids)} tokens, more than the context")
+        x, y = torch.tensor([ids[:-1]], device=device), torch.tensor([ids[1:]], device=device)
+        y[0, ~torch.tensor(mask[1:], device=device)] = -1
+        with torch.no_grad():
+            _, loss = model(x, y)
+        n = int((y != -1).sum())
+        total, counted = total + float(loss) * n, counted + n
+        prompts.append(encode_chat(tok, messages[:-1], add_generation_prompt=True)[0])
+        answers.append(messages[-1]["content"].strip())
+    engine = Engine(model, min(batch_size, len(prompts)), device)
+    stop = frozenset(end_of_turn_ids(tok)) or None
+    streams: list[TokenStream] = []
+    for ids in prompts:
+        room = min(max_answer_tokens, context - len(ids))
+        if room < 1:
+            raise OpenLLMError("--chat-data: a conversation leaves no room in the context for an answer")
+        streams.append(TokenStream())
+        engine.submit(ids, SamplingOptions(max_new_tokens=room, temperature=0), stop, reader=streams[-1])
+    right = sum(
+        tok.decode([s.token for s in stream]).strip() == want for stream, want in zip(streams, answers, strict=True)
+    )
+    return {
+        "assistant_loss": total / max(counted, 1),
+        "exact_match": right / len(answers),
+        "conversations": len(answers),
+        "assistant_tokens": counted,
+    }

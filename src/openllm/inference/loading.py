@@ -13,10 +13,10 @@ from openllm.checkpoint import format as ck
 from openllm.checkpoint.rundir import resolve_checkpoint_path
 from openllm.core.errors import OpenLLMError
 from openllm.data.tokenizer import Tokenizer, load_tokenizer
+from openllm.interop import merged
 from openllm.interop.gpt2 import is_export_dir
 from openllm.interop.hf import load_hf_model
-from openllm.model import LanguageModel, build_model
-from openllm.model.config import ModelConfig
+from openllm.model import LanguageModel
 
 
 @dataclass
@@ -36,19 +36,8 @@ class LoadedModel:
 
 
 def model_from_checkpoint(ckpt: dict, origin: str) -> LanguageModel:
-    view = ck.read_info(ckpt)
-    config, state = view.model_config, view.model_state
-    if config is None or state is None:
-        raise OpenLLMError(
-            f"{origin} is not a full checkpoint (no config/model_state_dict); convert raw weights with "
-            "`openllm convert`"
-        )
-    problems = ck.shape_problems(state, config)
-    if problems:
-        raise OpenLLMError(f"{origin}: {problems[0]}")
-    model = build_model(ModelConfig.from_dict(config, dropout=0.0))
-    model.load_state_dict(state)
-    return model.eval()
+    """The model a checkpoint holds, LoRA adapters merged (:func:`openllm.interop.merged.model_from_checkpoint`)."""
+    return merged.model_from_checkpoint(ckpt, origin)
 
 
 def _checked_tokenizer(directory: Path, model: LanguageModel, model_config: dict | None = None) -> Tokenizer:

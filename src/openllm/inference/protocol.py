@@ -13,6 +13,8 @@ import json
 import time
 from dataclasses import dataclass, field
 
+from openllm.core.errors import OpenLLMError
+from openllm.data.chat import encode_chat, end_of_turn_ids, render
 from openllm.data.tokenizer import Tokenizer
 from openllm.inference.logprobs import chat_logprobs
 
@@ -71,6 +73,7 @@ class CompletionRequest:
     frequency_penalty: float = 0.0
     include_usage: bool = False
     truncate_prompt_tokens: int | None = None  # keep only each prompt's last this many tokens (asked for)
+    stop_ids: frozenset[int] | None = None  # ids that end a choice (a chat template's end of turn); None: eos
 
 
 COMPLETION_FIELDS = {
@@ -252,6 +255,17 @@ def parse_chat(body, limits: Limits, model_id: str, tokenizer: Tokenizer) -> tup
     common = _common(body, limits, model_id, key)
     if common["max_tokens"] == 0:
         raise APIError(400, f"'{key}' must be at least 1", key)
+    if tokenizer.chat_template:  # the model's own template, as training encoded it, ending at the end of a turn
+        try:
+            text = render(tokenizer, messages, add_generation_prompt=True)
+            if len(text) > limits.max_prompt_chars:
+                raise APIError(400, f"the conversation is longer than {limits.max_prompt_chars} characters", "messages")
+            ids, _ = encode_chat(tokenizer, [{"role": m["role"], "content": m["content"]} for m in messages],
+                                 add_generation_prompt=True)  # fmt: skip
+        except OpenLLMError as exc:
+            raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
+        stops = frozenset(end_of_turn_ids(tokenizer))
+        return CompletionRequest(prompts=[ids], logprobs=logprobs, stop_ids=stops or None, **common), False
     prompt, default = render_chat(tokenizer, messages)
     if len(prompt) > limits.max_prompt_chars:
         raise APIError(400, f"the conversation is longer than {limits.max_prompt_chars} characters", "messages")
@@ -261,28 +275,13 @@ def parse_chat(body, limits: Limits, model_id: str, tokenizer: Tokenizer) -> tup
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict]) -> tuple[str, bool]:
-    """The conversation as prompt text: the tokenizer's own chat template when it has one (rendered in a
-    sandbox, as ``transformers`` does), else :data:`DEFAULT_CHAT_TEMPLATE`. Returns (text, default used)."""
-    from jinja2.exceptions import TemplateError
+    """The conversation as prompt text for a model whose tokenizer has no chat template of its own (one that has
+    goes through :func:`openllm.data.chat.encode_chat`): :data:`DEFAULT_CHAT_TEMPLATE`, rendered in a sandbox as
+    ``transformers`` does. Returns (text, True: the default template's stop strings apply)."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    own = getattr(tokenizer, "chat_template", None)
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    tokens = {
-        f"{r}_token": tokenizer.id_to_piece(i)
-        for r in ("bos", "eos")
-        if (i := getattr(tokenizer, f"{r}_id")) is not None
-    }
-    try:
-        text = env.from_string(own or DEFAULT_CHAT_TEMPLATE).render(
-            messages=messages, add_generation_prompt=True, **tokens
-        )
-    except TemplateError as exc:
-        raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
-    bos = tokens.get("bos_token")
-    if own and bos and text.startswith(bos) and tokenizer.special.add_bos:
-        text = text[len(bos) :]  # the template wrote the bos token that encoding adds anyway
-    return text, own is None
+    return env.from_string(DEFAULT_CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True), True
 
 
 # --- answers ---------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from openllm.data.tokenizer.base import TOKENIZER_FILES
 from openllm.interop.gguf_file import GGUF_DTYPES, check_exportable, write_gguf
 from openllm.interop.gpt2 import EXPORT_WEIGHTS
 from openllm.interop.hf import config_to_hf, to_hf
+from openllm.interop.merged import plain_state
 from openllm.interop.tokenizer_json import hf_tokenizer_config, hf_tokenizer_json
 from openllm.model.config import ModelConfig
 
@@ -85,11 +86,16 @@ def export_checkpoint(
         require("gguf", "gguf", "--format gguf")  # before anything is read or written
 
     src = resolve_checkpoint_path(checkpoint)
-    # the checkpoint, and its run directory (the tokenizer is read there), are inputs the output must not touch
-    out = OutputDir(Path(output_dir), "export", EXPORT_FILES, reads=(Path(checkpoint), src, src.parent), force=force)
-    out.check()
     ckpt = ck.load_verified(src, "export")
     info = ck.read_info(ckpt)
+    lora = info.lora
+    # the checkpoint, its run directory (the tokenizer is read there) and a LoRA checkpoint's base are inputs the
+    # output must not touch
+    bases = (lora.base_path, lora.base_path.parent) if lora else ()
+    reads = (Path(checkpoint), src, src.parent, *bases)
+    out = OutputDir(Path(output_dir), "export", EXPORT_FILES, reads=reads, force=force)
+    out.check()
+    state = plain_state(ckpt, str(src))  # a LoRA checkpoint's adapters merged into its base: plain weights
     config = ModelConfig.from_dict(info.model_config or {})
     tok = load_tokenizer(src.parent)
     if tok.vocab_size != config.vocab_size:
@@ -107,31 +113,32 @@ def export_checkpoint(
         "dataset_fingerprint": info.dataset_fingerprint,
         "provenance": info.provenance,
         "training_stats": stats,
+        **({"lora_merged": {**lora.config.to_dict(), "base": str(lora.base_path)}} if lora else {}),
     }
     with out.replacing("export directory") as staging:
         if format == "gguf":
-            _write_gguf(staging, config, tok, info, gguf_dtype)
+            _write_gguf(staging, state, config, tok, info, gguf_dtype)
         else:
-            _write_export(staging, src, config, tok, info, extra)
+            _write_export(staging, state, config, tok, info, extra)
     return ExportResult(out.path, {p.name: p.stat().st_size for p in sorted(out.path.iterdir())})
 
 
-def _write_gguf(staging: Path, config: ModelConfig, tok: Tokenizer, info: ck.CheckpointInfo, dtype: str) -> None:
+def _write_gguf(
+    staging: Path, state: dict, config: ModelConfig, tok: Tokenizer, info: ck.CheckpointInfo, dtype: str
+) -> None:
     # (here and in _write_export, a failure leaves cleaning up to OutputDir.replacing, which first reads a full
     # disk as full: removing the staging directory here first would free the space it lacked)
-    write_gguf(staging / GGUF_FILE, info.model_state or {}, config, tok, dtype, name="openllm")
+    write_gguf(staging / GGUF_FILE, state, config, tok, dtype, name="openllm")
     atomic_write_text(
         staging / "README.md",
-        _card(config, info, "OpenLLM model (GGUF export)")
+        _card(state, config, info, "OpenLLM model (GGUF export)")
         + f"\nRun with llama.cpp: `llama-cli -m {GGUF_FILE}` ({dtype} weights).\n",
     )
 
 
-def _card(config: ModelConfig, info: ck.CheckpointInfo, title: str) -> str:
+def _card(state: dict, config: ModelConfig, info: ck.CheckpointInfo, title: str) -> str:
     model_info = dict(info.model_info)
-    model_info.setdefault(
-        "parameters", sum(t.numel() for k, t in (info.model_state or {}).items() if k != "lm_head.weight")
-    )
+    model_info.setdefault("parameters", sum(t.numel() for k, t in state.items() if k != "lm_head.weight"))
     model_info.setdefault("vocab_size", config.vocab_size)
     model_info.setdefault("context", config.block_size)
     return model_card(
@@ -145,7 +152,7 @@ def _card(config: ModelConfig, info: ck.CheckpointInfo, title: str) -> str:
 
 def _write_export(
     staging: Path,
-    src: Path,
+    state: dict,
     config: ModelConfig,
     tok: Tokenizer,
     info: ck.CheckpointInfo,
@@ -154,7 +161,7 @@ def _write_export(
     from safetensors.torch import save_file
 
     save_file(
-        to_hf(info.model_state or {}, config),
+        to_hf(state, config),
         str(staging / EXPORT_WEIGHTS),
         metadata={"format": "pt", "openllm_version": __version__},
     )
@@ -173,6 +180,6 @@ def _write_export(
     )
     atomic_write_text(
         staging / "README.md",
-        _card(config, info, "OpenLLM model (Hugging Face export)")
+        _card(state, config, info, "OpenLLM model (Hugging Face export)")
         + "\nLoad with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`.\n",
     )

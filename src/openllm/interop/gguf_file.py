@@ -22,6 +22,7 @@ import torch
 from openllm import __version__
 from openllm.core.errors import OpenLLMError
 from openllm.core.extras import require
+from openllm.data.chat import end_of_turn_ids
 from openllm.data.tokenizer import Tokenizer
 from openllm.data.tokenizer.hf import HFTokenizer
 from openllm.data.tokenizer.spm import SentencePieceTokenizer
@@ -121,6 +122,11 @@ def _add_special_ids(writer, tokenizer: Tokenizer) -> None:  # type: ignore[no-u
             add(getattr(special, role))
     writer.add_add_bos_token(special.add_bos)
     writer.add_add_eos_token(False)
+    if tokenizer.chat_template:  # the conversation format the model was fine-tuned on, and the end of its turn
+        writer.add_chat_template(tokenizer.chat_template)
+        turn = sorted(end_of_turn_ids(tokenizer) - {special.eos})
+        if turn:
+            writer.add_eot_token_id(turn[0])
 
 
 def _add_bytelevel_bpe(writer, tokenizer: HFTokenizer, gguf) -> None:  # type: ignore[no-untyped-def]

@@ -118,7 +118,24 @@ def _describe_file(file: Path, size: int, label: str, show_damaged: bool = False
             "library_versions": ci.library_versions,
         }
     )
+    if ci.is_lora:
+        info["format"] += " with LoRA adapters"
+        info["lora"] = _lora_line(ci)
     return info
+
+
+def _lora_line(ci: ck.CheckpointView) -> str:
+    """What a LoRA checkpoint adapts and where its base is ("parameters" counts what the file holds)."""
+    try:
+        lora = ci.lora
+    except OpenLLMError as exc:  # shown, as inspect shows damaged files
+        return str(exc)
+    assert lora is not None
+    c = lora.config
+    return (
+        f"rank {c.rank}, alpha {c.alpha:g}, dropout {c.dropout:g} on {','.join(c.targets)}; the file holds the "
+        f"adapters, the base weights are {lora.base_path} ({lora.base_sha256[:19]}...)"
+    )
 
 
 def _describe_export(path: Path) -> dict:
@@ -240,6 +257,8 @@ def format_description(info: dict) -> str:
     ]
     if info.get("mask_buffers"):
         lines.append(f"  mask buffers:      {info['mask_buffers']} (legacy causal masks, dropped on conversion)")
+    if info.get("lora"):
+        lines.append(f"  LoRA:              {info['lora']}")
     if info.get("stop_reason"):
         lines.append(f"  stop reason:       {info['stop_reason']}")
     if info.get("config"):

@@ -57,9 +57,8 @@ def _sentencepiece_json(tok: SentencePieceTokenizer) -> str:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
         + ([decoders.Strip(" ", 1, 0)] if spec.add_dummy_prefix else [])
     )
-    hf.add_special_tokens(
-        [tok.id_to_piece(i) for i in sorted({i for i in (sp.pad, sp.unk, sp.bos, sp.eos) if i is not None})]
-    )
+    # the control pieces (bos, eos, pad, chat tokens) and unk: each one token that text never produces
+    hf.add_special_tokens([p for p, _ in sorted(tok.special_pieces().items(), key=lambda e: e[1])])
     if sp.add_bos and sp.bos is not None:
         bos = tok.id_to_piece(sp.bos)
         hf.post_processor = processors.TemplateProcessing(

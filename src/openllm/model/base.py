@@ -103,8 +103,9 @@ class LanguageModel(nn.Module):
 
     def optimizer_groups(self) -> tuple[list[str], list[str]]:
         """Parameter names, in ``named_parameters()`` order, that take weight decay (matrices and embeddings)
-        and that do not (biases, norm gains): the two AdamW groups, as nanoGPT forms them too."""
-        named = list(self.named_parameters())
+        and that do not (biases, norm gains): the two AdamW groups, as nanoGPT forms them too. Frozen
+        parameters (the base weights under LoRA adapters, model/lora.py) are in neither: nothing trains them."""
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
 
     def position_parameters(self) -> int:

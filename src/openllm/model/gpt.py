@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from openllm.model.base import LanguageModel
 from openllm.model.config import ModelConfig
 from openllm.model.kv_cache import KVCache, attend
-from openllm.model.registry import Architecture, register
+from openllm.model.registry import Architecture, LoRATarget, register
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -110,4 +110,19 @@ class GPT(LanguageModel):
         return self._part("wpe", nn.Embedding).weight.numel()
 
 
-register(Architecture(name="gpt2", model=GPT, fields=("activation",), bias=True, bias_optional=True))
+# LoRA targets: q, k and v are the three thirds of the fused c_attn (each adapted on its own rows, so a
+# target means the same matrix as in Llama); GPT-2 has no gate, its MLP is up (c_fc) and down (c_proj)
+LORA_TARGETS = {
+    "q": LoRATarget("attn.c_attn", 0, 3),
+    "k": LoRATarget("attn.c_attn", 1, 3),
+    "v": LoRATarget("attn.c_attn", 2, 3),
+    "o": LoRATarget("attn.c_proj"),
+    "up": LoRATarget("mlp.c_fc"),
+    "down": LoRATarget("mlp.c_proj"),
+}
+
+register(
+    Architecture(
+        name="gpt2", model=GPT, fields=("activation",), bias=True, bias_optional=True, lora_targets=LORA_TARGETS
+    )
+)

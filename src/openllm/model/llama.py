@@ -20,7 +20,7 @@ from openllm.core.errors import OpenLLMError
 from openllm.model.base import LanguageModel
 from openllm.model.config import ModelConfig
 from openllm.model.kv_cache import KVCache, attend
-from openllm.model.registry import Architecture, register
+from openllm.model.registry import Architecture, LoRATarget, register
 
 
 def rotary_tables(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +178,18 @@ def describe_rotary(config: ModelConfig) -> dict:
     return {"mlp": "SwiGLU (SiLU gate)", "intermediate_size": config.mlp_hidden, "n_kv_head": config.kv_heads}
 
 
+# The matrices LoRA may adapt in a Llama block (and the families built on it), by target name.
+LORA_TARGETS = {
+    "q": LoRATarget("self_attn.q_proj"),
+    "k": LoRATarget("self_attn.k_proj"),
+    "v": LoRATarget("self_attn.v_proj"),
+    "o": LoRATarget("self_attn.o_proj"),
+    "gate": LoRATarget("mlp.gate_proj"),
+    "up": LoRATarget("mlp.up_proj"),
+    "down": LoRATarget("mlp.down_proj"),
+}
+
+
 register(
     Architecture(
         name="llama",
@@ -187,5 +199,6 @@ register(
         mlp_hidden=swiglu_width,
         check=check_rotary_config,
         described=describe_rotary,
+        lora_targets=LORA_TARGETS,
     )
 )

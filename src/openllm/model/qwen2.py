@@ -8,6 +8,7 @@ Llama's, and the parameter names are Hugging Face's, so the state dict is theirs
 from __future__ import annotations
 
 from openllm.model.llama import (
+    LORA_TARGETS,
     ROTARY_FIELDS,
     Attention,
     Block,
@@ -41,5 +42,6 @@ register(
         mlp_hidden=swiglu_width,
         check=check_rotary_config,
         described=describe_rotary,
+        lora_targets=LORA_TARGETS,
     )
 )

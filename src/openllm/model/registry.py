@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from openllm.core.errors import OpenLLMError
@@ -43,6 +43,17 @@ OPTIONAL_FIELDS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
+class LoRATarget:
+    """Where a LoRA target (an architecture-neutral name: ``q``, ``v``, ``up``...) lies in every block: the
+    ``nn.Linear`` at ``module`` (a path inside the block), or the ``part``-th of its ``parts`` equal slices of
+    output rows, for a fused projection (GPT-2's ``c_attn`` holds q, k and v one after the other)."""
+
+    module: str
+    part: int = 0
+    parts: int = 1
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str  # the config's ``arch``
     model: Model  # the LanguageModel subclass
@@ -52,6 +63,8 @@ class Architecture:
     mlp_hidden: Callable[[Config], int] = lambda c: 4 * c.n_embd
     check: Callable[[Config], None] = lambda c: None  # the architecture's own config rules
     described: Callable[[Config], dict[str, Any]] = lambda c: {}  # what ``inspect`` shows beyond the fields
+    # the matrices LoRA may adapt, by target name (model/lora.py); none: ``--lora-rank`` is refused for it
+    lora_targets: dict[str, LoRATarget] = field(default_factory=dict)
 
     @property
     def blocks_prefix(self) -> str:

@@ -27,9 +27,14 @@ from typing import Annotated, Any
 from openllm.core.device import DEVICES, DTYPES
 from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt, builtin_defaults, declared_options, nonneg_int, one_of, read_options_file
+from openllm.data.chat import TRAIN_ON
+from openllm.data.conversations import OVERFLOW
 from openllm.data.tokenizer import TOKENIZER_TYPES
 from openllm.model import registry
 from openllm.model.config import PRESETS, get_preset
+from openllm.model.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
+from openllm.model.lora import TARGETS as LORA_TARGETS
+from openllm.model.lora import LoRAConfig
 
 PRESET = "the preset's"
 ARCH_HELP = "model architecture at the preset's size: " + "; ".join(
@@ -45,6 +50,15 @@ OPTIMIZERS = {
     "adamw": "AdamW",
     "muon": "PyTorch's Muon for the transformer blocks' matrices, AdamW for embeddings, biases and gains",
 }
+
+
+# The data layer's choice lists (data.chat.TRAIN_ON, data.conversations.OVERFLOW), each described here for the help.
+TRAIN_ON_CHOICES = dict(
+    zip(TRAIN_ON, ("what the assistant says, with the end of its turn", "every token of the conversation"), strict=True)
+)
+OVERFLOW_CHOICES = dict(
+    zip(OVERFLOW, ("cut from the left (whole turns first)", "stop with an error naming it"), strict=True)
+)
 
 
 def described(choices: dict[str, str]) -> str:
@@ -171,6 +185,62 @@ class TrainConfig:
         int | None, Opt("length of the sample printed at the end (0: none)", default=120, parse=nonneg_int)
     ] = None
     sample_prompt: Annotated[str | None, Opt("prompt of the sample printed at the end", default="")] = None
+    # Fine-tuning (`openllm finetune`): a run whose weights start from --model and whose data are conversations.
+    base_model: Annotated[
+        str | None,
+        Opt(
+            "the model to fine-tune: a run directory or checkpoint of ours (converted ones too) or a Hugging "
+            "Face directory (converted on the fly)",
+            flag="--model",
+        ),
+    ] = None
+    chat_data: Annotated[
+        list[str] | None,
+        Opt(
+            "conversations to fine-tune on: JSON lines or Parquet files (compressed too), directories or globs; "
+            "records with messages, prompt + completion, or instruction (+ input) + output",
+            flag="--data",
+            nargs="+",
+            metavar="FILE",
+        ),
+    ] = None
+    epochs: Annotated[
+        float | None, Opt("passes over the training conversations (sets --max-steps)", default_text="3 epochs")
+    ] = None
+    train_on: Annotated[
+        str | None,
+        Opt(
+            f"which tokens carry the loss: {described(TRAIN_ON_CHOICES)}",
+            choices=tuple(TRAIN_ON_CHOICES),
+            default="assistant",
+        ),
+    ] = None
+    overflow: Annotated[
+        str | None,
+        Opt(
+            f"a conversation longer than --seq-len: {described(OVERFLOW_CHOICES)}",
+            choices=tuple(OVERFLOW_CHOICES),
+            default="truncate",
+        ),
+    ] = None
+    skip_bad_records: Annotated[
+        bool | None, Opt("count and skip records that are not conversations instead of stopping", default=False)
+    ] = None
+    lora_rank: Annotated[
+        int | None,
+        Opt("rank of LoRA adapters on the --lora-targets (0: full fine-tuning)", default=0, parse=nonneg_int),
+    ] = None
+    lora_alpha: Annotated[
+        float | None, Opt("LoRA scaling numerator (the update is scaled by alpha/rank)", default=16.0)
+    ] = None
+    lora_dropout: Annotated[float | None, Opt("dropout on the LoRA adapters' input", default=0.0)] = None
+    lora_targets: Annotated[
+        str | None,
+        Opt(
+            f"matrices that get adapters, comma-separated from {', '.join(LORA_TARGETS)}",
+            default=",".join(DEFAULT_LORA_TARGETS),
+        ),
+    ] = None
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -295,6 +365,29 @@ class DistributedOptions:
     peak_flops: float | None
 
 
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Fine-tuning: the model it starts from, the conversations and how they are read, the LoRA adapters."""
+
+    base_model: str | None
+    chat_data: list[str] | None
+    epochs: float | None
+    train_on: str
+    overflow: str
+    skip_bad_records: bool
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA adapters these options ask for (None: full fine-tuning)."""
+        if not self.lora_rank:
+            return None
+        targets = tuple(t.strip() for t in self.lora_targets.split(","))
+        return LoRAConfig(self.lora_rank, self.lora_alpha, self.lora_dropout, targets)
+
+
 GROUPS = (
     ModelOptions,
     InputOptions,
@@ -303,6 +396,7 @@ GROUPS = (
     CheckpointOptions,
     EvaluationOptions,
     DistributedOptions,
+    FinetuneOptions,
 )
 
 
@@ -354,6 +448,21 @@ class RunConfig:
     peak_flops: float | None
     sample_tokens: int
     sample_prompt: str
+    base_model: str | None
+    chat_data: list[str] | None
+    epochs: float | None
+    train_on: str
+    overflow: str
+    skip_bad_records: bool
+    lora_rank: int
+    lora_alpha: float
+    lora_dropout: float
+    lora_targets: str
+
+    @property
+    def finetunes(self) -> bool:
+        """Whether this run fine-tunes --model on conversations (`openllm finetune`)."""
+        return self.base_model is not None
 
     def to_dict(self) -> dict[str, Any]:
         """Every option by name: the checkpoint's ``training_config`` (what a resume inherits)."""
@@ -403,6 +512,10 @@ class RunConfig:
     def distributed(self) -> DistributedOptions:
         return self._group(DistributedOptions)
 
+    @cached_property
+    def finetune(self) -> FinetuneOptions:
+        return self._group(FinetuneOptions)
+
 
 def resolve(options: TrainConfig | RunConfig, inherited: dict[str, Any] | None = None) -> RunConfig:
     """The run configuration ``options`` describe: given values, then ``inherited`` (the training_config of the
@@ -432,8 +545,65 @@ def resolve(options: TrainConfig | RunConfig, inherited: dict[str, Any] | None =
     if min_lr is None or ("min_lr" not in given and _is_number(lr) and _is_number(min_lr) and min_lr > lr):
         # a min-lr the user did not set follows the learning rate (the presets decay to a tenth)
         values["min_lr"] = lr / 10 if _is_number(lr) else lr
+    if values["base_model"] is not None or values["chat_data"] is not None:
+        _finetune_defaults(values, given, merged)
     _check(values)
     return RunConfig(**values)
+
+
+# `openllm finetune`'s peak learning rate where none is given: a tenth of the one the base was trained with when
+# its checkpoint records it (training/setup.fine_tune_steps), else these: full fine-tuning moves every weight of a
+# trained model a little; LoRA's adapters start from zero and train alone, so they take a larger one (ten times
+# the full one, at most FINETUNE_LEARNING_RATE["lora"]).
+FINETUNE_LEARNING_RATE = {"full": 1e-4, "lora": 1e-3}
+FINETUNE_OF_PRETRAINING = 0.1
+FINETUNE_EPOCHS = 3.0
+# Options only `openllm train` takes (a fine-tune's data are conversations, its model and tokenizer --model's),
+# and options only `openllm finetune` takes.
+TRAIN_ONLY = ("data", "data_file", "tokenizer_dir", "tokenizer_type", "model_size", "arch", "vocab_size")
+FINETUNE_ONLY = (
+    "base_model",
+    "chat_data",
+    "epochs",
+    "train_on",
+    "overflow",
+    "skip_bad_records",
+    "lora_rank",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+)
+
+
+def _finetune_defaults(values: dict[str, Any], given: dict[str, Any], merged: dict[str, Any]) -> None:
+    """A fine-tune's own defaults, and its refusals of what does not go with it (``merged``: given or inherited)."""
+    if values["base_model"] is None:
+        raise OpenLLMError("conversations (--data FILE...) are fine-tuned from a model: give --model")
+    if values["chat_data"] is None:
+        raise OpenLLMError("openllm finetune needs conversations: give --data FILE...")
+    if not isinstance(values["base_model"], str):
+        raise OpenLLMError(f"--model must be a path, got {values['base_model']!r}")
+    chat = values["chat_data"]
+    if not isinstance(chat, list) or not chat or not all(isinstance(x, str) for x in chat):
+        raise OpenLLMError(f"--data must be one or more paths, got {chat!r}")
+    for name in TRAIN_ONLY:
+        if name in given and name != "model_size":
+            raise OpenLLMError(f"--{name.replace('_', '-')} is not a fine-tuning option (the model is --model's)")
+    if "epochs" in given and "max_steps" in given:
+        raise OpenLLMError("give either --epochs or --max-steps, not both")
+    if values["epochs"] is None and "max_steps" not in merged:
+        values["epochs"] = FINETUNE_EPOCHS
+    lora = isinstance(values["lora_rank"], int) and values["lora_rank"] > 0
+    if not lora:
+        for name in ("lora_alpha", "lora_dropout", "lora_targets"):
+            if name in given:
+                raise OpenLLMError(f"--{name.replace('_', '-')} needs --lora-rank above 0 (LoRA adapters)")
+    if lora and "optimizer" not in merged:
+        values["optimizer"] = "adamw"  # (Muon orthogonalises whole matrices; adapters are rank-r factors)
+    if "learning_rate" not in merged:
+        values["learning_rate"] = FINETUNE_LEARNING_RATE["lora" if lora else "full"]
+        if "min_lr" not in merged:
+            values["min_lr"] = values["learning_rate"] / 10
 
 
 def _check(values: dict[str, Any]) -> None:
@@ -504,6 +674,23 @@ def _check(values: dict[str, Any]) -> None:
         value, choices = values[option.name], option.opt.choices or ()
         if value not in choices and not (value is None and option.name in OPTIONAL):
             raise bad(option.name, one_of(choices), value)
+    if values["epochs"] is not None and (not _is_number(values["epochs"]) or not 0 < values["epochs"] < math.inf):
+        raise bad("epochs", "a number above 0", values["epochs"])
+    integer("lora_rank", 0)
+    if not _is_number(values["lora_alpha"]) or not 0 < values["lora_alpha"] < math.inf:
+        raise bad("lora_alpha", "a number above 0", values["lora_alpha"])
+    if not _is_number(values["lora_dropout"]) or not (0.0 <= values["lora_dropout"] < 1.0):
+        raise bad("lora_dropout", "a number in [0, 1)", values["lora_dropout"])
+    if not isinstance(values["lora_targets"], str):
+        raise bad("lora_targets", "comma-separated names", values["lora_targets"])
+    FinetuneOptions(**{f.name: values[f.name] for f in fields(FinetuneOptions)}).lora()  # (refuses by option name)
+    if not isinstance(values["skip_bad_records"], bool):
+        raise bad("skip_bad_records", "true or false", values["skip_bad_records"])
+    if values["base_model"] is None and any(
+        values[n] != DEFAULTS[n] for n in FINETUNE_ONLY if n in DEFAULTS and values[n] is not None
+    ):
+        changed = next(n for n in FINETUNE_ONLY if n in DEFAULTS and values[n] != DEFAULTS[n])
+        raise OpenLLMError(f"--{changed.replace('_', '-')} is a fine-tuning option (openllm finetune --model ...)")
     if values["data"] and values["data_file"]:
         raise OpenLLMError("give either --data (a prepared dataset) or --data-file (raw text), not both")
     get_preset(values["model_size"])

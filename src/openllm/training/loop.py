@@ -26,12 +26,13 @@ from openllm.core import faults
 from openllm.core.fileio import directory_lock, remove_stale_temporaries
 from openllm.core.numbers import perplexity
 from openllm.training import records
+from openllm.training.chatdata import IGNORE, inputs_targets
 from openllm.training.config import RunConfig, TrainConfig
 from openllm.training.distributed import DistInfo, barrier, broadcast_flag, mean_across, shutdown
 from openllm.training.metrics import MetricsLog, memory_mb
 from openllm.training.optim import step_unless
 from openllm.training.resume import restore
-from openllm.training.run import Run, TrainingStopped, TrainResult
+from openllm.training.run import Run, StartingPoint, TrainingStopped, TrainResult
 from openllm.training.schedule import lr_at
 from openllm.training.setup import check_before_writing, setup
 
@@ -41,9 +42,14 @@ __all__ = ["TrainingStopped", "lr_at", "train", "train_loop", "train_step"]
 # ------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig | RunConfig, log: Callable[[str], None] = print) -> TrainResult | None:
+def train(
+    cfg: TrainConfig | RunConfig,
+    log: Callable[[str], None] = print,
+    start: Callable[[str], StartingPoint] | None = None,
+) -> TrainResult | None:
     """Run (or resume) a training job described by ``cfg`` (see ``openllm train --help``); None when a
-    resumed run has nothing left to do. The run directory is locked for the whole job (rank 0 only)."""
+    resumed run has nothing left to do. The run directory is locked for the whole job (rank 0 only).
+    ``start`` loads a new fine-tune's base model (:func:`openllm.finetune.finetune` gives it)."""
     check_before_writing(cfg)
     run_dir = cfg.run_dir()
     is_main = os.environ.get("RANK", "0") == "0"
@@ -52,7 +58,7 @@ def train(cfg: TrainConfig | RunConfig, log: Callable[[str], None] = print) -> T
     with lock, console:
         if is_main:
             remove_stale_temporaries(run_dir)
-        run = setup(cfg, console)
+        run = setup(cfg, console, start)
         if run is not None and is_main:
             console.keep_in(run.run_dir / "train.log")
         try:
@@ -237,7 +243,7 @@ def fetch(run: Run, first: int) -> tuple[torch.Tensor, torch.Tensor]:
     block = run.sampler.windows(first, run.cfg.batch_size)
     if run.device.type == "cuda":  # from pinned memory the copy runs beside the computation
         block = block.pin_memory().to(run.device, non_blocking=True)
-    return block[:, :-1], block[:, 1:]
+    return inputs_targets(block)
 
 
 def read_steps(run: Run, unread: list[StepOnDevice], metrics: MetricsLog) -> None:
@@ -299,8 +305,9 @@ def evaluate(
         faults.reached("eval")
         with autocast():
             _, loss = model(x, y)
-        total += loss.double().cpu() * y.numel()
-        count += y.numel()
+        counted = int((y != IGNORE).sum())  # (a fine-tune's targets leave padding and prompts out)
+        total += loss.double().cpu() * counted
+        count += counted
     model.train(was_training)
     return float(total / max(count, 1))
 

@@ -13,6 +13,7 @@ import torch
 from openllm.checkpoint import format as ck
 from openllm.checkpoint import rundir
 from openllm.core.fileio import atomic_write_json
+from openllm.model.lora import lora_state_dict
 from openllm.training.run import Run
 from openllm.training.schedule import scheduler_state
 
@@ -53,8 +54,12 @@ def training_stats(run: Run) -> dict:
 
 def build_checkpoint(run: Run) -> dict:
     st = run.state
+    lora = None
+    adapters = run.cfg.finetune.lora()
+    if adapters is not None and run.base is not None:  # the adapters, and where their frozen base is
+        lora = ck.lora_record(adapters, run.base.path, run.base.sha256)
     return ck.build_checkpoint(
-        model_state=run.raw_model.state_dict(),
+        model_state=lora_state_dict(run.raw_model) if lora else run.raw_model.state_dict(),
         optimizer_state=run.optimizer.state_dict(),
         state=st,
         model_config=run.model_config,
@@ -72,6 +77,7 @@ def build_checkpoint(run: Run) -> dict:
             world_size=run.dist.world_size,
             grad_scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {},
         ),
+        lora=lora,
     )
 
 

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -25,8 +26,9 @@ from openllm.checkpoint import rundir
 from openllm.core.errors import OpenLLMError
 from openllm.data.tokenizer import find_tokenizer
 from openllm.model.config import ModelConfig, get_preset, model_config_for
+from openllm.model.lora import has_lora, load_adapters
 from openllm.training.config import RunConfig, ScheduleOptions, TrainConfig, resolve
-from openllm.training.run import Run
+from openllm.training.run import Run, StartingPoint
 from openllm.training.schedule import describe_schedule, lr_at
 
 Say = Callable[[str], None]
@@ -44,10 +46,14 @@ class ResumePlan:
     keep_shape: bool = False  # the resumed model keeps its own shape (no --model-size given)
     own_tokenizer: Path | None = None  # the tokenizer beside the checkpoint
     finished: str | None = None  # why a finished run has nothing left to do (None: train)
+    start: StartingPoint | None = field(default=None, repr=False)  # a new fine-tune's base model
 
     @property
     def model_config(self) -> dict | None:
-        """The resumed model's config, when it keeps its shape; None when the preset decides it."""
+        """The resumed model's config, when it keeps its shape (or a new fine-tune's base model's); None when the
+        preset decides it."""
+        if self.start is not None and self.checkpoint is None:
+            return self.start.model_config.to_dict()
         return self.checkpoint.model_config if self.checkpoint and self.keep_shape else None
 
     @property
@@ -77,6 +83,11 @@ class ResumePlan:
         """The model to train: the checkpoint's own shape when it keeps it (converted ones need no preset), else
         the preset's with the tokenizer's vocabulary."""
         cfg, given = self.cfg, self.given
+        if self.start is not None and self.checkpoint is None:  # the base model, its vocabulary grown by chat tokens
+            base = self.start.model_config
+            if vocab_size < base.vocab_size:
+                raise OpenLLMError(f"the tokenizer has {vocab_size} tokens, fewer than the model's {base.vocab_size}")
+            return base.replace(vocab_size=vocab_size, dropout=cfg.dropout)
         if not self.model_config:
             return model_config_for(cfg.model_size, vocab_size=vocab_size, arch=cfg.arch, dropout=cfg.dropout)
         config = ModelConfig.from_dict(self.model_config, dropout=cfg.dropout)
@@ -185,6 +196,21 @@ def plan(options: TrainConfig | RunConfig, log: Say) -> ResumePlan:
     )
 
 
+def base_model(plan: ResumePlan, start: Callable[[str], StartingPoint]) -> StartingPoint:
+    """The base model of a fine-tune: --model for a new one; for a resumed LoRA run, the base its checkpoint
+    names, which must still be the weights the adapters were trained on."""
+    view = plan.checkpoint
+    parts = view.lora if view is not None else None
+    if parts is None:
+        return start(str(plan.cfg.base_model))
+    origin = str(plan.path)
+    if not parts.base_path.exists():
+        raise parts.base_missing(origin)
+    base = start(str(parts.base_path))
+    ck.check_lora_base(cast(ck.CheckpointView, view), base.sha256, origin)
+    return base
+
+
 def find_resume(resume: str | None, run_dir: Path, log: Say) -> tuple[Path | None, dict | None]:
     if resume is None:
         existing = rundir.resume_candidates(run_dir) if run_dir.is_dir() else []
@@ -230,7 +256,10 @@ def restore(run: Run, ckpt: dict) -> None:
     """Load model, optimizer, scaler, RNG and progress from a checkpoint into ``run`` (a resume, or the
     rollback after non-finite steps)."""
     view = ck.read_info(ckpt)
-    run.raw_model.load_state_dict(view.model_state or {})
+    if has_lora(run.raw_model):  # the adapters (and tensors trained along); the base came from its own file
+        load_adapters(run.raw_model, view.model_state or {})
+    else:
+        run.raw_model.load_state_dict(view.model_state or {})
     opt_state = view.optimizer_state
     if view.has_optimizer_state:
         # the state's layout says which optimizer made it: Muon + AdamW keep one part each (optim.MuonAdamW)

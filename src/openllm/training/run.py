@@ -12,10 +12,12 @@ import torch
 from openllm.checkpoint.state import RunState
 from openllm.core.errors import OpenLLMError
 from openllm.data.batches import BatchSampler, EvalBatches
+from openllm.data.conversations import ConversationSet
 from openllm.data.dataset import PreparedDataset
 from openllm.data.tokenizer import Tokenizer
 from openllm.model import LanguageModel
 from openllm.model.config import ModelConfig
+from openllm.training.chatdata import ConversationEvalBatches, ConversationSampler
 from openllm.training.config import RunConfig
 from openllm.training.distributed import DistInfo
 from openllm.training.optim import MuonAdamW
@@ -29,18 +31,32 @@ class TrainingStopped(OpenLLMError):
         self.exit_code = exit_code
 
 
+@dataclass(frozen=True)
+class StartingPoint:
+    """The weights a fine-tune starts from (its ``--model``), loaded by the layer that can read every format
+    (:mod:`openllm.finetune`): the model's config, its state dict, its tokenizer, and what it was."""
+
+    model_config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    source: str  # what it was, for people: "runs/base/best_model.pt (step 2000)"
+    sha256: str  # of the base weights as loaded (model.lora.base_sha256)
+    path: str  # the checkpoint file or Hugging Face directory it was loaded from (a LoRA run's lora_base)
+    learning_rate: float | None = None  # the peak learning rate it was trained with, when its checkpoint says
+
+
 @dataclass
 class Run:
     cfg: RunConfig
     run_dir: Path
-    dataset: PreparedDataset
+    dataset: PreparedDataset | ConversationSet
     model_config: ModelConfig
     raw_model: LanguageModel
     model: torch.nn.Module  # raw_model, possibly compiled and/or wrapped in DDP
     optimizer: torch.optim.Optimizer | MuonAdamW
     scaler: torch.amp.GradScaler
-    sampler: BatchSampler
-    val_batches: EvalBatches
+    sampler: BatchSampler | ConversationSampler
+    val_batches: EvalBatches | ConversationEvalBatches
     device: torch.device
     autocast_dtype: torch.dtype
     dist: DistInfo
@@ -56,6 +72,7 @@ class Run:
     origin: dict | None = None  # where resumed weights came from before OpenLLM trained them (converted ones)
     # the micro-batch fetched ahead (its first sample, inputs, targets), on the device: see loop.micro_batch
     next_batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    base: StartingPoint | None = None  # a fine-tune's base model (a LoRA run's checkpoints name it)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype == torch.float32:

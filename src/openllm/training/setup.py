@@ -4,11 +4,13 @@ data, and build the model, optimizer and batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,26 +21,48 @@ from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import ensure_dir
 from openllm.core.memory import available_memory
 from openllm.data.batches import BatchSampler, EvalBatches
+from openllm.data.chat import with_chat_tokens
+from openllm.data.conversations import ConversationSet, load_conversations, prepare_conversations
 from openllm.data.dataset import PreparedDataset, load_dataset
 from openllm.data.prepare import prepare_dataset, prepared_request_key
-from openllm.data.tokenizer import Tokenizer, find_tokenizer
+from openllm.data.sources import expand_inputs, sha256_file
+from openllm.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
 from openllm.model import build_model
 from openllm.model.config import ModelConfig, get_preset
+from openllm.model.lora import apply_lora
 from openllm.model.scoring import encode_file
 from openllm.training import records, resume
-from openllm.training.config import DistributedOptions, InputOptions, ModelOptions, RunConfig, TrainConfig
+from openllm.training.chatdata import ConversationEvalBatches, ConversationSampler, split_digest
+from openllm.training.config import (
+    FINETUNE_LEARNING_RATE,
+    FINETUNE_OF_PRETRAINING,
+    DistributedOptions,
+    InputOptions,
+    ModelOptions,
+    RunConfig,
+    TrainConfig,
+)
 from openllm.training.distributed import DistInfo, barrier, init_distributed
 from openllm.training.metrics import peak_flops_for
 from openllm.training.optim import configure_optimizer, seed_everything
 from openllm.training.resume import ResumePlan
-from openllm.training.run import Run
+from openllm.training.run import Run, StartingPoint
 
 BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "tinyshakespeare.txt"
 
 
-def setup(options: TrainConfig | RunConfig, log: Callable[[str], None] = print) -> Run | None:
-    """The run ``options`` describe, ready to train; None when a resumed run has nothing left to do."""
+def setup(
+    options: TrainConfig | RunConfig,
+    log: Callable[[str], None] = print,
+    start: Callable[[str], StartingPoint] | None = None,
+) -> Run | None:
+    """The run ``options`` describe, ready to train; None when a resumed run has nothing left to do. A fine-tune
+    (``--model``) that starts anew loads its base model with ``start`` (given by :mod:`openllm.finetune`)."""
     plan = resume.plan(options, log)
+    if plan.cfg.finetunes and not plan.finished and (plan.checkpoint is None or plan.checkpoint.is_lora):
+        if start is None:
+            raise OpenLLMError("a fine-tune (--model) starts through `openllm finetune` (openllm.finetune.finetune)")
+        plan = dataclasses.replace(plan, start=resume.base_model(plan, start))
     cfg, run_dir = plan.cfg, plan.run_dir
     device, dist = start_processes(cfg.distributed)
     say = log if dist.is_main else (lambda _m: None)
@@ -49,6 +73,9 @@ def setup(options: TrainConfig | RunConfig, log: Callable[[str], None] = print) 
         return None
     check_fits(plan, device)
     dataset, model_config = prepare_inputs(plan, dist, say)
+    if isinstance(dataset, ConversationSet):
+        plan = dataclasses.replace(plan, cfg=fine_tune_steps(plan, len(dataset.train), dist.world_size, say))
+        cfg = plan.cfg
     plan.use_recorded_threads(say)
     run = build_run(plan, dataset, model_config, device, dist, say)
     plan.continue_run(run, say)
@@ -85,7 +112,9 @@ def check_fits(plan: ResumePlan, device: torch.device) -> None:
         raise OpenLLMError(f"--validation-data file not found: {cfg.validation_data}")
 
 
-def prepare_inputs(plan: ResumePlan, dist: DistInfo, say: Callable[[str], None]) -> tuple[PreparedDataset, ModelConfig]:
+def prepare_inputs(
+    plan: ResumePlan, dist: DistInfo, say: Callable[[str], None]
+) -> tuple[PreparedDataset | ConversationSet, ModelConfig]:
     """The dataset (prepared into the run directory when needed) and the model config, checked against the
     checkpoint resumed. A refused resume leaves nothing behind: what this call created is removed again."""
     run_dir = plan.run_dir
@@ -93,7 +122,7 @@ def prepare_inputs(plan: ResumePlan, dist: DistInfo, say: Callable[[str], None])
     if dist.is_main:
         ensure_dir(run_dir)
     try:
-        dataset = resolve_data(plan, dist, log=say)
+        dataset = chat_data(plan, dist, say) if plan.cfg.finetunes else resolve_data(plan, dist, log=say)
         model_config = plan.build_model_config(dataset.tokenizer.vocab_size)
         plan.check_compatible(model_config, dataset.tokenizer.sha256, dataset.fingerprint, say)
     except OpenLLMError:
@@ -107,7 +136,7 @@ def prepare_inputs(plan: ResumePlan, dist: DistInfo, say: Callable[[str], None])
 
 def build_run(
     plan: ResumePlan,
-    dataset: PreparedDataset,
+    dataset: PreparedDataset | ConversationSet,
     model_config: ModelConfig,
     device: torch.device,
     dist: DistInfo,
@@ -121,7 +150,14 @@ def build_run(
     warning = emulated_precision_warning(dtype, device)
     if warning and dist.is_main:
         say(warning)
-    raw = build_model(model_config).to(device)
+    raw = build_model(model_config)
+    if plan.start is not None:
+        grown = load_base_weights(raw, plan.start, say if plan.checkpoint is None else (lambda _m: None))
+        if (lora := cfg.finetune.lora()) is not None:
+            apply_lora(raw, lora)
+            for key in grown:  # the chat tokens' rows are new: their embedding (and head) train along
+                raw.get_parameter(key).requires_grad_(True)
+    raw = raw.to(device)
     raw.activation_checkpointing = bool(cfg.activation_checkpointing)
     # (torch.compile of a module returns a module, though its annotation says any callable)
     model = cast(torch.nn.Module, torch.compile(raw)) if cfg.compile else raw
@@ -131,15 +167,24 @@ def build_run(
         model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     optimizer = configure_optimizer(raw, cfg.optimization, cfg.learning_rate, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    sampler = BatchSampler(dataset.train, cfg.seq_len, cfg.seed)
-    if not dataset.meta.get("validation_file") and not cfg.validation_data:
-        say(
-            f"no --validation-data given: validating on the {dataset.meta['val_documents']:,} documents "
-            f"({dataset.meta['val_tokens']:,} tokens) held out from the training text ({dataset.meta['split']})"
-        )
-    val_tokens = validation_tokens(cfg.inputs, dataset, tokenizer)
-    # the same validation windows for any number of processes: eval_batches global batches' worth
-    val = EvalBatches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size, device)
+    sampler: BatchSampler | ConversationSampler
+    val: EvalBatches | ConversationEvalBatches
+    if isinstance(dataset, ConversationSet):
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        sampler = ConversationSampler(dataset.train, cfg.seed, pad)
+        val = ConversationEvalBatches(dataset.val, cfg.batch_size, cfg.eval_batches * dist.world_size, pad, device)
+        fingerprint = split_digest(dataset.val)
+    else:
+        sampler = BatchSampler(dataset.train, cfg.seq_len, cfg.seed)
+        if not dataset.meta.get("validation_file") and not cfg.validation_data:
+            say(
+                f"no --validation-data given: validating on the {dataset.meta['val_documents']:,} documents "
+                f"({dataset.meta['val_tokens']:,} tokens) held out from the training text ({dataset.meta['split']})"
+            )
+        val_tokens = validation_tokens(cfg.inputs, dataset, tokenizer)
+        # the same validation windows for any number of processes: eval_batches global batches' worth
+        val = EvalBatches(val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size, device)
+        fingerprint = token_digest(val_tokens)
     if not val:
         raise OpenLLMError("the validation split holds no tokens")
     return Run(
@@ -161,8 +206,67 @@ def build_run(
         resumed_path=plan.path,
         log=say,
         peak_flops=peak_flops_for(device, cfg.peak_flops),
-        validation_fingerprint=token_digest(val_tokens),
+        validation_fingerprint=fingerprint,
+        origin=None if plan.start is None else fine_tune_origin(plan.start),
+        base=plan.start,
     )
+
+
+# A new fine-tune warms up over this share of its steps unless --warmup-steps is given.
+FINETUNE_WARMUP = 0.03
+
+
+def fine_tune_steps(plan: ResumePlan, conversations: int, world_size: int, say: Callable[[str], None]) -> RunConfig:
+    """A fine-tune's --max-steps from --epochs (a new run, or --epochs given again on resume), and a new run's
+    warmup, FINETUNE_WARMUP of its steps, unless given."""
+    cfg = plan.cfg
+    changes: dict[str, Any] = {}
+    if cfg.epochs is not None and (plan.checkpoint is None or "epochs" in plan.given):
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+        changes["max_steps"] = max(1, math.ceil(cfg.epochs * conversations / per_step))
+        say(
+            f"--epochs {cfg.epochs:g}: {changes['max_steps']:,} steps of {per_step} conversations over "
+            f"{conversations:,} training conversations"
+        )
+    if plan.checkpoint is None and "warmup_steps" not in plan.given:
+        changes["warmup_steps"] = round(FINETUNE_WARMUP * changes.get("max_steps", cfg.max_steps))
+    pretrained = plan.start.learning_rate if plan.start is not None else None
+    if plan.checkpoint is None and "learning_rate" not in plan.given and pretrained:
+        full = FINETUNE_OF_PRETRAINING * pretrained
+        lr = min(10 * full, FINETUNE_LEARNING_RATE["lora"]) if cfg.lora_rank else full
+        changes["learning_rate"] = lr
+        if "min_lr" not in plan.given:
+            changes["min_lr"] = lr / 10
+        say(f"learning rate {lr:g} ({'LoRA: ' if cfg.lora_rank else ''}from the {pretrained:g} the base trained with)")
+    return cfg.replace(**changes)
+
+
+def fine_tune_origin(start: StartingPoint) -> dict:
+    """The provenance origin of a fine-tune's weights (checkpoint.format.training_provenance keeps it)."""
+    return {"source": f"fine-tuned from {start.source}", "base_sha256": start.sha256, "trained_from_step": 0}
+
+
+def load_base_weights(model: torch.nn.Module, start: StartingPoint, say: Callable[[str], None]) -> list[str]:
+    """A new fine-tune's weights: the base model's, with the rows of tokens the chat template added (embedding
+    and, untied, output head) set to the mean of the existing rows, a neutral start that keeps every old
+    token's logits as they were up to a shared shift."""
+    state = dict(start.state_dict)
+    own = model.state_dict()
+    grown = []
+    for key, value in state.items():
+        want = own.get(key)
+        if (
+            want is not None
+            and value.dim() == 2
+            and want.shape[1:] == value.shape[1:]
+            and want.shape[0] > value.shape[0]
+        ):
+            rows = value.float().mean(0, keepdim=True).to(value.dtype).expand(want.shape[0] - value.shape[0], -1)
+            state[key] = torch.cat([value, rows])
+            grown.append(key)
+    model.load_state_dict(state)
+    say(f"fine-tuning {start.source}" + (f"; {len(grown)} matrices grown by the chat tokens" if grown else ""))
+    return grown
 
 
 def resolve_data(plan: ResumePlan, dist: DistInfo, log: Callable[[str], None]) -> PreparedDataset:
@@ -280,3 +384,81 @@ def describe_precision(dtype: torch.dtype, optimizer, device: torch.device) -> s
         parts.append(f"Muon orthogonalises in {name(muon.ns_dtype)}")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_description()
     return f"{', '.join(parts)} ({where})"
+
+
+def chat_data(plan: ResumePlan, dist: DistInfo, say: Callable[[str], None]) -> ConversationSet:
+    """A fine-tune's conversations, encoded into RUN/conversations with the model's tokenizer (its chat tokens
+    added where it had no template) unless the set there was made from the same files with the same settings.
+    A resumed run refuses other conversations unless --allow-data-change."""
+    cfg = plan.cfg
+    out = plan.run_dir / "conversations"
+    if plan.start is not None:
+        tokenizer = plan.start.tokenizer
+    elif plan.own_tokenizer is not None:
+        tokenizer = load_tokenizer(plan.own_tokenizer)
+    else:
+        raise OpenLLMError(f"cannot resume {plan.path}: no tokenizer beside it")
+    files = [str(f) for f in expand_inputs(list(cfg.chat_data or []))]
+    val_files = [str(f) for f in expand_inputs([cfg.validation_data])] if cfg.validation_data else []
+    request = {
+        "inputs": files,
+        "validation_data": val_files,
+        "max_tokens": cfg.seq_len + 1,
+        "overflow": cfg.overflow,
+        "train_on": cfg.train_on,
+        "split_seed": cfg.seed,
+        "tokenizer_sha256": with_chat_tokens(tokenizer).sha256,
+    }
+    if dist.is_main:
+        existing = _existing(out)
+        if existing is None or not _made_for(existing, request):
+            if existing is not None and plan.checkpoint is not None:
+                plan.check_prepared_text(Path(files[0]) if files else out)
+            say(f"encoding {len(files)} conversation file(s) into {out}")
+            prepare_conversations(
+                files,
+                tokenizer,
+                out,
+                validation_data=val_files or None,
+                max_tokens=cfg.seq_len + 1,
+                overflow=cfg.overflow,
+                train_on=cfg.train_on,
+                skip_bad_records=cfg.skip_bad_records,
+                seed=cfg.seed,
+            )
+    barrier(dist)
+    chats = load_conversations(out)
+    stats = chats.stats
+    say(
+        f"conversations: {stats['train_conversations']:,} training, {stats['val_conversations']:,} validation "
+        f"({stats['duplicates_dropped']:,} duplicates dropped, {stats['truncated']:,} truncated, "
+        f"{stats['dropped_too_long']:,} too long, {sum(stats['bad_records_skipped'].values()):,} bad records "
+        f"skipped); loss on {stats['train_loss_tokens']:,} of {stats['train_tokens']:,} training tokens "
+        f"(--train-on {cfg.train_on})"
+    )
+    return chats
+
+
+def _existing(out: Path) -> ConversationSet | None:
+    try:
+        return load_conversations(out) if out.is_dir() else None
+    except OpenLLMError:
+        return None
+
+
+def _made_for(chats: ConversationSet, request: dict) -> bool:
+    """Whether the set was encoded from exactly these files (by content) with these settings."""
+    stats = chats.stats
+
+    def same_files(recorded, paths) -> bool:
+        return [r.get("path") for r in recorded] == paths and all(
+            r.get("sha256") == sha256_file(Path(p)) for r, p in zip(recorded, paths, strict=True)
+        )
+
+    return (
+        all(
+            stats.get(k) == request[k] for k in ("max_tokens", "overflow", "train_on", "split_seed", "tokenizer_sha256")
+        )
+        and same_files(stats.get("inputs", []), request["inputs"])
+        and same_files(stats.get("validation_data", []), request["validation_data"])
+    )

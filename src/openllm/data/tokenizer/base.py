@@ -20,12 +20,24 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
+from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_write_json, ensure_dir
 
 CONFIG_FILE = "tokenizer_config.json"
 # Every backend's files; a directory holds one tokenizer, so saving one removes the others' files.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt")
 ROLES = ("bos", "eos", "pad", "unk")
+# OpenLLM's chat tokens (ChatML's): what :func:`openllm.data.chat.with_chat_tokens` adds to a tokenizer without a
+# chat template. Encoding text never produces them (a user's text that spells one stays text).
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def read_chat_template(value) -> str | None:
+    """``chat_template`` as transformers writes it: a string, or a list of named templates."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default") or next(iter(named.values()), None)
+    return value if isinstance(value, str) and value else None
 
 
 @dataclass(frozen=True)
@@ -71,6 +83,19 @@ class Tokenizer(ABC):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
+
+    @abstractmethod
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` as plain text (no special token, whatever it spells) and each token's character span
+        (``start, end``): where a rendered chat template's markup ends and a message's content begins."""
+
+    @abstractmethod
+    def special_pieces(self) -> dict[str, int]:
+        """The strings that are one special token each (the markup a chat template writes), with their ids."""
+
+    def with_chat_tokens(self, template: str) -> Tokenizer:
+        """This tokenizer with :data:`CHAT_TOKENS` added as special tokens after its last id, and ``template``."""
+        raise OpenLLMError(f"the tokenizer ({self.describe()}) cannot take chat tokens")
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:

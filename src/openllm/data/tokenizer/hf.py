@@ -15,14 +15,15 @@ import contextlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
+from functools import cached_property
 from pathlib import Path
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_write_text
-from openllm.data.tokenizer.base import ROLES, SpecialTokens, Tokenizer
+from openllm.data.tokenizer.base import CHAT_TOKENS, ROLES, SpecialTokens, Tokenizer, read_chat_template
 
 JSON_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"
@@ -48,8 +49,10 @@ class HFTokenizer(Tokenizer):
         self.raw, self.origin = raw, origin
         with _rust_failures(origin, "encode"):  # it encodes a probe text
             self.special = _special_tokens(raw, tokenizer_config, model_config)
-        self.chat_template = _chat_template((tokenizer_config or {}).get("chat_template"))
+        self.chat_template = read_chat_template((tokenizer_config or {}).get("chat_template"))
         self._markup = self.special.ids()
+        # ``tokenizers`` turns an added token's string in the text into its id; a chat token's must stay text
+        self._literal = [t for t in CHAT_TOKENS if raw.token_to_id(t) is not None]
         spec = json.loads(raw.to_str())
         model = spec.get("model") or {}
         self.model_type = model.get("type", "?")
@@ -78,16 +81,54 @@ class HFTokenizer(Tokenizer):
                 f"({self.describe()}); the text cannot be encoded without losing it"
             )
 
+    @cached_property
+    def _as_text(self) -> RawTokenizer:
+        """A copy that encodes every string as text, special tokens' included."""
+        raw = RawTokenizer.from_str(self.raw.to_str())
+        raw.encode_special_tokens = True
+        return raw
+
+    def _encoder(self, text: str) -> RawTokenizer:
+        return self._as_text if any(t in text for t in self._literal) else self.raw
+
     def encode(self, text: str) -> list[int]:
         self._check(text)
         with _rust_failures(self.origin, "encode"):
-            return self.raw.encode(text, add_special_tokens=False).ids
+            return self._encoder(text).encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         for t in texts:
             self._check(t)
+        if any(self._encoder(t) is not self.raw for t in texts):
+            return [self.encode(t) for t in texts]
         with _rust_failures(self.origin, "encode"):
             return [e.ids for e in self.raw.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        self._check(text)
+        with _rust_failures(self.origin, "encode"):
+            e = self._as_text.encode(text, add_special_tokens=False)
+        return e.ids, list(e.offsets)
+
+    def special_pieces(self) -> dict[str, int]:
+        # (transformers splits every added token out of a rendered template, special or not)
+        return {t.content: i for i, t in self.raw.get_added_tokens_decoder().items()}
+
+    def with_chat_tokens(self, template: str) -> HFTokenizer:
+        if self.alphabet is not None:
+            raise OpenLLMError(
+                f"the tokenizer ({self.describe()}) is a character vocabulary: it has no special tokens and cannot "
+                "take chat tokens; fine-tune with a byte-level BPE or SentencePiece tokenizer, or give data whose "
+                "tokenizer has a chat template"
+            )
+        raw = RawTokenizer.from_str(self.raw.to_str())
+        for t in CHAT_TOKENS:
+            i = raw.token_to_id(t)
+            if i is not None and i not in self.special_pieces().values():
+                raise OpenLLMError(f"the tokenizer has {t!r} as an ordinary token (id {i}); it cannot be a chat token")
+        raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])
+        roles = {f"{r}_token": self.id_to_piece(i) for r in ROLES if (i := getattr(self.special, r)) is not None}
+        return HFTokenizer(raw, {**roles, "chat_template": template}, None, self.origin)
 
     def decode(self, ids: Iterable[int]) -> str:
         with _rust_failures(self.origin, "decode"):
@@ -129,14 +170,6 @@ def _rust_failures(origin: str, action: str) -> Iterator[None]:
         reason = (str(exc).strip().splitlines() or ["no reason given"])[0][:200]
         name = f"the tokenizer {origin}" if origin else "the tokenizer"
         raise OpenLLMError(f"{name} failed to {action} this text ({reason})") from None
-
-
-def _chat_template(value) -> str | None:
-    """``chat_template`` as transformers writes it: a string, or a list of named templates."""
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        value = named.get("default") or next(iter(named.values()), None)
-    return value if isinstance(value, str) and value else None
 
 
 def _uses(component: dict | None, type_name: str) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import read_json
-from openllm.data.tokenizer.base import CONFIG_FILE, Tokenizer
+from openllm.data.tokenizer.base import CONFIG_FILE, Tokenizer, read_chat_template
 from openllm.data.tokenizer.hf import JSON_FILE, read_tokenizer_json, read_vocab_merges, train_bytelevel_bpe
 from openllm.data.tokenizer.spm import MODEL_FILE, read_sentencepiece, train_sentencepiece
 
@@ -60,7 +60,9 @@ def load_tokenizer(path: str | os.PathLike, model_config: dict | None = None) ->
     if not file.is_file():
         raise OpenLLMError(f"tokenizer not found: {file}")
     if file.suffix == ".model":
-        return read_sentencepiece(file.read_bytes(), str(file))
+        tok = read_sentencepiece(file.read_bytes(), str(file))
+        tok.chat_template = read_chat_template(read_tokenizer_config(file.parent).get("chat_template"))
+        return tok
     if file.suffix != ".json":
         raise OpenLLMError(f"{file}: not a tokenizer file (expected {SEARCHED})")
     tok_config = read_tokenizer_config(file.parent)

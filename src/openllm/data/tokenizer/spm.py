@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import sentencepiece as spm
 
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_write_bytes
-from openllm.data.tokenizer.base import SpecialTokens, Tokenizer
+from openllm.data.tokenizer.base import CHAT_TOKENS, SpecialTokens, Tokenizer
 
 MODEL_FILE = "tokenizer.model"
 
@@ -47,6 +50,59 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=self.threads or _threads())
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Spans from the pieces' own bytes (``▁`` is a space, ``<0xNN>`` one byte), which join into the text
+        (after the dummy prefix space) where the model's normalisation keeps the text as it is."""
+        ids = self.sp.encode(text)
+        parts = [
+            bytes([int(p[3:5], 16)]) if self.sp.is_byte(i) else p.replace("\u2581", " ").encode("utf-8")
+            for i, p in zip(ids, (self.sp.id_to_piece(i) for i in ids), strict=True)
+        ]
+        data, joined = text.encode("utf-8"), b"".join(parts)
+        if joined not in (data, b" " + data):
+            raise OpenLLMError(
+                f"the SentencePiece model ({self.describe()}) normalises text, so its tokens cannot be placed in the "
+                "text of a chat template"
+            )
+        starts = [0]  # the UTF-8 start of each character, and the end
+        for c in text:
+            starts.append(starts[-1] + len(c.encode("utf-8")))
+        pos, spans = len(data) - len(joined), []
+        for part in parts:
+            a, b = max(pos, 0), max(pos + len(part), 0)
+            spans.append((bisect_right(starts, a) - 1 if a < len(data) else len(text), bisect_left(starts, b)))
+            pos += len(part)
+        return ids, spans
+
+    def special_pieces(self) -> dict[str, int]:
+        # (control pieces and the unknown one: the tokens the tokenizer.json of an export adds as special)
+        return dict(self._special_pieces)
+
+    @cached_property
+    def _special_pieces(self) -> dict[str, int]:
+        n = self.vocab_size
+        return {self.id_to_piece(i): i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+
+    def with_chat_tokens(self, template: str) -> SentencePieceTokenizer:
+        """Chat tokens as control pieces appended to the model: encoding text never yields a control piece, and
+        decoding leaves it out. The pieces are appended to the serialised model as protobuf records of its
+        repeated ``pieces`` field (field 1: piece, score, type 3 = CONTROL), which needs no protobuf library."""
+        data = self.model_bytes
+        for t in CHAT_TOKENS:
+            i = self.sp.piece_to_id(t)
+            if self.id_to_piece(i) == t:
+                if not self.sp.is_control(i):
+                    raise OpenLLMError(
+                        f"the tokenizer has {t!r} as an ordinary piece (id {i}); it cannot be a chat token"
+                    )
+                continue
+            piece = t.encode("utf-8")
+            record = b"\x0a" + _varint(len(piece)) + piece + b"\x15" + struct.pack("<f", 0.0) + b"\x18\x03"
+            data += b"\x0a" + _varint(len(record)) + record
+        tok = read_sentencepiece(data, "<with chat tokens>")
+        tok.chat_template = template
+        return tok
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([i for i in map(int, ids) if i not in self._markup])
 
@@ -63,6 +119,15 @@ class SentencePieceTokenizer(Tokenizer):
     def _write_files(self, directory: Path) -> list[str]:
         atomic_write_bytes(directory / MODEL_FILE, self.model_bytes)
         return [MODEL_FILE]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
 
 
 def read_sentencepiece(data: bytes, origin: str) -> SentencePieceTokenizer:

@@ -1,0 +1,195 @@
+"""`openllm finetune`: a base model (ours, or a Hugging Face directory) fine-tuned on conversations with every
+guarantee of training: checkpoints that verify, the best model, exact resume after a kill (full and LoRA),
+the loss on what the assistant says only, rows that never see each other, LoRA exported as merged weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from openllm.data.chat import encode_chat
+from openllm.data.conversations import load_conversations
+from openllm.data.synthetic import write_jsonl
+from openllm.inference.loading import load_model
+from tests.conftest import cli, live_server, load
+
+RUN = ["--batch-size", "4", "--seq-len", "64", "--eval-every", "4", "--save-every", "4", "--eval-batches", "2",
+       "--sample-tokens", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chats") / "chats.jsonl"
+    write_jsonl(path, 200, seed=0)
+    return path
+
+
+def finetune(base, chats, out, *extra, env=None):
+    return cli("finetune", "--model", str(base), "--data", str(chats), "--output-dir", str(out), *RUN, *extra, env=env)
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_a_killed_finetune_resumes_bit_identically(llama_run, chats, tmp_path, lora):
+    steps = ["--max-steps", "8", *lora]
+    r = finetune(llama_run, chats, tmp_path / "ref", *steps)
+    assert r.returncode == 0, r.stderr
+    r = finetune(llama_run, chats, tmp_path / "cut", *steps, env={"OPENLLM_FAULT": "step:6"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    r = finetune(llama_run, chats, tmp_path / "cut", *steps, "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout + r.stderr
+    a, b = load(tmp_path / "ref" / "final_model.pt"), load(tmp_path / "cut" / "final_model.pt")
+    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
+    assert all(torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]) for k in a["model_state_dict"])
+    steps_logged = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, 9))
+    for name in ("best_model.pt", "final_model.pt"):
+        assert cli("verify", str(tmp_path / "ref" / name)).returncode == 0
+    # the chat tokens were added to the tokenizer and the model grew by them
+    base_vocab = load(llama_run / "best_model.pt")["config"]["vocab_size"]
+    assert a["config"]["vocab_size"] == base_vocab + 2
+    if lora:  # adapters (and the grown embedding) only, with the base they fit
+        assert "lora_base" in a and any(".lora_A." in k for k in a["model_state_dict"])
+        assert not any(k.endswith(".attn.c_proj.weight") or ".mlp." in k for k in a["model_state_dict"])
+    loaded = load_model(tmp_path / "ref" / "best_model.pt")  # (LoRA: the adapters merged into the base)
+    assert loaded.tokenizer.chat_template and loaded.model.config.vocab_size == base_vocab + 2
+
+
+def test_rows_never_see_each_other_and_only_the_assistant_carries_loss(small_dataset, chats, tmp_path):
+    from openllm.data.conversations import prepare_conversations
+    from openllm.model import build_model
+    from openllm.model.config import model_config_for
+    from openllm.training.chatdata import IGNORE, ConversationSampler, inputs_targets
+
+    chat_set = prepare_conversations([chats], small_dataset.path / "tokenizer.model", tmp_path / "set", max_tokens=65)
+    tok = chat_set.tokenizer
+    sampler = ConversationSampler(chat_set.train, seed=0, pad_id=0)
+    x, y = inputs_targets(sampler.windows(0, 4))
+    # the targets are the next ids where the mask is set: what the assistant says and its end of turn
+    for row in range(4):
+        ids, mask = chat_set.train[int(sampler._perm[row])]
+        n = len(ids) - 1
+        assert torch.equal(x[row, :n], torch.from_numpy(ids[:-1]))
+        want = np.where(mask[1:], ids[1:], IGNORE)
+        assert torch.equal(y[row, :n], torch.from_numpy(want)) and bool((y[row, n:] == IGNORE).all())
+        assert tok.decode([int(t) for t in y[row] if t != IGNORE]).strip() in tok.decode(ids.tolist())
+    model = build_model(model_config_for("tiny", vocab_size=tok.vocab_size, dropout=0.0)).eval()
+
+    def row_losses(inputs):
+        logits, _ = model(inputs, y)
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, ignore_index=IGNORE, reduction="none").sum(
+            1
+        )
+
+    with torch.no_grad():
+        before = row_losses(x)
+        changed = x.clone()
+        changed[0, :5] = (changed[0, :5] + 1) % tok.vocab_size  # another conversation in row 0
+        after = row_losses(changed)
+    assert torch.equal(before[1:], after[1:]) and not torch.equal(before[:1], after[:1])
+
+
+def test_the_training_ids_are_the_ids_transformers_makes_from_the_exported_template(llama_run, chats, tmp_path):
+    r = finetune(llama_run, chats, tmp_path / "ft", "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", "--checkpoint", str(tmp_path / "ft" / "best_model.pt"), "--output-dir", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    chat_set = load_conversations(tmp_path / "ft" / "conversations")
+    messages = json.loads(chats.read_text().splitlines()[0])["messages"]
+    ids, _ = encode_chat(chat_set.tokenizer, messages)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    got = hf_tok.apply_chat_template(messages, tokenize=True)
+    assert list(getattr(got, "input_ids", got)) == ids
+    # the server feeds the model the same ids (asking for the assistant's turn) and stops at the end of the turn
+    from openllm.inference.server import ServerLimits, create_app
+
+    loaded = load_model(tmp_path / "ft" / "best_model.pt")
+    im_end = loaded.tokenizer.piece_to_id("<|im_end|>")
+    app = create_app(loaded, "ft", ServerLimits(max_tokens=8, max_queue=4))
+    ask = messages[:-1]
+    prompt = encode_chat(loaded.tokenizer, ask, add_generation_prompt=True)[0]
+    assert prompt == ids[: len(prompt)]
+    with live_server(app) as url:
+        body = {"messages": ask, "max_tokens": 8, "temperature": 0, "logit_bias": {str(im_end): 100}}
+        answer = httpx.post(url + "/v1/chat/completions", json=body).json()
+        usage = answer["usage"]
+    assert usage["prompt_tokens"] == len(prompt), answer
+    assert answer["choices"][0]["finish_reason"] == "stop" and usage["completion_tokens"] == 0, answer
+
+
+def test_lora_exports_the_merged_weights(llama_run, chats, tmp_path):
+    r = finetune(llama_run, chats, tmp_path / "ft", "--max-steps", "4", "--lora-rank", "4", "--lora-alpha", "64")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", "--checkpoint", str(tmp_path / "ft" / "best_model.pt"), "--output-dir", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    ours = load_model(tmp_path / "ft" / "best_model.pt").model  # merged on loading
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    base = load_model(llama_run / "best_model.pt").model
+    with torch.no_grad():
+        assert (ours(x)[0] - theirs(x).logits).abs().max().item() < 1e-4
+        base_logits = base(x.clamp(max=base.config.vocab_size - 1))[0]
+    assert not torch.allclose(
+        ours(x.clamp(max=base.config.vocab_size - 1))[0][..., : base_logits.shape[-1]], base_logits
+    )
+    # GGUF: the merged weights too, with the chat template and its end-of-turn token
+    import gguf
+
+    r = cli("export", "--checkpoint", str(tmp_path / "ft" / "best_model.pt"), "--output-dir", str(tmp_path / "g"),
+            "--format", "gguf", "--gguf-dtype", "f32")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    reader = gguf.GGUFReader(tmp_path / "g" / "model.gguf")
+    tok = load_model(tmp_path / "ft" / "best_model.pt").tokenizer
+    assert reader.fields["tokenizer.chat_template"].contents() == tok.chat_template
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == tok.piece_to_id("<|im_end|>")
+    r = cli("export", "--checkpoint", str(llama_run / "best_model.pt"), "--output-dir", str(tmp_path / "g0"),
+            "--format", "gguf", "--gguf-dtype", "f32")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    before = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "g0" / "model.gguf").tensors}
+    assert not np.allclose(tensors["blk.0.attn_q.weight"], before["blk.0.attn_q.weight"])  # an adapter, merged in
+    assert np.array_equal(tensors["blk.0.ffn_down.weight"], before["blk.0.ffn_down.weight"])  # frozen, untouched
+
+
+def test_a_hugging_face_directory_is_converted_on_the_fly_and_exports_back(small_dataset, chats, tmp_path):
+    vocab = small_dataset.tokenizer.vocab_size
+    config = transformers.Qwen3Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(config).save_pretrained(tmp_path / "qwen3")
+    shutil.copy(small_dataset.path / "tokenizer.model", tmp_path / "qwen3" / "tokenizer.model")
+    r = finetune(tmp_path / "qwen3", chats, tmp_path / "ft", "--max-steps", "2")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", "--checkpoint", str(tmp_path / "ft" / "best_model.pt"), "--output-dir", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(back).__name__ == "Qwen3ForCausalLM" and back.config.vocab_size == vocab + 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--lora-rank", "4"], "unrecognized arguments: --lora-rank"),
+        (["finetune", "--model", "m", "--data", "c.jsonl", "--data-file", "x.txt"], "unrecognized arguments: --data-file"),
+        (["finetune", "--data", "c.jsonl"], "give --model"),
+        (["finetune", "--model", "m"], "give --data"),
+        (["finetune", "--model", "m", "--data", "c.jsonl", "--epochs", "2", "--max-steps", "3"], "--epochs or --max-steps"),
+        (["finetune", "--model", "m", "--data", "c.jsonl", "--lora-alpha", "8"], "--lora-alpha needs --lora-rank"),
+        (["finetune", "--model", "m", "--data", "c.jsonl", "--lora-rank", "2", "--lora-targets", "q,zz"], "--lora-targets"),
+        (["finetune", "--model", "m", "--data", "c.jsonl", "--epochs", "0"], "--epochs must be"),
+        (["finetune", "--model", "/no/such/model", "--data", "c.jsonl"], "--model not found"),
+    ],
+)  # fmt: skip
+def test_bad_finetune_options_are_one_line_errors(tmp_path, args, message):
+    r = cli(*args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "out").exists()
