@@ -55,6 +55,16 @@ def held_out(n_train: int, n_held: int) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
+def task_of(question: str) -> str:
+    """Which synthetic task a question is (openllm.data.synthetic's wording)."""
+    if question.startswith("What is"):
+        return "subtract" if " - " in question else "add"
+    for prefix, task in (("Reverse", "reverse"), ("Spell", "spell")):
+        if question.startswith(prefix):
+            return task
+    return "color" if "What color" in question else "place"
+
+
 def before_fine_tuning(base: Path):
     """The base model as a fine-tune starts from it: chat tokens added, their rows the mean of the others."""
     from openllm.data.chat import with_chat_tokens
@@ -111,8 +121,9 @@ def main() -> None:
         "--batch-size", "16", "--seq-len", "64", "--sample-tokens", "0", *tune,
     )  # fmt: skip
     held_files = [str(work / "held.jsonl")]
-    before = evaluate_chat(before_fine_tuning(base), held_files, 16, 16, "cpu")
-    after = evaluate_chat(load_model(work / "ft" / "best_model.pt"), held_files, 16, 16, "cpu")
+    before = evaluate_chat(before_fine_tuning(base), held_files, 16, 16, "cpu", per_conversation=True)
+    after = evaluate_chat(load_model(work / "ft" / "best_model.pt"), held_files, 16, 16, "cpu", per_conversation=True)
+    tasks = [task_of(c["messages"][0]["content"]) for c in held]
     kind = f"LoRA rank {a.lora_rank}" if a.lora_rank else "full fine-tuning"
     lines = [
         "## Fine-tuning a base model into an assistant (benchmarks/finetune_chat.py)",
@@ -128,7 +139,14 @@ def main() -> None:
         "| --- | ---: | ---: |",
         f"| base, before fine-tuning | {before['assistant_loss']:.3f} | {before['exact_match']:.1%} |",
         f"| fine-tuned (best_model.pt) | {after['assistant_loss']:.3f} | {after['exact_match']:.1%} |",
+        "",
+        "| task | held-out conversations | exact match before | exact match after |",
+        "| --- | ---: | ---: | ---: |",
     ]
+    for task in sorted(set(tasks)):
+        picked = [i for i, t in enumerate(tasks) if t == task]
+        was, now = (sum(result["correct"][i] for i in picked) / len(picked) for result in (before, after))
+        lines.append(f"| {task} | {len(picked)} | {was:.1%} | {now:.1%} |")
     shutil.rmtree(work, ignore_errors=True)
     if a.smoke or a.output == "-":
         print("\n".join(lines))

@@ -95,6 +95,8 @@ def test_finetune_chat_benchmark_smoke_scores_before_and_after():
         timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "%" in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["base, before fine-tuning", "fine-tuned (best_model.pt)"]
-    assert all(0 <= float(row.split("|")[3].strip().rstrip("%")) <= 100 for row in rows)
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in r.stdout.splitlines() if "%" in line]
+    models, tasks = [row for row in rows if len(row) == 3], [row for row in rows if len(row) == 4]
+    assert [row[0] for row in models] == ["base, before fine-tuning", "fine-tuned (best_model.pt)"]
+    assert sum(int(row[1]) for row in tasks) == 20  # every held-out conversation counted under its task
+    assert all(0 <= float(cell.rstrip("%")) <= 100 for row in rows for cell in row if cell.endswith("%"))

@@ -96,10 +96,18 @@ def training_sources(training_config: dict) -> set[str]:
     return hashes
 
 
-def evaluate_chat(loaded: LoadedModel, files: Sequence[str], batch_size: int, max_answer_tokens: int, device) -> dict:
+def evaluate_chat(
+    loaded: LoadedModel,
+    files: Sequence[str],
+    batch_size: int,
+    max_answer_tokens: int,
+    device,
+    per_conversation: bool = False,
+) -> dict:
     """A chat model on conversations: the token-weighted loss on what the assistant says (with its end of turn),
     through the chat template the model was fine-tuned with; and how many greedy answers to the last user turn
-    equal the last assistant message exactly (surrounding whitespace aside)."""
+    equal the last assistant message exactly (surrounding whitespace aside). ``per_conversation`` adds
+    ``correct``: whether each conversation's answer was right, in order."""
     import torch
 
     from openllm.data.chat import encode_chat, end_of_turn_ids
@@ -141,10 +149,12 @@ def evaluate_chat(loaded: LoadedModel, files: Sequence[str], batch_size: int, ma
             raise OpenLLMError("--chat-data: a conversation leaves no room in the context for an answer")
         streams.append(TokenStream())
         engine.submit(ids, SamplingOptions(max_new_tokens=room, temperature=0), stop, reader=streams[-1])
-    right = sum(
+    correct = [
         tok.decode([s.token for s in stream]).strip() == want for stream, want in zip(streams, answers, strict=True)
-    )
+    ]
+    right = sum(correct)
     return {
+        **({"correct": correct} if per_conversation else {}),
         "assistant_loss": total / max(counted, 1),
         "exact_match": right / len(answers),
         "conversations": len(answers),
