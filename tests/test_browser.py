@@ -28,7 +28,7 @@ def _devtools_url(port: int, deadline: float) -> str:
     raise AssertionError("Chromium did not open its DevTools endpoint")
 
 
-async def _drive(ws_url: str, page_url: str) -> tuple[str, str]:
+async def _drive(ws_url: str, page_url: str, mode: str) -> tuple[str, str]:
     async with websockets.connect(ws_url, max_size=None) as ws:
         counter = 0
 
@@ -55,7 +55,8 @@ async def _drive(ws_url: str, page_url: str) -> tuple[str, str]:
         await js("document.getElementById('prompt').focus(); document.getElementById('prompt').select()")
         await call("Input.insertText", text="JULIET:")
         await js(
-            "document.getElementById('temperature').value = '0'; document.getElementById('max_tokens').value = '12'"
+            "document.getElementById('temperature').value = '0'; document.getElementById('max_tokens').value = '12'; "
+            f"document.getElementById('mode').value = '{mode}'"
         )
         await js("document.getElementById('submit').click()")
         for _ in range(300):
@@ -69,14 +70,21 @@ async def _drive(ws_url: str, page_url: str) -> tuple[str, str]:
         )
 
 
-def test_page_types_submits_and_streams_the_result(server):
+@pytest.mark.parametrize("mode", ["complete", "chat"])
+def test_page_types_submits_and_streams_the_result(server, mode):
     url, _ = server
     assert CHROMIUM, "chromium is not installed (scripts/test.sh installs it with apt-get)"
     import httpx
 
-    expected = httpx.post(
-        url + "/v1/completions", json={"prompt": "JULIET:", "max_tokens": 12, "temperature": 0}
-    ).json()
+    if mode == "chat":  # the typed text is the user's turn; the answer streams in under it
+        messages = [{"role": "user", "content": "JULIET:"}]
+        answer = httpx.post(
+            url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 12, "temperature": 0}
+        ).json()
+        expected = "You: JULIET:\n\nAssistant: " + answer["choices"][0]["message"]["content"]
+    else:
+        answer = httpx.post(url + "/v1/completions", json={"prompt": "JULIET:", "max_tokens": 12, "temperature": 0})
+        expected = "JULIET:" + answer.json()["choices"][0]["text"]
     port = 9300 + int(time.time()) % 500
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
@@ -100,9 +108,9 @@ def test_page_types_submits_and_streams_the_result(server):
         )
         try:
             ws_url = _devtools_url(port, time.time() + 30)
-            status, output = asyncio.run(_drive(ws_url, url + "/"))
+            status, output = asyncio.run(_drive(ws_url, url + "/", mode))
         finally:  # Chromium starts helper processes: end the whole group
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=10)
     assert status == "done", status
-    assert output == "JULIET:" + expected["choices"][0]["text"]
+    assert output == expected
