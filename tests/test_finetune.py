@@ -107,6 +107,13 @@ def test_the_training_ids_are_the_ids_transformers_makes_from_the_exported_templ
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     got = hf_tok.apply_chat_template(messages, tokenize=True)
     assert list(getattr(got, "input_ids", got)) == ids
+    # `openllm eval --chat-data` scores the fine-tuned model on conversations; text-only options are refused by name
+    r = cli("eval", "--model", str(tmp_path / "ft"), "--chat-data", str(chats), "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["conversations"] == 200 and 0 <= report["exact_match"] <= 1 and report["assistant_loss"] > 0
+    r = cli("eval", "--model", str(tmp_path / "ft"), "--chat-data", str(chats), "--seq-len", "32")
+    assert r.returncode == 2 and "--seq-len goes with --data" in r.stderr, r.stderr
     # the server feeds the model the same ids (asking for the assistant's turn) and stops at the end of the turn
     from openllm.inference.server import ServerLimits, create_app
 

@@ -120,11 +120,18 @@ class Collected(Reader):
         self.items.append(item)
 
 
+def stop_ids(eos_id: int | frozenset[int] | None) -> frozenset[int]:
+    """The ids that end a sequence, from ``submit``'s ``eos_id``: one id, a set of them, or none."""
+    if eos_id is None:
+        return frozenset()
+    return frozenset([eos_id]) if isinstance(eos_id, int) else frozenset(eos_id)
+
+
 @dataclass(eq=False)
 class Sequence:
     ids: list[int]  # the prompt
     opts: SamplingOptions
-    eos_id: int | frozenset[int] | None  # the id (or ids: a chat's end of turn and eos) that end it
+    stop_ids: frozenset[int]  # the ids that end it (eos; a chat's end of turn too), never yielded
     logprobs: int | None  # alternatives wanted with each token's log-probability (None: no log-probabilities)
     cancel: threading.Event  # the request's: its client went away
     reader: Reader
@@ -173,7 +180,7 @@ class Engine:
         reader = reader or TokenStream()
         sampler = RowSampler(opts, ids, self.vocab_size, self.device)
         seq = Sequence(
-            list(ids), opts, eos_id, logprobs, cancel or threading.Event(), reader, sampler, history=list(ids)
+            list(ids), opts, stop_ids(eos_id), logprobs, cancel or threading.Event(), reader, sampler, history=list(ids)
         )
         reader.seq = seq
         with self.wake:
@@ -249,7 +256,7 @@ class Engine:
         """What the sequence's reader gets of its chosen ``step``: the step, a :class:`Finished`, or both."""
         if seq.ended() or seq.produced >= seq.opts.max_new_tokens:
             return [Finished()]
-        if step.token == seq.eos_id or (isinstance(seq.eos_id, frozenset) and step.token in seq.eos_id):
+        if step.token in seq.stop_ids:
             return [Finished(step)]
         seq.history.append(step.token)
         return [step, Finished()] if seq.produced >= seq.opts.max_new_tokens else [step]

@@ -38,7 +38,9 @@ def evaluate_models(
             metavar="FILE",
         ),
     ] = None,
-    max_answer_tokens: Annotated[int, Opt("longest greedy answer for --chat-data", parse=positive_int)] = 64,
+    max_answer_tokens: Annotated[
+        int | None, Opt("longest greedy answer for --chat-data", parse=positive_int, default_text="64")
+    ] = None,
     batch_size: Annotated[int, Opt("windows per forward pass", parse=positive_int)] = 8,
     seq_len: Annotated[int | None, Opt("window length", parse=positive_int, default_text="the model's context")] = None,
     stride: Annotated[
@@ -56,12 +58,21 @@ def evaluate_models(
     ``chat_data``: model, assistant_loss, exact_match, conversations, assistant_tokens)."""
     if (data is None) == (chat_data is None):
         raise OpenLLMError("give --data (text) or --chat-data (conversations), one of them")
+    text_only = {"--seq-len": seq_len, "--stride": stride, "--allow-training-data": allow_training_data or None}
+    wrong = [flag for flag, v in text_only.items() if v is not None] if chat_data is not None else []
+    if chat_data is None and max_answer_tokens is not None:
+        wrong = ["--max-answer-tokens"]
+    if wrong:
+        other = "--data" if chat_data is not None else "--chat-data"
+        raise OpenLLMError(f"{wrong[0]} goes with {other}, not with {'--chat-data' if other == '--data' else '--data'}")
     dev = resolve_device(device)
     results = []
     for path in models:
         loaded = load_model(path, dev)
         if chat_data is not None:
-            results.append({"model": str(path), **evaluate_chat(loaded, chat_data, batch_size, max_answer_tokens, dev)})
+            results.append(
+                {"model": str(path), **evaluate_chat(loaded, chat_data, batch_size, max_answer_tokens or 64, dev)}
+            )
             continue
         assert data is not None
         if Path(data).is_dir():

@@ -14,6 +14,8 @@ the epoch), so the data position stays the one integer a checkpoint records and 
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 
@@ -91,8 +93,6 @@ def inputs_targets(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def split_digest(split: ConversationSplit) -> str:
     """sha256 of a split's ids and masks (the validation text's fingerprint)."""
-    import hashlib
-
     digest = hashlib.sha256()
     digest.update(np.ascontiguousarray(split.offsets).tobytes())
     digest.update(np.ascontiguousarray(split.ids).tobytes())

@@ -686,10 +686,8 @@ def _check(values: dict[str, Any]) -> None:
     FinetuneOptions(**{f.name: values[f.name] for f in fields(FinetuneOptions)}).lora()  # (refuses by option name)
     if not isinstance(values["skip_bad_records"], bool):
         raise bad("skip_bad_records", "true or false", values["skip_bad_records"])
-    if values["base_model"] is None and any(
-        values[n] != DEFAULTS[n] for n in FINETUNE_ONLY if n in DEFAULTS and values[n] is not None
-    ):
-        changed = next(n for n in FINETUNE_ONLY if n in DEFAULTS and values[n] != DEFAULTS[n])
+    changed = next((n for n in FINETUNE_ONLY if n in DEFAULTS and values[n] != DEFAULTS[n]), None)
+    if values["base_model"] is None and changed is not None:
         raise OpenLLMError(f"--{changed.replace('_', '-')} is a fine-tuning option (openllm finetune --model ...)")
     if values["data"] and values["data_file"]:
         raise OpenLLMError("give either --data (a prepared dataset) or --data-file (raw text), not both")
