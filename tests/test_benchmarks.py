@@ -100,3 +100,17 @@ def test_finetune_chat_benchmark_smoke_scores_before_and_after():
     assert [row[0] for row in models] == ["base, before fine-tuning", "fine-tuned (best_model.pt)"]
     assert sum(int(row[1]) for row in tasks) == 20  # every held-out conversation counted under its task
     assert all(0 <= float(cell.rstrip("%")) <= 100 for row in rows for cell in row if cell.endswith("%"))
+
+
+def test_near_dedup_benchmark_smoke_counts_every_planted_copy_once():
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "near_dedup.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in r.stdout.splitlines() if "% |" in line]
+    assert len(rows) == 5 and sum(int(row[1]) for row in rows) == 40  # the five kinds of copy, 40 planted
+    assert rows[2][0] == "lines rewrapped" and rows[2][3] == "100.0%"  # the same words, whatever the lines
+    assert "Recall" in r.stdout and "more per MB" in r.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import re
 
@@ -294,7 +295,9 @@ def test_long_conversations_are_truncated_from_the_left_or_refused(spm, tmp_path
             {"role": "assistant", "content": f"{k} is a number."},
         ]
     ends_with_user = [*long[:3], {"role": "user", "content": "word " * 200}]
-    records = [{"messages": long}, {"messages": ends_with_user}, *synthetic.conversations(6, seed=2)]
+    short = [[{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]
+             for i in range(6)]  # fmt: skip
+    records = [{"messages": long}, {"messages": ends_with_user}, *({"messages": m} for m in short)]
     path = write_jsonl(tmp_path / "long.jsonl", records)
     s = prepare_conversations([path], spm, tmp_path / "s", max_tokens=60, validation_fraction=0.3)
     assert s.stats["truncated"] == 1 and s.stats["dropped_too_long"] == 1
@@ -327,16 +330,19 @@ def test_a_failed_preparation_leaves_the_earlier_set(spm, tmp_path):
 
 
 def _answer(question: str) -> str:
-    if m := re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", question):
-        a, op, b = int(m[1]), m[2], int(m[3])
-        return str(a + b if op == "+" else a - b)
-    if m := re.fullmatch(r"Reverse the word '(\w+)'\.", question):
-        return m[1][::-1]
-    if m := re.fullmatch(r"Spell the word '(\w+)'\.", question):
-        return "-".join(m[1])
+    """The expected answer, worked out from the question's words alone."""
+    if m := re.fullmatch(r"What is (\d) ([+-]) (\d)\?", question):
+        return str(int(m[1]) + int(m[3]) if m[2] == "+" else int(m[1]) - int(m[3]))
+    if m := re.fullmatch(r"(\w+) has (\d) (\w+) and gets (\d) more\. How many \3 does \1 have now\?", question):
+        return str(int(m[2]) + int(m[4]))
+    if m := re.fullmatch(r"(\w+) has (\d) (\w+) and gives (\d) away\. How many \3 does \1 have left\?", question):
+        assert int(m[2]) >= int(m[4])
+        return str(int(m[2]) - int(m[4]))
+    if m := re.fullmatch(r"Say the list ([\w, ]+) backwards\.", question):
+        return ", ".join(m[1].split(", ")[::-1])
     if m := re.fullmatch(r"\w+ has a (\w+) (\w+)\. What color is the \2 of \w+\?", question):
         return m[1]
-    if m := re.fullmatch(r"The (\w+) is in the (\w+)\. Where is the \1\?", question):
+    if m := re.fullmatch(r"\w+ put the (\w+) in the (\w+)\. Where is the \1\?", question):
         return m[2]
     raise AssertionError(question)
 
@@ -347,9 +353,11 @@ def test_synthetic_conversations_are_deterministic_and_right(tmp_path):
     for c in convs:
         user, assistant = c["messages"]
         assert user["role"] == "user" and assistant["role"] == "assistant"
-        assert assistant["content"] == _answer(user["content"]) and len(assistant["content"]) <= 16
-    firsts = {c["messages"][0]["content"].split()[0] for c in convs}  # every kind of task is there
-    assert {"What", "Reverse", "Spell", "The"} <= firsts and firsts & set(synthetic.NAMES)
+        assert assistant["content"] == _answer(user["content"]) and len(assistant["content"]) <= 24
+    tasks = [task for task, _ in itertools.islice(synthetic.tasks_and_conversations(seed=11), 300)]
+    assert set(tasks) == set(synthetic.TASKS) and min(map(tasks.count, synthetic.TASKS)) > 25  # drawn evenly
+    questions = {c["messages"][0]["content"] for c in synthetic.conversations(3000, seed=0)}
+    assert len(questions) > 2400  # most draws are new: held-out questions can be ones never seen in training
     synthetic.write_jsonl(tmp_path / "s.jsonl", 5, seed=11)
     lines = (tmp_path / "s.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == convs[:5]

@@ -112,6 +112,12 @@ def test_the_training_ids_are_the_ids_transformers_makes_from_the_exported_templ
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["conversations"] == 200 and 0 <= report["exact_match"] <= 1 and report["assistant_loss"] > 0
+    # the run's report names its conversations, and holds the evaluation once `openllm report` rebuilds it
+    assert "fine-tuned from" in (tmp_path / "ft" / "README.md").read_text()
+    assert cli("report", str(tmp_path / "ft")).returncode == 0
+    assert (
+        f"exact match {report['exact_match']:.1%} of 200 conversations" in (tmp_path / "ft" / "README.md").read_text()
+    )
     r = cli("eval", "--model", str(tmp_path / "ft"), "--chat-data", str(chats), "--seq-len", "32")
     assert r.returncode == 2 and "--seq-len goes with --data" in r.stderr, r.stderr
     # the server feeds the model the same ids (asking for the assistant's turn) and stops at the end of the turn
@@ -200,3 +206,38 @@ def test_bad_finetune_options_are_one_line_errors(tmp_path, args, message):
     r = cli(*args, "--output-dir", str(tmp_path / "out"), cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.llamacpp
+def test_llama_cpp_applies_the_gguf_chat_template_to_the_same_ids_and_stops_at_the_end_of_turn(
+    llama_run, chats, tmp_path
+):
+    """Opt-in (`pytest -m llamacpp`): needs llama-cpp-python, which builds llama.cpp from source. The GGUF file's
+    `tokenizer.chat_template`, rendered by llama-cpp-python's Jinja formatter and tokenized by llama.cpp, gives the
+    ids training used; its greedy chat completion is ours, ending at `<|im_end|>` (the file's end-of-turn id)."""
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    assert finetune(llama_run, chats, tmp_path / "ft", "--max-steps", "8").returncode == 0
+    r = cli("export", "--checkpoint", str(tmp_path / "ft" / "best_model.pt"), "--output-dir", str(tmp_path / "g"),
+            "--format", "gguf", "--gguf-dtype", "f32")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    ours = load_model(tmp_path / "ft" / "best_model.pt")
+    tok = ours.tokenizer
+    llm = Llama(model_path=str(tmp_path / "g" / "model.gguf"), n_ctx=128, verbose=False)
+    template = llm.metadata["tokenizer.chat_template"]
+    assert template == tok.chat_template
+    im_end = tok.piece_to_id("<|im_end|>")
+    for line in chats.read_text().splitlines()[:4]:
+        ask = json.loads(line)["messages"][:-1]
+        prompt = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")(messages=ask).prompt
+        ids = encode_chat(tok, ask, add_generation_prompt=True)[0]
+        assert llm.tokenize(prompt.encode(), add_bos=tok.special.add_bos, special=True) == ids
+        want: list[int] = []
+        with torch.no_grad():
+            while len(want) < 12 and (not want or want[-1] != im_end):
+                want.append(int(ours.model(torch.tensor([ids + want]))[0][0, -1].argmax()))
+        answer = llm.create_chat_completion(messages=ask, max_tokens=12, temperature=0.0)["choices"][0]
+        ended = want[-1] == im_end
+        assert answer["finish_reason"] == ("stop" if ended else "length"), answer
+        assert answer["message"]["content"] == tok.decode(want[:-1] if ended else want), answer

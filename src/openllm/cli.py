@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from openllm import __version__
@@ -74,6 +75,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
         f"prepared {ds.path}: {m['documents_read']:,} documents read, {m['duplicates_dropped']:,} duplicates dropped, "
         + (f"{skipped:,} bad records skipped, " if skipped else "")
         + (f"{m['documents_cut']:,} over-long documents cut, " if m.get("documents_cut") else "")
+        + "".join(f"{n:,} dropped by --{k.replace('_', '-')}, " for k, n in m.get("filtered_documents", {}).items())
+        + (f"{m['near_duplicates_dropped']:,} near-duplicates dropped, " if m.get("near_dedup") else "")
         + f"{m['train_documents']:,} train / {m['val_documents']:,} validation documents, "
         f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens, vocab {m['vocab_size']:,}; {read_mb:,.1f} MB in "
         f"{m['seconds']:.2f} s ({read_mb / max(m['seconds'], 1e-9):,.1f} MB/s), peak memory "
@@ -152,6 +155,11 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"warning: no sample printed: --sample-prompt: {exc}", file=sys.stderr)
             return 0
         print(f"--- sample from best_model.pt ---\n{prompt}{text}\n---")
+        from openllm.checkpoint.report import SAMPLE, write_report
+        from openllm.core.fileio import atomic_write_text
+
+        atomic_write_text(result.run_dir / SAMPLE, prompt + text)
+        write_report(result.run_dir)  # the report now shows the sample too
     return 0
 
 
@@ -264,6 +272,28 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_push(sub: Any) -> None:
+    from openllm.interop.hub import push_model
+
+    p = sub.add_parser(
+        "push",
+        help="upload a model to the Hugging Face Hub in one commit (an export, or a run exported first)",
+        description="Upload an export directory, or a run directory or checkpoint (exported first; --gguf adds "
+        "model.gguf), with its model card and tokenizer, to a Hub repository in one commit. The token is HF_TOKEN "
+        "or the one `hf auth login` saved. --dry-run lists the files and checks the name without network.",
+    )
+    p.add_argument("path", help="export directory, run directory or checkpoint file")
+    add_options(p, push_model)
+    p.set_defaults(func=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from openllm.interop.hub import push_model
+
+    push_model(args.path, **option_values(args, push_model))
+    return 0
+
+
 # ------------------------------------------------------------------ inspect / compare / verify
 
 
@@ -365,6 +395,29 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(sub: Any) -> None:
+    p = sub.add_parser(
+        "report",
+        help="rebuild a run's README.md report (with the evaluations run since)",
+        description="Rebuild RUN_DIR/README.md from the run directory's files: data, tokenizer, model, recipe, "
+        "wall time, throughput, validation loss and bits per byte, curves, the evaluations `openllm eval` recorded "
+        "there, the sample, the machine, library versions and commit. Written automatically as a run ends.",
+    )
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--print", action="store_true", help="print the report instead of writing README.md")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from openllm.checkpoint.report import run_report, write_report
+
+    if args.print:
+        print(run_report(Path(args.run_dir)))
+    else:
+        print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 def _add_plot(sub: Any) -> None:
     p = sub.add_parser(
         "plot",
@@ -441,10 +494,12 @@ COMMANDS: dict[str, Callable] = {
     "eval": _add_eval,
     "convert": _add_convert,
     "export": _add_export,
+    "push": _add_push,
     "inspect": _add_inspect,
     "compare": _add_compare,
     "verify": _add_verify,
     "plot": _add_plot,
+    "report": _add_report,
     "serve": _add_serve,
 }
 

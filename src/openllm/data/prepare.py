@@ -62,6 +62,8 @@ from openllm.core.progress import Progress
 from openllm.core.untrusted import read_json
 from openllm.data.corpus import DOC_MODES
 from openllm.data.dataset import FORMAT, META_FILE, PreparedDataset, token_dtype
+from openllm.data.filters import QualityFilters
+from openllm.data.neardup import NearDedup, NearDuplicateIndex
 from openllm.data.sources import MAX_DOCUMENT_MB, Reader, expand_inputs, sha256_file
 from openllm.data.tokenizer import TOKENIZER_TYPES, Tokenizer, load_tokenizer, train_tokenizer
 
@@ -299,6 +301,50 @@ def prepare_dataset(
             parse=document_mb,
         ),
     ] = MAX_DOCUMENT_MB,
+    min_chars: Annotated[
+        int | None, Opt("quality filter: drop documents shorter than this many characters", parse=positive_int)
+    ] = None,
+    max_chars: Annotated[
+        int | None, Opt("quality filter: drop documents longer than this many characters", parse=positive_int)
+    ] = None,
+    min_alpha_fraction: Annotated[
+        float | None,
+        Opt(
+            "quality filter: drop documents whose letters are less than this share of their non-space characters",
+            parse=fraction,
+        ),
+    ] = None,
+    max_repeated_lines: Annotated[
+        float | None,
+        Opt(
+            "quality filter: drop documents in which more than this share of the lines repeat an earlier line",
+            parse=fraction,
+        ),
+    ] = None,
+    max_repeated_ngrams: Annotated[
+        float | None,
+        Opt(
+            "quality filter: drop documents in which more than this share of the word 5-grams repeat an earlier one",
+            parse=fraction,
+        ),
+    ] = None,
+    near_dedup: Annotated[
+        bool, Opt("drop documents that are near-copies of one kept before (MinHash over word shingles with LSH)")
+    ] = False,
+    near_dedup_threshold: Annotated[
+        float | None,
+        Opt(
+            "--near-dedup: the estimated Jaccard similarity from which a document is a near-copy",
+            parse=fraction,
+            default_text="0.8",
+        ),
+    ] = None,
+    near_dedup_permutations: Annotated[
+        int | None, Opt("--near-dedup: MinHash permutations (signature length)", parse=positive_int, default_text="112")
+    ] = None,
+    near_dedup_shingle: Annotated[
+        int | None, Opt("--near-dedup: words per shingle", parse=positive_int, default_text="5")
+    ] = None,
     force: Annotated[bool, Opt("overwrite a different dataset in --output-dir")] = False,
 ) -> PreparedDataset:
     """Prepare ``inputs`` into ``output_dir`` and return the dataset.
@@ -322,6 +368,25 @@ def prepare_dataset(
         raise OpenLLMError(f"--workers must be from 1 to {MAX_WORKERS} ({WORKERS_BOUND}), got {workers}")
     if not 0.001 <= max_document_mb <= 1024:
         raise OpenLLMError(f"--max-document-mb must be from 0.001 to 1024, got {max_document_mb}")
+    filters = QualityFilters(min_chars, max_chars, min_alpha_fraction, max_repeated_lines, max_repeated_ngrams)
+    for name, value in filters.active().items():
+        if isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and not value > 0:
+            bound = "between 0 and 1" if isinstance(value, float) else "positive"
+            raise OpenLLMError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+    tuning = {"--near-dedup-threshold": near_dedup_threshold, "--near-dedup-permutations": near_dedup_permutations,
+              "--near-dedup-shingle": near_dedup_shingle}  # fmt: skip
+    if not near_dedup and (given := [k for k, v in tuning.items() if v is not None]):
+        raise OpenLLMError(f"{given[0]} needs --near-dedup")
+    near = None
+    if near_dedup:
+        near = NearDedup(near_dedup_threshold or 0.8, near_dedup_permutations or 112, near_dedup_shingle or 5, seed)
+        if not 0 < near.threshold < 1 or not 2 <= near.permutations <= 1024 or not 1 <= near.shingle <= 64:
+            raise OpenLLMError(
+                "--near-dedup-threshold must be between 0 and 1, --near-dedup-permutations from 2 to 1024 and "
+                f"--near-dedup-shingle from 1 to 64 (got {near.threshold}, {near.permutations}, {near.shingle})"
+            )
+    if min_chars is not None and max_chars is not None and min_chars > max_chars:
+        raise OpenLLMError(f"--min-chars {min_chars} is above --max-chars {max_chars}: no document could pass")
     sample_bytes = int(tokenizer_sample_mb * 1e6)
     free = available_memory()
     if tokenizer is None and free is not None and SAMPLE_MEMORY * sample_bytes > free:
@@ -335,7 +400,7 @@ def prepare_dataset(
         expand_inputs([val_path])
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     settings = _settings(
-        val_fraction, seed, doc_mode, text_field, skip_bad_records, val_path is not None, max_document_mb
+        val_fraction, seed, doc_mode, text_field, skip_bad_records, val_path is not None, max_document_mb, filters, near
     )
     input_info = [_file_info(p) for p in files]
     val_info = _file_info(val_path) if val_path is not None else None
@@ -385,6 +450,8 @@ def prepare_dataset(
                     workers=workers,
                     sample_bytes=sample_bytes,
                     max_document_bytes=int(max_document_mb * 1e6),
+                    filters=filters,
+                    near_dedup=near,
                 )
                 with write_failures(out):  # a full disk in any writer (spool, workers, tokenizer), said one way
                     meta, tok = _prepare(plan, tok)
@@ -424,6 +491,8 @@ class _Plan:
     workers: int
     sample_bytes: int
     max_document_bytes: int
+    filters: QualityFilters
+    near_dedup: NearDedup | None
 
 
 def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
@@ -447,6 +516,9 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
     seen: set[bytes] = set()
     val_hashes: set[bytes] = set()
     read = duplicates = overlap = 0
+    filtered = dict.fromkeys(plan.filters.active(), 0)  # documents each quality filter dropped
+    near = NearDuplicateIndex(work / "near-dedup.sqlite", plan.near_dedup) if plan.near_dedup else None
+    near_dropped = 0
     lowest: tuple[int, int, str] | None = None  # the training document a too-small split would hold out
     total = sum(p.stat().st_size for p in files) + (val_path.stat().st_size if val_path else 0)
     with Progress(total, "reading", "B") as progress:
@@ -463,6 +535,8 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
                 if h not in val_hashes:
                     val_hashes.add(h)
                     val.add(doc)
+                    if near is not None:  # a training near-copy of validation text is dropped too
+                        near.is_near_duplicate(doc)
             advance()
         for doc in reader.documents(files):
             read += 1
@@ -471,8 +545,14 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
                 duplicates += 1
                 continue
             seen.add(h)
+            if plan.filters and (failed := plan.filters.check(doc)) is not None:
+                filtered[failed] += 1
+                continue
             if val_path is not None and h in val_hashes:
                 overlap += 1
+                continue
+            if near is not None and near.is_near_duplicate(doc):
+                near_dropped += 1
                 continue
             value = int.from_bytes(h[:8], "little")
             if val_path is None and value < threshold:
@@ -486,7 +566,18 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
             if read % 1024 == 0:
                 advance()
         advance()
+    if near is not None:
+        near.close()
     unique = len(seen)
+    needed = 1 if val_path is not None else 2
+    removed = sum(filtered.values()) + near_dropped
+    if removed and (kept := unique - removed - overlap) < needed:
+        parts = [f"--{k.replace('_', '-')} {plan.filters.active()[k]:g}: {n:,}" for k, n in filtered.items()]
+        parts += [f"--near-dedup: {near_dropped:,}"] if near_dropped else []
+        raise OpenLLMError(
+            f"the quality filters left {kept} of {unique:,} unique document(s) ({', '.join(parts)} dropped); at "
+            f"least {needed} are needed: loosen or leave out a filter"
+        )
     if val_path is None and unique < 2:
         raise OpenLLMError(
             f"the corpus has {unique} unique document(s); at least 2 are needed to hold out validation text "
@@ -535,6 +626,10 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
             "documents_read": read,
             "duplicates_dropped": duplicates,
             "unique_documents": unique,
+            "quality_filters": plan.filters.active(),  # the filters asked for, and what each dropped
+            "filtered_documents": filtered,
+            "near_dedup": plan.near_dedup.describe() if plan.near_dedup else None,
+            "near_duplicates_dropped": near_dropped,
             "train_documents": n_train,
             "val_documents": len(val.lengths),
             "validation_overlap_dropped": overlap,
@@ -582,7 +677,15 @@ def peak_rss_mb() -> float:
 
 
 def _settings(
-    val_fraction, seed, doc_mode, text_field, skip_bad_records, has_val_file, max_document_mb=MAX_DOCUMENT_MB
+    val_fraction,
+    seed,
+    doc_mode,
+    text_field,
+    skip_bad_records,
+    has_val_file,
+    max_document_mb=MAX_DOCUMENT_MB,
+    filters: QualityFilters | None = None,
+    near: NearDedup | None = None,
 ) -> dict:
     s: dict[str, Any] = {"val_fraction": None if has_val_file else val_fraction, "seed": seed, "doc_mode": doc_mode}
     if text_field != "text":  # (added only when set, so earlier datasets keep their key)
@@ -591,6 +694,10 @@ def _settings(
         s["skip_bad_records"] = True
     if max_document_mb != MAX_DOCUMENT_MB:
         s["max_document_mb"] = max_document_mb
+    if filters:
+        s["quality_filters"] = filters.active()
+    if near is not None:
+        s["near_dedup"] = near.describe()
     return s
 
 

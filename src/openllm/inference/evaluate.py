@@ -8,6 +8,7 @@ model's own training text is refused unless asked for.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -73,6 +74,7 @@ def evaluate_models(
             results.append(
                 {"model": str(path), **evaluate_chat(loaded, chat_data, batch_size, max_answer_tokens or 64, dev)}
             )
+            _record(path, loaded, ", ".join(map(str, chat_data)), results[-1])
             continue
         assert data is not None
         if Path(data).is_dir():
@@ -91,7 +93,21 @@ def evaluate_models(
                     )
             r = evaluate_file(loaded.model, loaded.tokenizer, data, seq_len, stride, batch_size, dev)
         results.append({"model": str(path), **r.to_dict()})
+        _record(path, loaded, str(data), results[-1])
     return results
+
+
+def _record(path, loaded, data: str, result: dict) -> None:
+    """A run's own checkpoint evaluated: the results go into its run directory, for its report."""
+    from openllm.checkpoint.report import EVALUATIONS, record_evaluation, run_dir_of
+
+    run_dir = run_dir_of(path)
+    if run_dir is None:
+        return
+    checkpoint = Path(loaded.source).name
+    results = {k: v for k, v in result.items() if k not in ("model", "correct")}
+    record_evaluation(run_dir, {"checkpoint": checkpoint, "step": loaded.info.step, "data": data, "results": results})
+    print(f"recorded in {run_dir / EVALUATIONS} (`openllm report {run_dir}` adds it to the report)", file=sys.stderr)
 
 
 def training_sources(training_config: dict) -> set[str]:

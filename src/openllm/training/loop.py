@@ -368,8 +368,8 @@ def finish(run: Run) -> TrainResult:
         st.stop_reason = f"reached --max-steps {run.cfg.max_steps}"
     path = save(run, rundir.FINAL)
     if run.dist.is_main:
-        records.write_model_card(run)
         records.write_plot(run)
+        records.write_model_card(run)  # the report, which shows the curves just drawn
     return TrainResult(run.run_dir, st.step, st.best_step, st.best_validation_loss, st.stop_reason, path, run.cfg)
 
 

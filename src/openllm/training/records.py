@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from openllm.checkpoint import format as ck
-from openllm.checkpoint import rundir
+from openllm.checkpoint import report, rundir
+from openllm.core.environment import describe_environment
 from openllm.core.fileio import atomic_write_json
 from openllm.model.lora import lora_state_dict
 from openllm.training.run import Run
@@ -91,6 +92,7 @@ def write_run_files(run: Run) -> None:
         d / "generation_config.json", rundir.generation_config(run.model_config.block_size, run.tokenizer.special)
     )
     run.tokenizer.save(d, model_max_length=run.model_config.block_size)
+    atomic_write_json(d / report.ENVIRONMENT, describe_environment())  # this start's machine, for the report
 
 
 def write_logs(run: Run) -> None:
@@ -98,16 +100,8 @@ def write_logs(run: Run) -> None:
 
 
 def write_model_card(run: Run) -> None:
-    rundir.write_model_card(
-        run.run_dir,
-        f"OpenLLM {run.cfg.model_size} model",
-        model_info(run),
-        training_stats(run),
-        training_config(run),
-        ck.training_provenance(run.origin, run.state.step)["source"]
-        if run.origin
-        else "trained from scratch with openllm",
-    )
+    """The run's README.md: its report, from the files the run has written (the newest checkpoint first)."""
+    report.write_report(run.run_dir)
 
 
 def write_plot(run: Run) -> Path | None:
@@ -124,22 +118,13 @@ def complete_finished_run(run_dir: Path) -> bool:
     card, curves = run_dir / "README.md", run_dir / "training_curves.png"
     if card.is_file() and curves.is_file():
         return False
-    final = ck.load_checkpoint(run_dir / rundir.FINAL)
-    info = ck.read_info(final)
-    if not card.is_file():
-        rundir.write_model_card(
-            run_dir,
-            f"OpenLLM {info.model_info.get('model_size')} model",
-            info.model_info,
-            info.training_stats,
-            info.training_config,
-            info.source,
-        )
-    if not curves.is_file():
+    if not curves.is_file():  # (first: the report shows the curves when they are there)
         try:
             from openllm.checkpoint.plot import plot_run
 
             plot_run(run_dir)
         except ImportError:
             pass
+    if not card.is_file():
+        report.write_report(run_dir)
     return True

@@ -1,0 +1,305 @@
+"""A run's report: its ``README.md``, the model card extended with everything the run directory knows.
+
+It is built from the run directory's files alone (the newest checkpoint's records, ``validation_log.json``,
+``metrics.jsonl``, the dataset's ``meta.json``, ``environment.json``, ``evaluations.jsonl``, ``sample.txt`` and
+the curves), so a run writes it as it ends and ``openllm report RUN_DIR`` rebuilds it at any time, with the
+evaluations run since. A file that is missing or unreadable leaves its section saying so; it never stops the
+report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from pathlib import Path
+
+from openllm.checkpoint import format as ck
+from openllm.checkpoint.rundir import resume_candidates
+from openllm.core.errors import OpenLLMError
+from openllm.core.fileio import atomic_write_text
+from openllm.core.untrusted import read_json
+
+ENVIRONMENT = "environment.json"  # the machine, libraries and commit of the run's last start
+EVALUATIONS = "evaluations.jsonl"  # one line per `openllm eval` of the run's checkpoints
+SAMPLE = "sample.txt"  # the text `openllm train` printed from best_model.pt as it ended
+CURVES = "training_curves.png"
+REPORT = "README.md"
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "training_config.json").is_file()
+
+
+def run_dir_of(model_path: str | os.PathLike) -> Path | None:
+    """The run directory a model path is, or holds the checkpoint of; None for anything else (an export)."""
+    p = Path(model_path)
+    if is_run_dir(p):
+        return p
+    if p.is_file() and is_run_dir(p.parent):
+        return p.parent
+    return None
+
+
+def record_evaluation(run_dir: Path, record: dict) -> None:
+    """Add an evaluation's results to ``evaluations.jsonl`` (rewritten whole, atomically)."""
+    path = run_dir / EVALUATIONS
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    stamped = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **record}
+    atomic_write_text(path, old + json.dumps(stamped) + "\n")
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """(Re)write ``RUN_DIR/README.md`` from the run directory's files."""
+    run_dir = Path(run_dir)
+    text = run_report(run_dir)
+    atomic_write_text(run_dir / REPORT, text)
+    return run_dir / REPORT
+
+
+def run_report(run_dir: Path) -> str:
+    if not is_run_dir(run_dir):
+        raise OpenLLMError(f"{run_dir} is not a run directory (it has no training_config.json)")
+    info = _newest_info(run_dir)
+    if info is None:
+        raise OpenLLMError(f"{run_dir} holds no checkpoint that can be read")
+    tcfg, stats, model = info.training_config, info.training_stats, info.model_info
+    dataset = Path(str(tcfg.get("dataset_dir")))
+    meta = _read(dataset / "meta.json") if tcfg.get("dataset_dir") else None
+    chats = _read(dataset / "conversations.json") if tcfg.get("dataset_dir") and meta is None else None
+    env = _read(run_dir / ENVIRONMENT)
+    validation = [v for v in info.validation_log if isinstance(v, dict)]
+    bytes_per_token = _bytes_per_token(meta)
+    out = [f"# OpenLLM {model.get('model_size') or ''} model".replace("  ", " "), ""]
+    out += [
+        "A language model trained with OpenLLM. Every figure below was measured during this run; "
+        "`openllm report` rebuilds this file from the run directory.",
+        "",
+    ]
+    out += _section(
+        "Model",
+        [
+            f"architecture: {model.get('architecture', '?')}",
+            f"parameters: {_n(model.get('parameters'))}; training FLOPs per token: {_n(model.get('flops_per_token'))}",
+            f"vocabulary: {_n(model.get('vocab_size'))} tokens ({model.get('tokenizer') or 'tokenizer not recorded'}); "
+            f"context {_n(model.get('context'))}",
+            f"provenance: {info.source}",
+        ],
+    )
+    out += _section("Data", _chat_lines(chats, tcfg) if chats else _data_lines(meta, tcfg))
+    out += _section(
+        "Recipe",
+        [
+            f"optimizer {tcfg.get('optimizer')}, learning rate {_g(tcfg.get('learning_rate'))} -> "
+            f"{_g(tcfg.get('min_lr'))} "
+            f"({tcfg.get('lr_schedule')}, warmup {tcfg.get('warmup_steps')} steps), weight decay "
+            f"{tcfg.get('weight_decay')}, gradient clip {tcfg.get('grad_clip')}",
+            f"batch {tcfg.get('batch_size')} x {tcfg.get('seq_len')} tokens x "
+            f"{tcfg.get('gradient_accumulation_steps')} accumulation x {tcfg.get('world_size', 1)} process(es) = "
+            f"{_n(tcfg.get('tokens_per_step'))} tokens per step",
+            f"precision {tcfg.get('autocast_dtype')} on {tcfg.get('device_type')}; dropout {tcfg.get('dropout')}; "
+            f"seed {tcfg.get('seed')}",
+        ],
+    )
+    throughput, mfu = _throughput(run_dir)
+    out += _section(
+        "Training",
+        [
+            f"steps: {_n(stats.get('total_steps'))}; tokens seen: {_n(stats.get('tokens_seen'))}; epochs: "
+            f"{_f(stats.get('epochs'), 2)}; stopped because: {stats.get('stop_reason') or 'still running'}",
+            f"wall time: {_f(stats.get('elapsed_seconds'), 1)} s; {_f(stats.get('average_tokens_per_second'), 0)} "
+            f"tokens/s on average ({throughput}); model FLOPs utilisation: {mfu}",
+            f"resumed from: {', '.join(map(str, stats.get('resumed_from') or [])) or 'never resumed'}; skipped "
+            f"(non-finite) steps: {_n(stats.get('skipped_steps'))}",
+        ],
+    )
+    best, last = stats.get("best_validation_loss"), (validation[-1].get("validation_loss") if validation else None)
+    out += _section(
+        "Results",
+        [
+            f"best validation loss: {_f(best)} at step {_n(stats.get('best_step'))} (best_model.pt); "
+            f"bits per byte {_f(_bpb(best, bytes_per_token))}",
+            f"final validation loss: {_f(last)} at step {_n(validation[-1].get('step') if validation else None)}; "
+            f"bits per byte {_f(_bpb(last, bytes_per_token))}",
+            "bits per byte use the validation split's "
+            + (f"{1 / bytes_per_token:.4f} tokens per byte" if bytes_per_token else "tokens per byte (not recorded)"),
+        ],
+    )
+    if (run_dir / CURVES).is_file():
+        out += ["## Curves", "", f"![training curves]({CURVES})", ""]
+    out += ["## Evaluations", "", *_evaluation_lines(run_dir), ""]
+    sample = (run_dir / SAMPLE).read_text(encoding="utf-8", errors="replace") if (run_dir / SAMPLE).is_file() else ""
+    out += ["## Sample", ""]
+    out += (
+        ["From best_model.pt, as the run ended:", "", "```text", sample.rstrip("\n"), "```", ""]
+        if sample
+        else ["No sample was made (`--sample-tokens 0`, or the run did not end through `openllm train`).", ""]
+    )
+    out += _section("Machine and software", _environment_lines(env, info.library_versions))
+    out += [
+        "## Use",
+        "",
+        "```bash",
+        'openllm generate --model . --prompt "Once upon a time"',
+        "openllm eval --model . --data held_out.txt      # recorded here; `openllm report .` adds it above",
+        "openllm export --checkpoint best_model.pt --output-dir ../hf   # outside the run directory",
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _section(title: str, items: list[str]) -> list[str]:
+    return [f"## {title}", "", *(f"- {item}" for item in items), ""]
+
+
+def _newest_info(run_dir: Path) -> ck.CheckpointView | None:
+    for path in resume_candidates(run_dir):
+        try:
+            return ck.read_info(ck.load_checkpoint(path, mmap=True))
+        except OpenLLMError:
+            continue
+    return None
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        value = read_json(path, path.name) if path.is_file() else None
+    except OpenLLMError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _data_lines(meta: dict | None, tcfg: dict) -> list[str]:
+    if meta is None:
+        return [f"dataset: {tcfg.get('dataset_dir')} (its meta.json is not there any more)"]
+    inputs = meta.get("inputs") or []
+    names = ", ".join(str(i.get("path")) for i in inputs[:5] if isinstance(i, dict))
+    names += " ..." if len(inputs) > 5 else ""
+    lines = [
+        f"dataset: {tcfg.get('dataset_dir')}; inputs: {names or 'not recorded'}",
+        f"documents: {_n(meta.get('documents_read'))} read, {_n(meta.get('duplicates_dropped'))} duplicates dropped, "
+        f"{_n(meta.get('train_documents'))} training / {_n(meta.get('val_documents'))} validation",
+        f"tokens: {_n(meta.get('train_tokens'))} training / {_n(meta.get('val_tokens'))} validation; split: "
+        f"{meta.get('split')}",
+        f"tokenizer: {meta.get('tokenizer')} ({meta.get('tokenizer_source')})",
+    ]
+    filtered = meta.get("filtered_documents") or {}
+    if filtered:
+        lines.append("quality filters: " + ", ".join(f"{k} dropped {_n(v)}" for k, v in filtered.items()))
+    return lines
+
+
+def _chat_lines(chats: dict, tcfg: dict) -> list[str]:
+    """A fine-tune's conversations (``openllm finetune``'s encoded set)."""
+    inputs = ", ".join(str(i.get("path")) for i in chats.get("inputs") or [] if isinstance(i, dict))
+    return [
+        f"fine-tuned from {tcfg.get('base_model')} on conversations: {inputs or 'not recorded'}",
+        f"conversations: {_n(chats.get('records_read'))} read, {_n(chats.get('duplicates_dropped'))} duplicates "
+        f"dropped, {_n(chats.get('train_conversations'))} training / {_n(chats.get('val_conversations'))} validation; "
+        f"{_n(chats.get('truncated'))} truncated, {_n(chats.get('dropped_too_long'))} too long",
+        f"tokens: {_n(chats.get('train_tokens'))} training, of which {_n(chats.get('train_loss_tokens'))} carry loss "
+        f"(--train-on {chats.get('train_on')}); split: {chats.get('split')}",
+        f"tokenizer: {chats.get('tokenizer')}",
+    ]
+
+
+def _throughput(run_dir: Path) -> tuple[str, str]:
+    """The median tokens/s of the logged steps and the mean MFU where it was measured."""
+    rates, mfus = [], []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict):
+                if isinstance(r.get("tokens_per_second"), (int, float)):
+                    rates.append(float(r["tokens_per_second"]))
+                if isinstance(r.get("mfu"), (int, float)) and math.isfinite(r["mfu"]):
+                    mfus.append(float(r["mfu"]))
+    rate = f"median of the logged steps {sorted(rates)[len(rates) // 2]:,.0f}" if rates else "no metrics.jsonl"
+    mfu = f"{sum(mfus) / len(mfus):.1%} on average" if mfus else "not measured (no known peak FLOP/s: a CPU)"
+    return rate, mfu
+
+
+def _bytes_per_token(meta: dict | None) -> float | None:
+    if not meta:
+        return None
+    tokens, text = meta.get("val_tokens"), meta.get("val_text_bytes")
+    ok = isinstance(tokens, int) and isinstance(text, int) and tokens > 0 and text > 0
+    return text / tokens if ok else None  # type: ignore[operator]
+
+
+def _bpb(loss, bytes_per_token: float | None) -> float | None:
+    if not isinstance(loss, (int, float)) or not math.isfinite(loss) or not bytes_per_token:
+        return None
+    return loss / math.log(2) / bytes_per_token
+
+
+def _evaluation_lines(run_dir: Path) -> list[str]:
+    path = run_dir / EVALUATIONS
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and isinstance(r.get("results"), dict):
+                records.append(r)
+    if not records:
+        return ["None yet: `openllm eval --model RUN_DIR ...` records its results here."]
+    lines = ["| when | checkpoint | data | results |", "| --- | --- | --- | --- |"]
+    for r in records:
+        res = r["results"]
+        if "exact_match" in res:
+            shown = f"assistant loss {_f(res.get('assistant_loss'))}, exact match {_pct(res.get('exact_match'))} of "
+            shown += f"{_n(res.get('conversations'))} conversations"
+        else:
+            shown = f"loss {_f(res.get('loss'))}, perplexity {_f(res.get('perplexity'), 2)}, bits per byte "
+            shown += f"{_f(res.get('bits_per_byte'))} over {_n(res.get('tokens'))} tokens"
+        where = f"{r.get('checkpoint')} (step {_n(r.get('step'))})"
+        lines.append(f"| {r.get('time')} | {where} | {r.get('data')} | {shown} |")
+    return lines
+
+
+def _environment_lines(env: dict | None, versions: dict | None) -> list[str]:
+    libraries = (env or {}).get("libraries") or versions or {}
+    lines = []
+    if env:
+        gpus = env.get("gpus") or []
+        lines.append(f"processor: {env.get('cpu')}, {env.get('cpu_count')} cores usable; {env.get('platform')}")
+        lines.append(
+            "GPUs: "
+            + (f"{len(gpus)} x {gpus[0]} (CUDA {env.get('cuda')})" if gpus else "none")
+            + ("" if len(set(gpus)) <= 1 else f" ({', '.join(gpus)})")
+        )
+        commit = env.get("commit")
+        lines.append(
+            f"OpenLLM commit: {commit}{' (with uncommitted changes)' if env.get('dirty') else ''}"
+            if commit
+            else "OpenLLM commit: not run from a git checkout"
+        )
+    else:
+        lines.append("machine: not recorded (the run predates environment.json)")
+    lines.append("libraries: " + ", ".join(f"{k} {v}" for k, v in libraries.items()) if libraries else "libraries: ?")
+    return lines
+
+
+def _n(x) -> str:
+    return f"{x:,}" if isinstance(x, int) and not isinstance(x, bool) else "?" if x is None else str(x)
+
+
+def _f(x, digits: int = 4) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) and math.isfinite(x) else "?"
+
+
+def _pct(x) -> str:
+    return f"{x:.1%}" if isinstance(x, (int, float)) and math.isfinite(x) else "?"
+
+
+def _g(x) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else _n(x)
