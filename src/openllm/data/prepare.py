@@ -13,8 +13,14 @@ parallel and pack, in memory that does not grow with the corpus.
 3. **Encode** (``--workers`` processes): chunks of the spool are encoded in parallel and written in
    order, so ``train.bin``, ``val.bin`` and the fingerprint are byte-identical for any number of
    workers. Every file is written under a temporary name; ``meta.json`` comes last and marks a
-   complete dataset. A killed preparation leaves only its spool directory, which the next run in
-   that directory removes (finished chunks are not reused: a rerun starts over).
+   complete dataset.
+
+A killed preparation leaves only its spool directory (``.prepare-`` and the request's key). A rerun of the
+same request (the same inputs, by content, and settings) reuses it: once the read pass and the tokenizer
+are complete (``read.json``), they are not redone, and each encoded chunk is recorded as it is appended
+(``train.bin.done``: chunks and bytes), so encoding continues after the last one finished. The output is
+byte-identical to an uninterrupted run's. A spool of any other request, or one killed before its read pass
+ended, is removed.
 
 The output directory's format is in :mod:`openllm.data.dataset`.
 """
@@ -33,7 +39,6 @@ import shutil
 import signal
 import struct
 import sys
-import tempfile
 import threading
 import time
 from array import array
@@ -69,7 +74,9 @@ from openllm.data.tokenizer import TOKENIZER_TYPES, Tokenizer, load_tokenizer, t
 
 SEPARATORS = {"paragraph": "\n\n", "line": "\n"}  # what ends a document for a tokenizer without eos
 CHUNK_BYTES = 1 << 20  # text per encoding task (its token lists are the largest transient allocation)
-SPOOL_PREFIX = ".prepare-"
+SPOOL_PREFIX = ".prepare-"  # + the first 16 hex digits of the request's key: a rerun of it finds its work
+READ_DONE = "read.json"  # in the spool: the read pass and the tokenizer are complete (what meta.json needs of them)
+READ_FORMAT = "openllm-prepare-read/1"
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 # Encoding processes: more than 4 per CPU only compete for the same CPUs, each with its own memory (32 are
 # allowed anywhere, so that a command line written for a bigger machine still runs)
@@ -94,7 +101,7 @@ class Spool:
 
     def __init__(self, path: Path):
         self.path = path
-        self.file = open(path, "wb")  # noqa: SIM115 (closed by finish)
+        self.file: Any = open(path, "wb")  # noqa: SIM115 (closed by finish; None for a loaded spool)
         self.lengths = array("Q")
         self.bytes = 0
 
@@ -106,6 +113,23 @@ class Spool:
 
     def finish(self) -> None:
         self.file.close()
+
+    def save_lengths(self) -> None:
+        """Keep the document lengths beside the spool (for a rerun that reuses it)."""
+        with atomic_open(self.path.with_suffix(".lengths")) as f:
+            self.lengths.tofile(f)
+
+    @classmethod
+    def load(cls, path: Path) -> Spool:
+        """A finished spool as :meth:`save_lengths` left it."""
+        spool = cls.__new__(cls)
+        spool.path, spool.file, spool.lengths = path, None, array("Q")
+        with open(path.with_suffix(".lengths"), "rb") as f:
+            spool.lengths.frombytes(f.read())
+        spool.bytes = sum(spool.lengths)
+        if spool.bytes != path.stat().st_size:
+            raise OpenLLMError(f"{path} does not hold the documents its lengths say; rerun with --force")
+        return spool
 
     def chunks(self, skip: int | None = None) -> list[tuple[int, list[int]]]:
         """(start byte, document lengths) of consecutive runs of about CHUNK_BYTES; document ``skip`` left out
@@ -197,44 +221,71 @@ def _encode_chunk(path: str, start: int, lengths: list[int]) -> bytes:
 
 def _encode_spool(
     spool: Spool, out_file: Path, workers: int, init: tuple, digest, progress: Progress, skip=None
-) -> int:
-    """Encode a spool into ``out_file`` in order; returns the number of tokens."""
+) -> tuple[int, int]:
+    """Encode a spool into ``out_file`` in order, after the chunks an interrupted run of the same preparation
+    finished there (``out_file``.done records how many, and their bytes); returns the number of tokens and the
+    number of chunks reused."""
     tasks = spool.chunks(skip)
-    tokens = 0
-    with atomic_open(out_file) as f:
+    itemsize = init[2].itemsize
+    done_file = out_file.with_name(out_file.name + ".done")
+    reused, offset = 0, 0
+    if done_file.is_file() and out_file.is_file():
+        found = read_json(done_file, "the interrupted preparation's record")
+        chunks, size = (found.get("chunks"), found.get("bytes")) if isinstance(found, dict) else (None, None)
+        if isinstance(chunks, int) and isinstance(size, int) and 0 <= chunks <= len(tasks):
+            if out_file.stat().st_size >= size:
+                reused, offset = chunks, size
+    f = open(out_file, "r+b" if reused else "wb")  # noqa: SIM115 (closed below)
+    with f:
+        f.truncate(offset)
+        while reused and (block := f.read(1 << 24)):  # the reused chunks' tokens count in the fingerprint
+            digest.update(block)
+        progress.update(sum(sum(map(abs, lengths)) for _, lengths in tasks[:reused]))
+        tokens, finished = offset // itemsize, reused
 
         def write(data: bytes, n_bytes: int) -> None:
-            nonlocal tokens
+            nonlocal tokens, finished
             f.write(data)
+            f.flush()
             digest.update(data)
-            tokens += len(data) // init[2].itemsize
+            tokens += len(data) // itemsize
+            finished += 1
+            atomic_write_json(done_file, {"chunks": finished, "bytes": f.tell()})
             progress.update(n_bytes)
             faults.reached("encode")
 
+        todo = tasks[reused:]
         if workers == 1:
             _init_worker(init[0], init[1], init[2].name)
-            for start, lengths in tasks:
+            for start, lengths in todo:
                 write(_encode_chunk(str(spool.path), start, lengths), sum(abs(n) for n in lengths))
-            return tokens
-        import multiprocessing
+        else:
+            _encode_in_pool(spool, todo, workers, init, write)
+        f.flush()
+        os.fsync(f.fileno())
+    return tokens, reused
 
-        # fork where the OS has it: a spawned worker would re-run the caller's script, which a plain script
-        # without a __main__ guard (the README's example) cannot survive. The workers use neither torch nor
-        # any thread pool of the parent, only the tokenizer.
-        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-        ctx = multiprocessing.get_context(method)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # (tokenizers would warn at the fork)
-        with ProcessPoolExecutor(workers, ctx, _init_worker, (init[0], init[1], init[2].name, os.getpid())) as pool:
-            pending: deque[tuple[Future, int]] = deque()
-            for start, lengths in tasks:  # a bounded window of tasks in flight, results taken in order
-                pending.append((pool.submit(_encode_chunk, str(spool.path), start, lengths), sum(map(abs, lengths))))
-                if len(pending) >= 2 * workers:
-                    future, n = pending.popleft()
-                    write(future.result(), n)
-            while pending:
+
+def _encode_in_pool(spool: Spool, tasks: list, workers: int, init: tuple, write) -> None:
+    """Encode ``tasks`` in ``workers`` processes, handing each result to ``write`` in order."""
+    import multiprocessing
+
+    # fork where the OS has it: a spawned worker would re-run the caller's script, which a plain script
+    # without a __main__ guard (the README's example) cannot survive. The workers use neither torch nor
+    # any thread pool of the parent, only the tokenizer.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # (tokenizers would warn at the fork)
+    with ProcessPoolExecutor(workers, ctx, _init_worker, (init[0], init[1], init[2].name, os.getpid())) as pool:
+        pending: deque[tuple[Future, int]] = deque()
+        for start, lengths in tasks:  # a bounded window of tasks in flight, results taken in order
+            pending.append((pool.submit(_encode_chunk, str(spool.path), start, lengths), sum(map(abs, lengths))))
+            if len(pending) >= 2 * workers:
                 future, n = pending.popleft()
                 write(future.result(), n)
-    return tokens
+        while pending:
+            future, n = pending.popleft()
+            write(future.result(), n)
 
 
 def prepare_dataset(
@@ -430,9 +481,11 @@ def prepare_dataset(
     try:
         with directory_lock(out, "dataset directory"):
             ensure_dir(out)
-            for stale in out.glob(SPOOL_PREFIX + "*"):  # left by a preparation that was killed
-                shutil.rmtree(stale, ignore_errors=True)
-            work = Path(tempfile.mkdtemp(prefix=SPOOL_PREFIX, dir=out))
+            work = out / (SPOOL_PREFIX + key[:16])
+            for stale in out.glob(SPOOL_PREFIX + "*"):  # left by a killed preparation of other inputs or settings
+                if stale != work or not (work / READ_DONE).is_file():  # (or killed before its read pass ended)
+                    shutil.rmtree(stale, ignore_errors=True)
+            work.mkdir(exist_ok=True)
             try:
                 plan = _Plan(
                     files=files,
@@ -496,17 +549,34 @@ class _Plan:
 
 
 def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
-    """Read, split and spool (pass 1), get the tokenizer, encode into ``work`` (pass 2); returns meta.json's
-    content and the tokenizer."""
-    files, val_path, work, tokenizer, vocab_size, tokenizer_type = (
+    """Read, split and spool (pass 1) and get the tokenizer, or take them from an interrupted run of the same
+    preparation; encode into ``work`` (pass 2, continuing after the chunks an interrupted run finished);
+    returns meta.json's content and the tokenizer."""
+    if (plan.work / READ_DONE).is_file():
+        found = read_json(plan.work / READ_DONE, "the interrupted preparation's record")
+        passed = found if isinstance(found, dict) and found.get("format") == READ_FORMAT else None
+        if passed is not None:
+            print(f"reusing the documents and tokenizer an interrupted run left in {plan.work}", file=sys.stderr)
+            train, val = Spool.load(plan.work / "train.txt"), Spool.load(plan.work / "val.txt")
+            return _encode_pass(plan, passed, train, val, load_tokenizer(plan.work / "tokenizer"))
+    passed, train, val, tok = _read_pass(plan, tok)
+    train.save_lengths()
+    val.save_lengths()
+    atomic_write_json(plan.work / READ_DONE, passed)  # last: the read pass and the tokenizer are complete
+    return _encode_pass(plan, passed, train, val, tok)
+
+
+def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, Tokenizer]:
+    """Pass 1: read, clean, de-duplicate, filter, split and spool; train the tokenizer unless given. Returns what
+    meta.json needs from the pass (JSON, kept for a rerun), the two spools and the tokenizer."""
+    files, val_path, work, vocab_size, tokenizer_type = (
         plan.files,
         plan.val_path,
         plan.work,
-        plan.tokenizer,
         plan.vocab_size,
         plan.tokenizer_type,
     )
-    seed, val_fraction, doc_mode, workers = plan.seed, plan.val_fraction, plan.doc_mode, plan.workers
+    seed, val_fraction, doc_mode = plan.seed, plan.val_fraction, plan.doc_mode
     t_read = time.perf_counter()
     key = struct.pack("<q", seed)
     threshold = int(val_fraction * 2**64)
@@ -609,40 +679,65 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
         tok = train_tokenizer(docs, vocab_size, tokenizer_type)
     tok_seconds = time.perf_counter() - t_tok
     tok.save(work / "tokenizer")
+    skipped_bytes = len(lowest[2].encode("utf-8")) if skip is not None and lowest else 0
+    passed = {
+        "format": READ_FORMAT,
+        "documents_read": read,
+        "duplicates_dropped": duplicates,
+        "unique_documents": unique,
+        "filtered_documents": filtered,
+        "near_duplicates_dropped": near_dropped,
+        "train_documents": n_train,
+        "val_documents": len(val.lengths),
+        "validation_overlap_dropped": overlap,
+        "bad_records_skipped": dict(reader.stats.skipped),
+        "documents_cut": reader.stats.documents_cut,
+        "found": [{"format": f["format"], "documents": f["documents"]} for f in reader.stats.files[-len(files) :]],
+        "skip": skip,
+        "skipped_bytes": skipped_bytes,
+        "sample_bytes": sample.bytes,
+        "read_seconds": read_seconds,
+        "tokenizer_seconds": tok_seconds,
+    }
+    return passed, train, val, tok
+
+
+def _encode_pass(plan: _Plan, passed: dict, train: Spool, val: Spool, tok: Tokenizer) -> tuple[dict, Tokenizer]:
+    """Pass 2: encode the spools into ``work``; meta.json's content."""
+    work, workers, doc_mode, skip = plan.work, plan.workers, plan.doc_mode, passed["skip"]
     dtype = token_dtype(tok.vocab_size)
 
     t_enc = time.perf_counter()
     digest = hashlib.sha256()
     init = (str(work / "tokenizer"), doc_mode, dtype)
     with Progress(train.bytes + val.bytes, "encoding", "B") as progress:
-        train_tokens = _encode_spool(train, work / "train.bin", workers, init, digest, progress, skip)
+        train_tokens, reused = _encode_spool(train, work / "train.bin", workers, init, digest, progress, skip)
         digest.update(b"|")
-        val_tokens = _encode_spool(val, work / "val.bin", workers, init, digest, progress)
+        val_tokens, reused_val = _encode_spool(val, work / "val.bin", workers, init, digest, progress)
     encode_seconds = time.perf_counter() - t_enc
-    skipped_bytes = len(lowest[2].encode("utf-8")) if skip is not None and lowest else 0
+    found, tokenizer = passed["found"], plan.tokenizer
     return (
         {
             "format": FORMAT,
-            "documents_read": read,
-            "duplicates_dropped": duplicates,
-            "unique_documents": unique,
+            "documents_read": passed["documents_read"],
+            "duplicates_dropped": passed["duplicates_dropped"],
+            "unique_documents": passed["unique_documents"],
             "quality_filters": plan.filters.active(),  # the filters asked for, and what each dropped
-            "filtered_documents": filtered,
+            "filtered_documents": passed["filtered_documents"],
             "near_dedup": plan.near_dedup.describe() if plan.near_dedup else None,
-            "near_duplicates_dropped": near_dropped,
-            "train_documents": n_train,
-            "val_documents": len(val.lengths),
-            "validation_overlap_dropped": overlap,
-            "bad_records_skipped": dict(reader.stats.skipped),
-            "documents_cut": reader.stats.documents_cut,  # text documents longer than max_document_bytes
+            "near_duplicates_dropped": passed["near_duplicates_dropped"],
+            "train_documents": passed["train_documents"],
+            "val_documents": passed["val_documents"],
+            "validation_overlap_dropped": passed["validation_overlap_dropped"],
+            "bad_records_skipped": passed["bad_records_skipped"],
+            "documents_cut": passed["documents_cut"],  # text documents longer than max_document_bytes
             "max_document_bytes": plan.max_document_bytes,
             "inputs": [  # each input as recorded before reading, with what reading found in it
-                {**info, "format": found["format"], "documents": found["documents"]}
-                for info, found in zip(plan.input_info, reader.stats.files[-len(files) :], strict=True)
+                {**info, **seen} for info, seen in zip(plan.input_info, found, strict=True)
             ],
             "train_tokens": train_tokens,
             "val_tokens": val_tokens,
-            "train_text_bytes": train.bytes - skipped_bytes,
+            "train_text_bytes": train.bytes - passed["skipped_bytes"],
             "val_text_bytes": val.bytes,
             "vocab_size": tok.vocab_size,
             "dtype": dtype.name,
@@ -650,17 +745,18 @@ def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
             "tokenizer": tok.describe(),
             "tokenizer_source": str(tokenizer)
             if tokenizer is not None
-            else f"trained on a hash-chosen sample of {sample.bytes:,} bytes of the training documents",
-            "split": "validation file" if val_path else f"hash: {SPLIT_RULE} ({val_fraction:g})",
-            "split_seed": seed,
-            "val_fraction": None if val_path else val_fraction,
+            else f"trained on a hash-chosen sample of {passed['sample_bytes']:,} bytes of the training documents",
+            "split": "validation file" if plan.val_path else f"hash: {SPLIT_RULE} ({plan.val_fraction:g})",
+            "split_seed": plan.seed,
+            "val_fraction": None if plan.val_path else plan.val_fraction,
             "doc_mode": doc_mode,
             "text_field": plan.text_field,
             "fingerprint": digest.hexdigest(),
             "timing": {
-                "read_seconds": round(read_seconds, 3),
-                "tokenizer_seconds": round(tok_seconds, 3),
+                "read_seconds": round(passed["read_seconds"], 3),
+                "tokenizer_seconds": round(passed["tokenizer_seconds"], 3),
                 "encode_seconds": round(encode_seconds, 3),
+                "chunks_reused": reused + reused_val,  # encoded by an interrupted run of this preparation
                 "workers": workers,
                 "peak_rss_mb": peak_rss_mb(),
             },
