@@ -116,3 +116,25 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume(small_dat
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming with 1 processes, the checkpoint was written by 2" in r.stdout
     assert load(tmp_path / "part" / "final_model.pt")["resume_state"]["samples_seen"] == 8 * 10
+
+
+def test_a_lora_fine_tune_on_two_processes_matches_one(llama_run, tmp_path):
+    """Conversations have unequal numbers of counted targets per row: every target of the global batch weighs
+    the same, in whichever micro-batch and process it is, so 2 processes x 2 rows equal 1 process x 4 rows."""
+    from openllm.data.synthetic import write_jsonl
+
+    write_jsonl(tmp_path / "chats.jsonl", 120, seed=3)
+    args = ["finetune", "--model", str(llama_run), "--data", str(tmp_path / "chats.jsonl"), "--lora-rank", "4",
+            "--max-steps", "4", "--seq-len", "64", "--eval-every", "4", "--save-every", "4", "--eval-batches", "2",
+            "--sample-tokens", "0", "--gradient-accumulation-steps", "2", "--dtype", "float32"]  # fmt: skip
+    r = torchrun(2, *args, "--output-dir", str(tmp_path / "ddp"), "--batch-size", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = plain(*args, "--output-dir", str(tmp_path / "single"), "--batch-size", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ddp, single = load(tmp_path / "ddp" / "final_model.pt"), load(tmp_path / "single" / "final_model.pt")
+    assert [r["loss"] for r in ddp["training_log"]] == __import__("pytest").approx(
+        [r["loss"] for r in single["training_log"]], rel=1e-5
+    )
+    assert ddp["validation_log"][-1]["validation_loss"] == __import__("pytest").approx(
+        single["validation_log"][-1]["validation_loss"], rel=1e-5
+    )

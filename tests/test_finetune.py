@@ -241,3 +241,20 @@ def test_llama_cpp_applies_the_gguf_chat_template_to_the_same_ids_and_stops_at_t
         ended = want[-1] == im_end
         assert answer["finish_reason"] == ("stop" if ended else "length"), answer
         assert answer["message"]["content"] == tok.decode(want[:-1] if ended else want), answer
+
+
+def test_every_counted_target_weighs_the_same_whatever_the_micro_batches(llama_run, chats, tmp_path):
+    """Rows carry different numbers of counted targets: 2 micro-batches of 2 rows give the losses and weights
+    of 1 micro-batch of 4 (a mean per micro-batch would weigh a short answer's tokens more)."""
+    base = [*RUN[4:], "--max-steps", "3", "--dtype", "float32"]  # (RUN without its batch size and length)
+    for name, shape in (
+        ("one", ["--batch-size", "4"]),
+        ("two", ["--batch-size", "2", "--gradient-accumulation-steps", "2"]),
+    ):
+        r = cli("finetune", "--model", str(llama_run), "--data", str(chats), "--output-dir", str(tmp_path / name),
+                "--seq-len", "64", *base, *shape)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    one, two = load(tmp_path / "one" / "final_model.pt"), load(tmp_path / "two" / "final_model.pt")
+    assert [r["loss"] for r in two["training_log"]] == pytest.approx([r["loss"] for r in one["training_log"]], rel=1e-5)
+    for k, v in one["model_state_dict"].items():
+        assert torch.allclose(two["model_state_dict"][k], v, atol=1e-5), k

@@ -35,6 +35,10 @@ class BatchSampler:
             self._shift = int(rng.integers(self.seq_len)) if epoch else 0
             self._epoch = epoch
 
+    def counted_targets(self, first_sample: int, count: int) -> int:
+        """How many targets the loss counts in samples first..first+count-1: every one of each window."""
+        return count * self.seq_len
+
     def batch(self, first_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (int64, ``batch_size`` x ``seq_len``) for samples first..first+batch-1."""
         block = self.windows(first_sample, batch_size)

@@ -51,15 +51,22 @@ class ConversationSampler:
         self._epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
-    def windows(self, first_sample: int, batch_size: int) -> torch.Tensor:
+    def _rows(self, first_sample: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         rows = []
-        for k in range(first_sample, first_sample + batch_size):
+        for k in range(first_sample, first_sample + count):
             epoch, i = divmod(k, self.windows_per_epoch)
             if epoch != self._epoch:
                 self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows_per_epoch)
                 self._epoch = epoch
             rows.append(self.split[int(self._perm[i])])
-        return padded(rows, self.pad_id)
+        return rows
+
+    def windows(self, first_sample: int, batch_size: int) -> torch.Tensor:
+        return padded(self._rows(first_sample, batch_size), self.pad_id)
+
+    def counted_targets(self, first_sample: int, count: int) -> int:
+        """How many targets the loss counts in samples first..first+count-1 (the masked ones, as in ``padded``)."""
+        return sum(int(np.count_nonzero(mask[1:])) for _, mask in self._rows(first_sample, count))
 
 
 class ConversationEvalBatches:

@@ -197,12 +197,16 @@ def train_step(run: Run) -> StepOnDevice:
         group["lr"] = lr
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=run.device)
+    # every counted target of the global batch weighs the same, whichever micro-batch and process it is in: a
+    # micro-batch's mean loss counts by its share of the batch's targets (known on the host, no sync needed)
+    total = run.sampler.counted_targets(st.samples_seen, run.global_batch)
     for micro in range(accum):
-        x, y = micro_batch(run, st.samples_seen + (micro * world + rank) * B)
+        x, y, counted = micro_batch(run, st.samples_seen + (micro * world + rank) * B)
         no_sync = run.dist.enabled and micro < accum - 1
         with run.model.no_sync() if no_sync else contextlib.nullcontext(), run.autocast():  # type: ignore[operator]  # DDP's
             _, loss = run.model(x, y)
-        loss = loss / accum
+        # (text windows count every target: the share is 1/accum, divided exactly as it always was)
+        loss = loss / accum if counted * world * accum == total else loss * (counted * world / total)
         run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
         # while the device computes, the host cuts the next micro-batch (after the last: the next step's first)
@@ -227,11 +231,12 @@ def train_step(run: Run) -> StepOnDevice:
     return StepOnDevice(step, figures, lr, time.perf_counter() - t0, tokens)
 
 
-def micro_batch(run: Run, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets of the micro-batch of samples ``first``.. on the device (fetched ahead if it was)."""
+def micro_batch(run: Run, first: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Inputs and targets of the micro-batch of samples ``first``.. on the device (fetched ahead if it was), and
+    how many of its targets the loss counts."""
     ahead, run.next_batch = run.next_batch, None
     if ahead is not None and ahead[0] == first:
-        return ahead[1], ahead[2]
+        return ahead[1], ahead[2], ahead[3]
     return fetch(run, first)
 
 
@@ -239,11 +244,12 @@ def fetch_ahead(run: Run, first: int) -> None:
     run.next_batch = (first, *fetch(run, first))
 
 
-def fetch(run: Run, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fetch(run: Run, first: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    counted = run.sampler.counted_targets(first, run.cfg.batch_size)
     block = run.sampler.windows(first, run.cfg.batch_size)
     if run.device.type == "cuda":  # from pinned memory the copy runs beside the computation
         block = block.pin_memory().to(run.device, non_blocking=True)
-    return inputs_targets(block)
+    return (*inputs_targets(block), counted)
 
 
 def read_steps(run: Run, unread: list[StepOnDevice], metrics: MetricsLog) -> None:

@@ -71,7 +71,7 @@ class Run:
     validation_fingerprint: str = ""  # sha256 of the validation tokens (a resume on other text resets the best)
     origin: dict | None = None  # where resumed weights came from before OpenLLM trained them (converted ones)
     # the micro-batch fetched ahead (its first sample, inputs, targets), on the device: see loop.micro_batch
-    next_batch: tuple[int, torch.Tensor, torch.Tensor] | None = None
+    next_batch: tuple[int, torch.Tensor, torch.Tensor, int] | None = None
     base: StartingPoint | None = None  # a fine-tune's base model (a LoRA run's checkpoints name it)
 
     def autocast(self) -> contextlib.AbstractContextManager:
