@@ -109,6 +109,8 @@ def test_the_training_ids_are_the_ids_transformers_makes_from_the_exported_templ
     assert list(getattr(got, "input_ids", got)) == ids
     # `openllm eval --chat-data` scores the fine-tuned model on conversations; text-only options are refused by name
     r = cli("eval", "--model", str(tmp_path / "ft"), "--chat-data", str(chats), "--json")
+    assert r.returncode == 2 and "holds conversations" in r.stderr and "was fine-tuned on" in r.stderr, r.stderr
+    r = cli("eval", "--model", str(tmp_path / "ft"), "--chat-data", str(chats), "--json", "--allow-training-data")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     assert report["conversations"] == 200 and 0 <= report["exact_match"] <= 1 and report["assistant_loss"] > 0
@@ -116,7 +118,8 @@ def test_the_training_ids_are_the_ids_transformers_makes_from_the_exported_templ
     assert "fine-tuned from" in (tmp_path / "ft" / "README.md").read_text()
     assert cli("report", str(tmp_path / "ft")).returncode == 0
     assert (
-        f"exact match {report['exact_match']:.1%} of 200 conversations" in (tmp_path / "ft" / "README.md").read_text()
+        f"exact match {report['exact_match']:.1%} of 200 conversations (on training data"
+        in (tmp_path / "ft" / "README.md").read_text()
     )
     r = cli("eval", "--model", str(tmp_path / "ft"), "--chat-data", str(chats), "--seq-len", "32")
     assert r.returncode == 2 and "--seq-len goes with --data" in r.stderr, r.stderr

@@ -65,7 +65,12 @@ def test_bad_names_and_a_missing_token_are_one_line(llama_run, hub_env, args, me
 def test_an_export_directory_is_refused_with_gguf_and_when_it_does_not_verify(llama_run, tmp_path, hub_env):
     assert cli("export", "--checkpoint", str(llama_run), "--output-dir", str(tmp_path / "hf")).returncode == 0
     r = cli("push", str(tmp_path / "hf"), "--repo", "a/b", "--gguf", "--dry-run", env=hub_env)
-    assert r.returncode == 2 and "--gguf needs a run directory or checkpoint" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--gguf exports from a run directory or checkpoint" in r.stderr, r.stderr
+    # a directory `openllm export --format gguf` wrote is an export too
+    assert cli("export", "--checkpoint", str(llama_run), "--output-dir", str(tmp_path / "g"), "--format", "gguf",
+               "--gguf-dtype", "f32").returncode == 0  # fmt: skip
+    r = cli("push", str(tmp_path / "g"), "--repo", "a/b", "--dry-run", env=hub_env)
+    assert r.returncode == 0 and set(listed(r.stdout)) == {"model.gguf", "README.md"}, r.stdout + r.stderr
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "n_embd": 3, "hidden_size": 3}))
     r = cli("push", str(tmp_path / "hf"), "--repo", "a/b", "--dry-run", env=hub_env)

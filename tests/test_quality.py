@@ -107,13 +107,17 @@ def test_near_dedup_drops_the_planted_near_copies_and_keeps_every_distinct_docum
     again = prepare_dataset([tmp_path / "c.jsonl"], tmp_path / "again", vocab_size=400, near_dedup=True)
     assert again.meta["fingerprint"] == ds.meta["fingerprint"]  # deterministic
     # without it nothing is dropped but exact copies, and the options are refused without --near-dedup
+    with pytest.raises(OpenLLMError, match="--near-dedup-threshold must be between 0 and 1, got 0.0"):
+        prepare_dataset([tmp_path / "c.jsonl"], tmp_path / "x", near_dedup=True, near_dedup_threshold=0.0)
+    with pytest.raises(OpenLLMError, match="--max-repeated-lines must be a number between 0 and 1, got 1"):
+        prepare_dataset([tmp_path / "c.jsonl"], tmp_path / "x", max_repeated_lines=1)
     plain = prepare_dataset([tmp_path / "c.jsonl"], tmp_path / "plain", vocab_size=400)
     assert plain.meta["near_duplicates_dropped"] == 0 and plain.meta["near_dedup"] is None
     assert plain.meta["train_documents"] + plain.meta["val_documents"] == len(docs)
     for args, message in [
         (["--near-dedup-threshold", "0.7"], "--near-dedup-threshold needs --near-dedup"),
         (["--near-dedup", "--near-dedup-threshold", "1.5"], "--near-dedup-threshold: expected a number between"),
-        (["--near-dedup", "--near-dedup-permutations", "1"], "--near-dedup-permutations from 2 to 1024"),
+        (["--near-dedup", "--near-dedup-permutations", "1"], "--near-dedup-permutations must be from 2 to 1024, got 1"),
     ]:
         r = cli("prepare", "--input", str(tmp_path / "c.jsonl"), "--output-dir", str(tmp_path / "x"), *args)
         assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr

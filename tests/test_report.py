@@ -37,7 +37,7 @@ def test_a_fresh_run_reports_everything_and_report_adds_a_later_evaluation(small
         "optimizer adamw, learning rate",  # recipe
         f"steps: {stats['total_steps']:,}",
         f"wall time: {stats['elapsed_seconds']:.1f} s",  # wall time, tokens/s, MFU
-        f"{stats['average_tokens_per_second']:.0f} tokens/s on average",
+        f"{round(stats['average_tokens_per_second']):,} tokens/s on average",
         "model FLOPs utilisation: not measured",
         f"best validation loss: {stats['best_validation_loss']:.4f} at step {stats['best_step']}",
         "![training curves](training_curves.png)",

@@ -66,12 +66,16 @@ def run_report(run_dir: Path) -> str:
         raise OpenLLMError(f"{run_dir} holds no checkpoint that can be read")
     tcfg, stats, model = info.training_config, info.training_stats, info.model_info
     dataset = Path(str(tcfg.get("dataset_dir")))
+    if not dataset.is_dir() and (run_dir / "dataset").is_dir():  # prepared on the fly, the run moved since
+        dataset = run_dir / "dataset"
     meta = _read(dataset / "meta.json") if tcfg.get("dataset_dir") else None
     chats = _read(dataset / "conversations.json") if tcfg.get("dataset_dir") and meta is None else None
     env = _read(run_dir / ENVIRONMENT)
     validation = [v for v in info.validation_log if isinstance(v, dict)]
     bytes_per_token = _bytes_per_token(meta)
-    out = [f"# OpenLLM {model.get('model_size') or ''} model".replace("  ", " "), ""]
+    base = tcfg.get("base_model")
+    title = f"OpenLLM model fine-tuned from {base}" if base else f"OpenLLM {model.get('model_size') or ''} model"
+    out = [f"# {title}".replace("  ", " "), ""]
     out += [
         "A language model trained with OpenLLM. Every figure below was measured during this run; "
         "`openllm report` rebuilds this file from the run directory.",
@@ -82,7 +86,7 @@ def run_report(run_dir: Path) -> str:
         [
             f"architecture: {model.get('architecture', '?')}",
             f"parameters: {_n(model.get('parameters'))}; training FLOPs per token: {_n(model.get('flops_per_token'))}",
-            f"vocabulary: {_n(model.get('vocab_size'))} tokens ({model.get('tokenizer') or 'tokenizer not recorded'}); "
+            f"vocabulary: {model.get('tokenizer') or _n(model.get('vocab_size')) + ' tokens'}; "
             f"context {_n(model.get('context'))}",
             f"provenance: {info.source}",
         ],
@@ -93,11 +97,12 @@ def run_report(run_dir: Path) -> str:
         [
             f"optimizer {tcfg.get('optimizer')}, learning rate {_g(tcfg.get('learning_rate'))} -> "
             f"{_g(tcfg.get('min_lr'))} "
-            f"({tcfg.get('lr_schedule')}, warmup {tcfg.get('warmup_steps')} steps), weight decay "
+            f"({tcfg.get('lr_schedule')} schedule, warmup steps: {tcfg.get('warmup_steps')}), weight decay "
             f"{tcfg.get('weight_decay')}, gradient clip {tcfg.get('grad_clip')}",
             f"batch {tcfg.get('batch_size')} x {tcfg.get('seq_len')} tokens x "
             f"{tcfg.get('gradient_accumulation_steps')} accumulation x {tcfg.get('world_size', 1)} process(es) = "
-            f"{_n(tcfg.get('tokens_per_step'))} tokens per step",
+            f"{'at most ' if chats else ''}{_n(tcfg.get('tokens_per_step'))} tokens per step"
+            + (" (a row per conversation, padded to the longest of its micro-batch)" if chats else ""),
             f"precision {tcfg.get('autocast_dtype')} on {tcfg.get('device_type')}; dropout {tcfg.get('dropout')}; "
             f"seed {tcfg.get('seed')}",
         ],
@@ -108,24 +113,29 @@ def run_report(run_dir: Path) -> str:
         [
             f"steps: {_n(stats.get('total_steps'))}; tokens seen: {_n(stats.get('tokens_seen'))}; epochs: "
             f"{_f(stats.get('epochs'), 2)}; stopped because: {stats.get('stop_reason') or 'still running'}",
-            f"wall time: {_f(stats.get('elapsed_seconds'), 1)} s; {_f(stats.get('average_tokens_per_second'), 0)} "
+            f"wall time: {_f(stats.get('elapsed_seconds'), 1)} s; {_n(_int(stats.get('average_tokens_per_second')))} "
             f"tokens/s on average ({throughput}); model FLOPs utilisation: {mfu}",
             f"resumed from: {', '.join(map(str, stats.get('resumed_from') or [])) or 'never resumed'}; skipped "
             f"(non-finite) steps: {_n(stats.get('skipped_steps'))}",
         ],
     )
     best, last = stats.get("best_validation_loss"), (validation[-1].get("validation_loss") if validation else None)
-    out += _section(
-        "Results",
-        [
+    last_step = _n(validation[-1].get("step") if validation else None)
+    if chats:  # a fine-tune: the loss on the assistant's tokens of the validation conversations
+        results = [
+            f"best validation loss (on what the assistant says): {_f(best)} at step {_n(stats.get('best_step'))} "
+            "(best_model.pt)",
+            f"final validation loss: {_f(last)} at step {last_step}",
+        ]
+    else:
+        results = [
             f"best validation loss: {_f(best)} at step {_n(stats.get('best_step'))} (best_model.pt); "
             f"bits per byte {_f(_bpb(best, bytes_per_token))}",
-            f"final validation loss: {_f(last)} at step {_n(validation[-1].get('step') if validation else None)}; "
-            f"bits per byte {_f(_bpb(last, bytes_per_token))}",
+            f"final validation loss: {_f(last)} at step {last_step}; bits per byte {_f(_bpb(last, bytes_per_token))}",
             "bits per byte use the validation split's "
             + (f"{1 / bytes_per_token:.4f} tokens per byte" if bytes_per_token else "tokens per byte (not recorded)"),
-        ],
-    )
+        ]
+    out += _section("Results", results)
     if (run_dir / CURVES).is_file():
         out += ["## Curves", "", f"![training curves]({CURVES})", ""]
     out += ["## Evaluations", "", *_evaluation_lines(run_dir), ""]
@@ -134,15 +144,28 @@ def run_report(run_dir: Path) -> str:
     out += (
         ["From best_model.pt, as the run ended:", "", "```text", sample.rstrip("\n"), "```", ""]
         if sample
-        else ["No sample was made (`--sample-tokens 0`, or the run did not end through `openllm train`).", ""]
+        else [
+            "No sample.txt in the run directory (`--sample-tokens 0`, a fine-tune, a run that did not end through "
+            "`openllm train`, or one older than the report).",
+            "",
+        ]
     )
     out += _section("Machine and software", _environment_lines(env, info.library_versions))
     out += [
         "## Use",
         "",
         "```bash",
-        'openllm generate --model . --prompt "Once upon a time"',
-        "openllm eval --model . --data held_out.txt      # recorded here; `openllm report .` adds it above",
+        *(
+            [
+                "openllm serve --model .                          # /v1/chat/completions and the page's chat mode",
+                "openllm eval --model . --chat-data held_out.jsonl  # recorded here; `openllm report .` adds it above",
+            ]
+            if chats
+            else [
+                'openllm generate --model . --prompt "Once upon a time"',
+                "openllm eval --model . --data held_out.txt      # recorded here; `openllm report .` adds it above",
+            ]
+        ),
         "openllm export --checkpoint best_model.pt --output-dir ../hf   # outside the run directory",
         "```",
         "",
@@ -185,9 +208,19 @@ def _data_lines(meta: dict | None, tcfg: dict) -> list[str]:
         f"{meta.get('split')}",
         f"tokenizer: {meta.get('tokenizer')} ({meta.get('tokenizer_source')})",
     ]
-    filtered = meta.get("filtered_documents") or {}
+    filtered, limits = meta.get("filtered_documents") or {}, meta.get("quality_filters") or {}
     if filtered:
-        lines.append("quality filters: " + ", ".join(f"{k} dropped {_n(v)}" for k, v in filtered.items()))
+        lines.append(
+            "quality filters: "
+            + ", ".join(f"--{k.replace('_', '-')} {limits.get(k)} dropped {_n(v)}" for k, v in filtered.items())
+        )
+    if isinstance(meta.get("near_dedup"), dict):
+        near = meta["near_dedup"]
+        lines.append(
+            f"near-duplicates: {_n(meta.get('near_duplicates_dropped'))} dropped (MinHash, threshold "
+            f"{near.get('threshold')}, {near.get('bands')} bands of {near.get('rows')}, {near.get('shingle')}-word "
+            "shingles)"
+        )
     return lines
 
 
@@ -262,6 +295,7 @@ def _evaluation_lines(run_dir: Path) -> list[str]:
             shown = f"loss {_f(res.get('loss'))}, perplexity {_f(res.get('perplexity'), 2)}, bits per byte "
             shown += f"{_f(res.get('bits_per_byte'))} over {_n(res.get('tokens'))} tokens"
         where = f"{r.get('checkpoint')} (step {_n(r.get('step'))})"
+        shown += " (on training data: --allow-training-data)" if r.get("training_data") else ""
         lines.append(f"| {r.get('time')} | {where} | {r.get('data')} | {shown} |")
     return lines
 
@@ -303,3 +337,7 @@ def _pct(x) -> str:
 
 def _g(x) -> str:
     return f"{x:.3g}" if isinstance(x, float) else _n(x)
+
+
+def _int(x):
+    return round(x) if isinstance(x, (int, float)) and math.isfinite(x) else None

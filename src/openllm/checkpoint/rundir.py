@@ -68,18 +68,22 @@ def _fmt(x, digits=4) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else f"{x:,}"
 
 
-def model_card(title: str, info: dict, stats: dict, tcfg: dict, provenance: str) -> str:
+def model_card(title: str, info: dict, stats: dict, tcfg: dict, provenance: str, use: list[str] | None = None) -> str:
+    """A model card: what the model is and how it was trained (an export's, or a converted run's). ``use``: the
+    lines of its "Use" code block (default: the openllm commands for a run directory)."""
     best = finite_or_none(stats.get("best_validation_loss"))
+    lr = tcfg.get("learning_rate")
+    min_lr = tcfg.get("min_lr")
     lines = [
         f"# {title}",
         "",
-        "A GPT language model trained with OpenLLM. Every figure below was measured during this run.",
+        "A language model trained with OpenLLM. Every figure below was measured during its training.",
         "",
         "## Model",
         "",
         f"- architecture: {info.get('architecture', 'GPT-2')}",
         f"- parameters: {_fmt(info.get('parameters'))}",
-        f"- vocabulary: {_fmt(info.get('vocab_size'))} tokens ({info.get('tokenizer') or 'tokenizer not recorded'}); "
+        f"- vocabulary: {info.get('tokenizer') or _fmt(info.get('vocab_size')) + ' tokens'}; "
         f"context {_fmt(info.get('context'))}",
         "",
         "## Training",
@@ -93,16 +97,22 @@ def model_card(title: str, info: dict, stats: dict, tcfg: dict, provenance: str)
         f"- skipped (non-finite) steps: {_fmt(stats.get('skipped_steps'))}",
         f"- wall time: {_fmt(stats.get('elapsed_seconds'), 1)} s; average throughput "
         f"{_fmt(stats.get('average_tokens_per_second'), 0)} tokens/s on {stats.get('device')}",
-        f"- stopped because: {stats.get('stop_reason') or 'still running'}",
+        f"- stopped because: {stats.get('stop_reason') or 'not recorded (a checkpoint saved during the run)'}",
         f"- batch {tcfg.get('batch_size')} x {tcfg.get('seq_len')} tokens x {tcfg.get('gradient_accumulation_steps')} "
-        f"accumulation x {tcfg.get('world_size', 1)} process(es); learning rate {tcfg.get('learning_rate')} -> "
-        f"{tcfg.get('min_lr')} (warmup {tcfg.get('warmup_steps')}), weight decay {tcfg.get('weight_decay')}",
+        f"accumulation x {tcfg.get('world_size', 1)} process(es); learning rate "
+        f"{f'{lr:.3g}' if isinstance(lr, float) else lr} -> {f'{min_lr:.3g}' if isinstance(min_lr, float) else min_lr} "
+        f"(warmup steps: {tcfg.get('warmup_steps')}), weight decay {tcfg.get('weight_decay')}",
         "",
         "## Use",
         "",
-        "```bash",
-        'openllm generate --model . --prompt "Once upon a time"',
-        "openllm export --checkpoint best_model.pt --output-dir ../hf   # outside the run directory",
+        "```" + ("python" if use and use[0].startswith(("from", "import")) else "bash"),
+        *(
+            use
+            or [
+                'openllm generate --model . --prompt "Once upon a time"',
+                "openllm export --checkpoint best_model.pt --output-dir ../hf   # outside the run directory",
+            ]
+        ),
         "```",
         "",
     ]

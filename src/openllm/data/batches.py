@@ -39,6 +39,10 @@ class BatchSampler:
         """How many targets the loss counts in samples first..first+count-1: every one of each window."""
         return count * self.seq_len
 
+    def tokens_in(self, first_sample: int, count: int) -> int:
+        """The input tokens of samples first..first+count-1."""
+        return count * self.seq_len
+
     def batch(self, first_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and targets (int64, ``batch_size`` x ``seq_len``) for samples first..first+batch-1."""
         block = self.windows(first_sample, batch_size)

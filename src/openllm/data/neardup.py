@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-PRIME = (1 << 61) - 1  # the Mersenne prime the permutations work modulo
 CACHE_KB = 32 * 1024  # SQLite's page cache: what the index holds in memory at most
+BLOCK = 4096  # shingles hashed at once (a 4096 x permutations matrix: 3.7 MB at 112)
 COMMIT_EVERY = 4096  # documents added per transaction
 WORD_CACHE = 1 << 20  # words whose hashes are kept (about 100 MB at most)
 
@@ -72,8 +72,8 @@ class NearDuplicateIndex:
         self.settings = settings
         self.bands, self.rows = settings.bands_rows()
         rng = np.random.default_rng(settings.seed)
-        self.a = rng.integers(1, 1 << 32, settings.permutations, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, settings.permutations, dtype=np.uint64)
+        self.a = rng.integers(0, 1 << 64, settings.permutations, dtype=np.uint64, endpoint=False) | np.uint64(1)
+        self.b = rng.integers(0, 1 << 64, settings.permutations, dtype=np.uint64, endpoint=False)
         self.key = hashlib.blake2b(str(settings.seed).encode(), digest_size=16).digest()
         self.db = sqlite3.connect(path, isolation_level=None)  # transactions begun and committed here
         for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{CACHE_KB}", "temp_store=FILE"):
@@ -87,25 +87,34 @@ class NearDuplicateIndex:
 
     def signature(self, text: str) -> np.ndarray:
         """The document's MinHash signature (``permutations`` values below 2**32)."""
-        ids = np.fromiter((self._word_hash(w) for w in text.lower().split()), dtype=np.uint64)
+        words = text.lower().split()
+        cache = self.words  # word -> its keyed hash: words repeat, so most are looked up (at C speed), not hashed
+        missing = set(words).difference(cache)
+        if len(cache) + len(missing) > WORD_CACHE:
+            cache.clear()
+            missing = set(words)
+        for w in missing:
+            cache[w] = int.from_bytes(
+                hashlib.blake2b(w.encode("utf-8"), digest_size=8, key=self.key).digest(), "little"
+            )
+        ids = np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
         n = self.settings.shingle
-        if len(ids) > n:  # each shingle: its words' hashes mixed in order (multiply-add, wrapping at 2**64)
-            mixed = ids[: len(ids) - n + 1].copy()
-            for j in range(1, n):
-                mixed = mixed * np.uint64(0x9E3779B97F4A7C15) + ids[j : len(ids) - n + 1 + j]
-        else:  # a document shorter than a shingle is one shingle
-            mixed = np.array([int.from_bytes(hashlib.blake2b(ids.tobytes(), digest_size=8).digest(), "little")],
-                             dtype=np.uint64)  # fmt: skip
-        hashes = np.unique(mixed >> np.uint64(32))  # 32-bit shingle hashes, each once
-        return (((hashes[:, None] * self.a + self.b) % PRIME) & 0xFFFFFFFF).min(axis=0).astype(np.uint32)
-
-    def _word_hash(self, word: str) -> int:
-        h = self.words.get(word)
-        if h is None:
-            h = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8, key=self.key).digest(), "little")
-            if len(self.words) < WORD_CACHE:
-                self.words[word] = h
-        return h
+        with np.errstate(over="ignore"):  # (products wrap at 2**64 by design)
+            if len(ids) > n:  # each shingle: its words' hashes mixed in order (multiply-add)
+                mixed = ids[: len(ids) - n + 1].copy()
+                for j in range(1, n):
+                    mixed = mixed * np.uint64(0x9E3779B97F4A7C15) + ids[j : len(ids) - n + 1 + j]
+            else:  # a document shorter than a shingle is one shingle
+                digest = hashlib.blake2b(ids.tobytes(), digest_size=8).digest()
+                mixed = np.array([int.from_bytes(digest, "little")], dtype=np.uint64)
+            hashes = np.unique(mixed >> np.uint64(32))  # 32-bit shingle hashes, each once
+            # multiply-add-shift hashing (Dietzfelbinger): ((a h + b) mod 2**64) >> 32, a odd; a block of
+            # shingles at a time, so that a long document's matrix stays small (BLOCK x permutations)
+            sig = np.full(self.settings.permutations, np.iinfo(np.uint64).max, dtype=np.uint64)
+            for i in range(0, len(hashes), BLOCK):
+                part = (hashes[i : i + BLOCK, None] * self.a + self.b) >> np.uint64(32)
+                np.minimum(sig, part.min(axis=0), out=sig)
+            return sig.astype(np.uint32)
 
     def _band_keys(self, sig: np.ndarray) -> list[int]:
         keys = []

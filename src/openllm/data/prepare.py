@@ -420,22 +420,30 @@ def prepare_dataset(
     if not 0.001 <= max_document_mb <= 1024:
         raise OpenLLMError(f"--max-document-mb must be from 0.001 to 1024, got {max_document_mb}")
     filters = QualityFilters(min_chars, max_chars, min_alpha_fraction, max_repeated_lines, max_repeated_ngrams)
-    for name, value in filters.active().items():
-        if isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and not value > 0:
-            bound = "between 0 and 1" if isinstance(value, float) else "positive"
-            raise OpenLLMError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
+    for name, value in filters.active().items():  # (the command line checks these; a Python caller too)
+        share = name not in ("min_chars", "max_chars")
+        if isinstance(value, bool) or not (0 < value < 1 if share else isinstance(value, int) and value > 0):
+            bound = "a number between 0 and 1" if share else "a positive integer"
+            raise OpenLLMError(f"--{name.replace('_', '-')} must be {bound}, got {value!r}")
     tuning = {"--near-dedup-threshold": near_dedup_threshold, "--near-dedup-permutations": near_dedup_permutations,
               "--near-dedup-shingle": near_dedup_shingle}  # fmt: skip
     if not near_dedup and (given := [k for k, v in tuning.items() if v is not None]):
         raise OpenLLMError(f"{given[0]} needs --near-dedup")
     near = None
     if near_dedup:
-        near = NearDedup(near_dedup_threshold or 0.8, near_dedup_permutations or 112, near_dedup_shingle or 5, seed)
-        if not 0 < near.threshold < 1 or not 2 <= near.permutations <= 1024 or not 1 <= near.shingle <= 64:
-            raise OpenLLMError(
-                "--near-dedup-threshold must be between 0 and 1, --near-dedup-permutations from 2 to 1024 and "
-                f"--near-dedup-shingle from 1 to 64 (got {near.threshold}, {near.permutations}, {near.shingle})"
-            )
+        near = NearDedup(
+            0.8 if near_dedup_threshold is None else near_dedup_threshold,
+            112 if near_dedup_permutations is None else near_dedup_permutations,
+            5 if near_dedup_shingle is None else near_dedup_shingle,
+            seed,
+        )
+        for flag, ok, bound, value in (
+            ("--near-dedup-threshold", 0 < near.threshold < 1, "between 0 and 1", near.threshold),
+            ("--near-dedup-permutations", 2 <= near.permutations <= 1024, "from 2 to 1024", near.permutations),
+            ("--near-dedup-shingle", 1 <= near.shingle <= 64, "from 1 to 64", near.shingle),
+        ):
+            if not ok:
+                raise OpenLLMError(f"{flag} must be {bound}, got {value}")
     if min_chars is not None and max_chars is not None and min_chars > max_chars:
         raise OpenLLMError(f"--min-chars {min_chars} is above --max-chars {max_chars}: no document could pass")
     sample_bytes = int(tokenizer_sample_mb * 1e6)

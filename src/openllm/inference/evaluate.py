@@ -16,6 +16,7 @@ from typing import Annotated
 from openllm.core.device import DeviceOption, resolve_device
 from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt, positive_int
+from openllm.core.progress import Progress
 from openllm.core.untrusted import read_json
 from openllm.data.dataset import load_dataset
 from openllm.inference.loading import LoadedModel, load_model
@@ -59,7 +60,7 @@ def evaluate_models(
     ``chat_data``: model, assistant_loss, exact_match, conversations, assistant_tokens)."""
     if (data is None) == (chat_data is None):
         raise OpenLLMError("give --data (text) or --chat-data (conversations), one of them")
-    text_only = {"--seq-len": seq_len, "--stride": stride, "--allow-training-data": allow_training_data or None}
+    text_only = {"--seq-len": seq_len, "--stride": stride}
     wrong = [flag for flag, v in text_only.items() if v is not None] if chat_data is not None else []
     if chat_data is None and max_answer_tokens is not None:
         wrong = ["--max-answer-tokens"]
@@ -70,11 +71,21 @@ def evaluate_models(
     results = []
     for path in models:
         loaded = load_model(path, dev)
+        hashes = training_sources(loaded.info.training_config)
         if chat_data is not None:
+            from openllm.data.sources import expand_inputs, sha256_file
+
+            files = expand_inputs(list(chat_data))
+            seen = [f for f in files if sha256_file(f) in hashes]
+            if seen and not allow_training_data:
+                raise OpenLLMError(
+                    f"{seen[0]} holds conversations {path} was fine-tuned on; pass --allow-training-data to report "
+                    "anyway"
+                )
             results.append(
                 {"model": str(path), **evaluate_chat(loaded, chat_data, batch_size, max_answer_tokens or 64, dev)}
             )
-            _record(path, loaded, ", ".join(map(str, chat_data)), results[-1])
+            _record(path, loaded, [str(f.resolve()) for f in files], bool(seen), results[-1])
             continue
         assert data is not None
         if Path(data).is_dir():
@@ -82,31 +93,31 @@ def evaluate_models(
             if ds.meta["tokenizer_sha256"] != loaded.tokenizer.sha256:
                 raise OpenLLMError(f"{data} was tokenized with a different tokenizer than {path}")
             r = evaluate_dataset(loaded.model, data, "val", seq_len, stride, batch_size, dev)
+            trained_on = False  # (its validation split: held out from training)
         else:
-            hashes = training_sources(loaded.info.training_config)
-            if hashes and not allow_training_data:
-                _, _, sha = encode_file(loaded.tokenizer, data)
-                if sha in hashes:
-                    raise OpenLLMError(
-                        f"{data} is the text {path} was trained on (its training split included); "
-                        "pass --allow-training-data to report anyway"
-                    )
+            trained_on = bool(hashes) and encode_file(loaded.tokenizer, data)[2] in hashes
+            if trained_on and not allow_training_data:
+                raise OpenLLMError(
+                    f"{data} is the text {path} was trained on (its training split included); "
+                    "pass --allow-training-data to report anyway"
+                )
             r = evaluate_file(loaded.model, loaded.tokenizer, data, seq_len, stride, batch_size, dev)
         results.append({"model": str(path), **r.to_dict()})
-        _record(path, loaded, str(data), results[-1])
+        _record(path, loaded, [str(Path(data).resolve())], trained_on, results[-1])
     return results
 
 
-def _record(path, loaded, data: str, result: dict) -> None:
-    """A run's own checkpoint evaluated: the results go into its run directory, for its report."""
+def _record(path, loaded, data: list[str], trained_on: bool, result: dict) -> None:
+    """A run's own checkpoint evaluated: the results go into its run directory, for its report (``trained_on``:
+    the data is what the run trained on, reported with --allow-training-data)."""
     from openllm.checkpoint.report import EVALUATIONS, record_evaluation, run_dir_of
 
     run_dir = run_dir_of(path)
     if run_dir is None:
         return
-    checkpoint = Path(loaded.source).name
     results = {k: v for k, v in result.items() if k not in ("model", "correct")}
-    record_evaluation(run_dir, {"checkpoint": checkpoint, "step": loaded.info.step, "data": data, "results": results})
+    record = {"checkpoint": Path(loaded.source).name, "step": loaded.info.step, "data": ", ".join(data)}
+    record_evaluation(run_dir, {**record, "training_data": trained_on, "results": results})
     print(f"recorded in {run_dir / EVALUATIONS} (`openllm report {run_dir}` adds it to the report)", file=sys.stderr)
 
 
@@ -114,12 +125,13 @@ def training_sources(training_config: dict) -> set[str]:
     """sha256 of the files a checkpoint's run trained on (when its dataset directory is still there)."""
     hashes: set[str] = set()
     ds_dir = training_config.get("dataset_dir")
-    if ds_dir and (Path(ds_dir) / "meta.json").is_file():
-        try:
-            ds_meta = read_json(Path(ds_dir) / "meta.json", "dataset metadata")
-            hashes = {i["sha256"] for i in ds_meta.get("inputs", [])}
-        except (OpenLLMError, AttributeError, KeyError, TypeError):
-            pass  # no readable record of the training files: nothing to compare with
+    for name in ("meta.json", "conversations.json"):  # a prepared dataset, or a fine-tune's conversations
+        if ds_dir and (Path(ds_dir) / name).is_file():
+            try:
+                ds_meta = read_json(Path(ds_dir) / name, "dataset metadata")
+                hashes |= {i["sha256"] for i in ds_meta.get("inputs", [])}
+            except (OpenLLMError, AttributeError, KeyError, TypeError):
+                pass  # no readable record of the training files: nothing to compare with
     return hashes
 
 
@@ -153,7 +165,9 @@ def evaluate_chat(
         raise OpenLLMError("--chat-data holds no conversations")
     context = model.config.block_size
     total, counted, prompts, answers = 0.0, 0, [], []
+    progress = Progress(2 * len(chats), "scoring conversations", "steps")  # the losses, then the answers
     for i, messages in enumerate(chats):
+        progress.update()
         if messages[-1]["role"] != "assistant":
             raise OpenLLMError(f"--chat-data: conversation {i + 1} does not end with the assistant's answer")
         ids, mask = encode_chat(tok, messages)
@@ -176,9 +190,11 @@ def evaluate_chat(
             raise OpenLLMError("--chat-data: a conversation leaves no room in the context for an answer")
         streams.append(TokenStream())
         engine.submit(ids, SamplingOptions(max_new_tokens=room, temperature=0), stop, reader=streams[-1])
-    correct = [
-        tok.decode([s.token for s in stream]).strip() == want for stream, want in zip(streams, answers, strict=True)
-    ]
+    correct = []
+    for stream, want in zip(streams, answers, strict=True):  # (each waits for its answer)
+        correct.append(tok.decode([s.token for s in stream]).strip() == want)
+        progress.update()
+    progress.close()
     right = sum(correct)
     return {
         **({"correct": correct} if per_conversation else {}),

@@ -131,12 +131,11 @@ def _write_gguf(
     write_gguf(staging / GGUF_FILE, state, config, tok, dtype, name="openllm")
     atomic_write_text(
         staging / "README.md",
-        _card(state, config, info, "OpenLLM model (GGUF export)")
-        + f"\nRun with llama.cpp: `llama-cli -m {GGUF_FILE}` ({dtype} weights).\n",
+        _card(state, config, info, "OpenLLM model (GGUF export)", [f'llama-cli -m {GGUF_FILE} -p "Once upon a time"']),
     )
 
 
-def _card(state: dict, config: ModelConfig, info: ck.CheckpointInfo, title: str) -> str:
+def _card(state: dict, config: ModelConfig, info: ck.CheckpointInfo, title: str, use: list[str] | None = None) -> str:
     model_info = dict(info.model_info)
     model_info.setdefault("parameters", sum(t.numel() for k, t in state.items() if k != "lm_head.weight"))
     model_info.setdefault("vocab_size", config.vocab_size)
@@ -147,6 +146,14 @@ def _card(state: dict, config: ModelConfig, info: ck.CheckpointInfo, title: str)
         info.training_stats,
         info.training_config,
         info.provenance.get("source", "trained with openllm"),
+        use
+        or [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            'model, tokenizer = AutoModelForCausalLM.from_pretrained("."), AutoTokenizer.from_pretrained(".")',
+            'ids = tokenizer("Once upon a time", return_tensors="pt").input_ids',
+            "print(tokenizer.decode(model.generate(ids, max_new_tokens=40)[0]))",
+        ],
     )
 
 

@@ -58,11 +58,12 @@ def push_model(
         raise OpenLLMError(f"model not found: {source}")
     staging = None
     try:
-        if is_export_dir(source):
+        gguf_export = source.is_dir() and (source / GGUF_FILE).is_file() and not (source / "best_model.pt").is_file()
+        if is_export_dir(source) or gguf_export:
             if gguf:
                 raise OpenLLMError(
-                    "--gguf needs a run directory or checkpoint to export from; an export directory is uploaded "
-                    "as it is (export it with --format gguf into that directory first)"
+                    "--gguf exports from a run directory or checkpoint; an export directory is uploaded as it is "
+                    "(push the run directory with --gguf, or a directory that `openllm export --format gguf` wrote)"
                 )
             _check_export(source)
             folder = source
@@ -109,7 +110,9 @@ def _check_repo_name(repo: str) -> None:
 def _check_export(folder: Path) -> None:
     from openllm.interop.inspect import verify_path
 
-    for v in verify_path(folder):
+    checked = [folder] if is_export_dir(folder) else []
+    checked += [folder / GGUF_FILE] if (folder / GGUF_FILE).is_file() else []
+    for v in (v for path in checked for v in verify_path(path)):
         if not v.ok:
             raise OpenLLMError(f"{folder} does not verify, so it is not uploaded: {'; '.join(v.problems)}")
 

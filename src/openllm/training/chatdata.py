@@ -64,6 +64,10 @@ class ConversationSampler:
     def windows(self, first_sample: int, batch_size: int) -> torch.Tensor:
         return padded(self._rows(first_sample, batch_size), self.pad_id)
 
+    def tokens_in(self, first_sample: int, count: int) -> int:
+        """The real input tokens of samples first..first+count-1 (each conversation's, without the padding)."""
+        return sum(len(ids) - 1 for ids, _ in self._rows(first_sample, count))
+
     def counted_targets(self, first_sample: int, count: int) -> int:
         """How many targets the loss counts in samples first..first+count-1 (the masked ones, as in ``padded``)."""
         return sum(int(np.count_nonzero(mask[1:])) for _, mask in self._rows(first_sample, count))

@@ -225,8 +225,8 @@ def train_step(run: Run) -> StepOnDevice:
     run.optimizer.zero_grad(set_to_none=True)
     figures = torch.stack([loss_mean, grad_norm.to(loss_mean.dtype), bad.to(loss_mean.dtype)])
     st.step = step
+    tokens = run.sampler.tokens_in(st.samples_seen, run.global_batch)  # (a conversation's real ones, no padding)
     st.samples_seen += run.global_batch
-    tokens = run.global_batch * cfg.seq_len
     st.tokens_seen += tokens
     return StepOnDevice(step, figures, lr, time.perf_counter() - t0, tokens)
 

@@ -28,7 +28,7 @@ def training_config(run: Run) -> dict:
             "tokens_per_step": run.global_batch * run.cfg.seq_len,
             "device_type": run.device.type,
             "autocast_dtype": str(run.autocast_dtype).replace("torch.", ""),
-            "dataset_dir": str(run.dataset.path),
+            "dataset_dir": str(Path(run.dataset.path).resolve()),  # (absolute: read from anywhere later)
             "vocab_size": run.model_config.vocab_size,  # what the model has, whatever was asked for
             "torch_threads": torch.get_num_threads(),
             "validation_fingerprint": run.validation_fingerprint,
