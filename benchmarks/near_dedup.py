@@ -93,7 +93,8 @@ def main() -> None:
         times, counts = {}, (0, 0)
         for near in (False, True):
             t0 = time.perf_counter()
-            ds = prepare_dataset([corpus], work / f"out-{near}", vocab_size=2000, near_dedup=near, workers=2)
+            vocab = 500 if a.smoke else 2000
+            ds = prepare_dataset([corpus], work / f"out-{near}", vocab_size=vocab, near_dedup=near, workers=2)
             times[near] = time.perf_counter() - t0
             if near:
                 counts = ds.meta["near_duplicates_dropped"], ds.meta["duplicates_dropped"]

@@ -18,3 +18,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt
   .venv/bin/python -c "import openllm, torch" || { echo "setup failed: openllm did not install" >&2; exit 1; }
   touch "$stamp"
 fi
+# OpenLLM's own modules too (each command a test runs imports them afresh; only changed files are recompiled)
+.venv/bin/python -m compileall -q -j 0 src >/dev/null 2>&1 || true

@@ -28,7 +28,7 @@ if [ -n "$chromium_install" ]; then
 fi
 # two workers (pytest-xdist): most tests wait on subprocesses and files, so two share two cores well
 status=0
-.venv/bin/python -m pytest -q -n 2 "$@" || status=$?
+.venv/bin/python -m pytest -q -n 2 --durations=12 "$@" || status=$?  # (the slowest tests listed: CI's budget)
 if ! wait "$mypy_pid"; then
   cat "$mypy_log"
   echo "mypy found errors" >&2

@@ -87,9 +87,9 @@ def test_lora_memory_benchmark_smoke_prints_both_modes_and_their_ratios():
     assert "MiB" in rows["peak memory (median)"][0] and float(rows["step time (median)"][2]) > 0
 
 
-def test_finetune_chat_benchmark_smoke_scores_before_and_after():
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "finetune_chat.py"), "--smoke"],
+def test_finetune_chat_benchmark_smoke_scores_before_and_after(llama_run):
+    r = subprocess.run(  # (on the suite's small Llama run as the base: training one is the same `openllm train`)
+        [sys.executable, str(ROOT / "benchmarks" / "finetune_chat.py"), "--smoke", "--base", str(llama_run)],
         capture_output=True,
         text=True,
         timeout=300,

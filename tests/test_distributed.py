@@ -118,6 +118,7 @@ def test_two_processes_match_one_with_the_same_global_batch_and_resume(small_dat
     assert load(tmp_path / "part" / "final_model.pt")["resume_state"]["samples_seen"] == 8 * 10
 
 
+@__import__("pytest").mark.slow  # (three more interpreters with torch: run with -m slow)
 def test_a_lora_fine_tune_on_two_processes_matches_one(llama_run, tmp_path):
     """Conversations have unequal numbers of counted targets per row: every target of the global batch weighs
     the same, in whichever micro-batch and process it is, so 2 processes x 2 rows equal 1 process x 4 rows."""

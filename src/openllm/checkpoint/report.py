@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from openllm.checkpoint import format as ck
-from openllm.checkpoint.rundir import resume_candidates
+from openllm.checkpoint.rundir import BEST, FINAL, step_checkpoints
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_write_text
 from openllm.core.untrusted import read_json
@@ -50,18 +50,19 @@ def record_evaluation(run_dir: Path, record: dict) -> None:
     atomic_write_text(path, old + json.dumps(stamped) + "\n")
 
 
-def write_report(run_dir: str | os.PathLike) -> Path:
-    """(Re)write ``RUN_DIR/README.md`` from the run directory's files."""
+def write_report(run_dir: str | os.PathLike, info: ck.CheckpointView | None = None) -> Path:
+    """(Re)write ``RUN_DIR/README.md`` from the run directory's files (``info``: the newest checkpoint's records,
+    when the caller has them in memory: a run as it ends)."""
     run_dir = Path(run_dir)
-    text = run_report(run_dir)
+    text = run_report(run_dir, info)
     atomic_write_text(run_dir / REPORT, text)
     return run_dir / REPORT
 
 
-def run_report(run_dir: Path) -> str:
+def run_report(run_dir: Path, info: ck.CheckpointView | None = None) -> str:
     if not is_run_dir(run_dir):
         raise OpenLLMError(f"{run_dir} is not a run directory (it has no training_config.json)")
-    info = _newest_info(run_dir)
+    info = info or _newest_info(run_dir)
     if info is None:
         raise OpenLLMError(f"{run_dir} holds no checkpoint that can be read")
     tcfg, stats, model = info.training_config, info.training_stats, info.model_info
@@ -178,7 +179,12 @@ def _section(title: str, items: list[str]) -> list[str]:
 
 
 def _newest_info(run_dir: Path) -> ck.CheckpointView | None:
-    for path in resume_candidates(run_dir):
+    """The records of the run's newest checkpoint: final_model.pt, else the newest step checkpoint, else the best
+    (each read once; one that does not read is passed over)."""
+    steps = [path for _, path in reversed(step_checkpoints(run_dir))]
+    for path in [run_dir / FINAL, *steps, run_dir / BEST]:
+        if not path.is_file():
+            continue
         try:
             return ck.read_info(ck.load_checkpoint(path, mmap=True))
         except OpenLLMError:

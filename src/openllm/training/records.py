@@ -101,7 +101,7 @@ def write_logs(run: Run) -> None:
 
 def write_model_card(run: Run) -> None:
     """The run's README.md: its report, from the files the run has written (the newest checkpoint first)."""
-    report.write_report(run.run_dir)
+    report.write_report(run.run_dir, ck.read_info(build_checkpoint(run)))  # (the records in memory: no reload)
 
 
 def write_plot(run: Run) -> Path | None:
