@@ -277,9 +277,3 @@ def test_a_killed_preparation_rerun_reuses_its_finished_chunks_and_writes_the_sa
     for name in ("train.bin", "val.bin"):
         assert (out / name).read_bytes() == (ref.path / name).read_bytes(), name
     assert meta["fingerprint"] == ref.meta["fingerprint"] and not list(out.glob(".prepare-*"))
-    # a preparation of other settings in the same directory starts afresh, removing what a killed one left
-    (out / ".prepare-0123456789abcdef").mkdir()
-    (out / ".prepare-0123456789abcdef" / "read.json").write_text("{}")
-    r = cli(*args, "--val-fraction", "0.2", "--force")
-    assert r.returncode == 0 and "reusing" not in r.stderr, r.stderr
-    assert not list(out.glob(".prepare-*"))

@@ -22,7 +22,7 @@ def expected_commit() -> str:
 
 def test_a_fresh_run_reports_everything_and_report_adds_a_later_evaluation(small_dataset, small_corpus, tmp_path):
     run = tmp_path / "run"
-    r = cli(*small_args(small_dataset, run, "--sample-tokens", "12", "--sample-prompt", "ROMEO:"))
+    r = cli(*small_args(small_dataset, run, "--max-steps", "3", "--sample-tokens", "12", "--sample-prompt", "ROMEO:"))
     assert r.returncode == 0, r.stderr
     text = (run / "README.md").read_text()
     info = ck.read_info(ck.load_checkpoint(run / "final_model.pt", mmap=True))

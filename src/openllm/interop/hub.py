@@ -56,6 +56,7 @@ def push_model(
     source = Path(path)
     if not source.exists():
         raise OpenLLMError(f"model not found: {source}")
+    token = None if dry_run else _token()  # (before any export: a push that cannot upload does no work)
     staging = None
     try:
         gguf_export = source.is_dir() and (source / GGUF_FILE).is_file() and not (source / "best_model.pt").is_file()
@@ -87,7 +88,7 @@ def push_model(
             total = sum(files.values()) / 1e6
             log(f"dry run: would upload {len(files)} files ({total:.2f} MB) to {where} in one commit")
             return PushResult(repo, branch, files)
-        url = _upload(folder, repo, private, revision, files)
+        url = _upload(folder, repo, private, revision, files, token)
         log(f"uploaded {len(files)} files ({sum(files.values()) / 1e6:.2f} MB) to {where}: {url}")
         return PushResult(repo, branch, files, url)
     finally:
@@ -117,14 +118,20 @@ def _check_export(folder: Path) -> None:
             raise OpenLLMError(f"{folder} does not verify, so it is not uploaded: {'; '.join(v.problems)}")
 
 
-def _upload(folder: Path, repo: str, private: bool, revision: str | None, files: dict[str, int]) -> str:
-    """One commit of ``folder`` to ``repo``; every Hub or network failure is one line."""
-    from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError
+def _token() -> str:
+    from huggingface_hub import get_token
 
     token = os.environ.get("HF_TOKEN") or get_token()
     if not token:
         raise OpenLLMError("no Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    return token
+
+
+def _upload(folder: Path, repo: str, private: bool, revision: str | None, files: dict[str, int], token) -> str:
+    """One commit of ``folder`` to ``repo``; every Hub or network failure is one line."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
     api = HfApi(token=token)
     unreachable: tuple[type[BaseException], ...] = (*_transport_errors(), OSError)
     try:
