@@ -233,9 +233,11 @@ def test_llama_cpp_applies_the_gguf_chat_template_to_the_same_ids_and_stops_at_t
     im_end = tok.piece_to_id("<|im_end|>")
     for line in chats.read_text().splitlines()[:4]:
         ask = json.loads(line)["messages"][:-1]
-        prompt = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")(messages=ask).prompt
+        bos, eos = (tok.id_to_piece(i) if i is not None else "" for i in (tok.bos_id, tok.eos_id))
+        prompt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)(messages=ask).prompt
         ids = encode_chat(tok, ask, add_generation_prompt=True)[0]
-        assert llm.tokenize(prompt.encode(), add_bos=tok.special.add_bos, special=True) == ids
+        # as llama-cpp-python's chat handler tokenizes a rendered template: its special tokens parsed, no bos added
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
         want: list[int] = []
         with torch.no_grad():
             while len(want) < 12 and (not want or want[-1] != im_end):
