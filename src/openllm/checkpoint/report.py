@@ -247,21 +247,28 @@ def _chat_lines(chats: dict, tcfg: dict) -> list[str]:
 def _throughput(run_dir: Path) -> tuple[str, str]:
     """The median tokens/s of the logged steps and the mean MFU where it was measured."""
     rates, mfus = [], []
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict):
-                if isinstance(r.get("tokens_per_second"), (int, float)):
-                    rates.append(float(r["tokens_per_second"]))
-                if isinstance(r.get("mfu"), (int, float)) and math.isfinite(r["mfu"]):
-                    mfus.append(float(r["mfu"]))
+    for r in _json_lines(run_dir / "metrics.jsonl"):
+        if isinstance(r.get("tokens_per_second"), (int, float)):
+            rates.append(float(r["tokens_per_second"]))
+        if isinstance(r.get("mfu"), (int, float)) and math.isfinite(r["mfu"]):
+            mfus.append(float(r["mfu"]))
     rate = f"median of the logged steps {sorted(rates)[len(rates) // 2]:,.0f}" if rates else "no metrics.jsonl"
     mfu = f"{sum(mfus) / len(mfus):.1%} on average" if mfus else "not measured (no known peak FLOP/s: a CPU)"
     return rate, mfu
+
+
+def _json_lines(path: Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file, none for a missing file (a line that is not one is passed over)."""
+    records = []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict):
+            records.append(r)
+    return records
 
 
 def _bytes_per_token(meta: dict | None) -> float | None:
@@ -279,16 +286,7 @@ def _bpb(loss, bytes_per_token: float | None) -> float | None:
 
 
 def _evaluation_lines(run_dir: Path) -> list[str]:
-    path = run_dir / EVALUATIONS
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(r, dict) and isinstance(r.get("results"), dict):
-                records.append(r)
+    records = [r for r in _json_lines(run_dir / EVALUATIONS) if isinstance(r.get("results"), dict)]
     if not records:
         return ["None yet: `openllm eval --model RUN_DIR ...` records its results here."]
     lines = ["| when | checkpoint | data | results |", "| --- | --- | --- | --- |"]
