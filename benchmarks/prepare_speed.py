@@ -1,7 +1,8 @@
 """How fast `openllm prepare` turns text into token files, and in how much memory, against the raw
-SentencePiece encode rate of the same tokenizer on the same text (measured in the same run).
+SentencePiece encode rate of the same tokenizer on the same text (measured in the same run), and each
+tokenizer type end to end (tokenizer training included) side by side.
 
-    python benchmarks/prepare_speed.py                      # a 100 MB corpus, 1 and N workers
+    python benchmarks/prepare_speed.py                      # a 100 MB corpus, 1 and N workers, each type
     python benchmarks/prepare_speed.py --size-mb 2000 --skip-single   # the 2 GB memory check
     python benchmarks/prepare_speed.py --write              # also record the figures in docs/benchmarks.md
 
@@ -45,7 +46,15 @@ def build_corpus(path: Path, size: int) -> int:
     return written
 
 
-def run_prepare(corpus: Path, out: Path, workers: int, vocab: int, tokenizer: Path | None) -> dict:
+def run_prepare(
+    corpus: Path,
+    out: Path,
+    workers: int,
+    vocab: int,
+    tokenizer: Path | None,
+    kind: str = "sentencepiece",
+    source: Path | None = None,
+) -> dict:
     """One `openllm prepare` process; its wall time, the peak memory of its whole process tree (its own RSS
     plus the unique memory of each worker, so that pages a forked worker shares with it count once), and
     its meta."""
@@ -62,9 +71,10 @@ def run_prepare(corpus: Path, out: Path, workers: int, vocab: int, tokenizer: Pa
         str(workers),
         "--force",
     ]
-    args += ["--tokenizer", str(tokenizer)] if tokenizer else ["--vocab-size", str(vocab)]
+    args += ["--tokenizer", str(tokenizer)] if tokenizer else ["--vocab-size", str(vocab), "--tokenizer-type", kind]
     t0 = time.perf_counter()
-    proc = psutil.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    env = {**os.environ, "PYTHONPATH": str(source)} if source else None  # another version's code
+    proc = psutil.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     peak = 0
     while proc.poll() is None:
         try:
@@ -113,6 +123,16 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--skip-single", action="store_true", help="only the N-worker run (for very large corpora)")
+    p.add_argument(
+        "--tokenizer-types",
+        default="sentencepiece,tiktoken-bpe",
+        help="comma-separated: each runs end to end with N workers (the first is the baseline of the ratios)",
+    )
+    p.add_argument(
+        "--previous",
+        type=Path,
+        help="the src/ of another version (e.g. `git worktree add /tmp/prev HEAD~3`): its default path as a row",
+    )
     p.add_argument("--raw-limit-mb", type=float, default=30, help="text the raw encode rate is measured on")
     p.add_argument("--work-dir", default=None, help="where the corpus and outputs go (default: a temp dir)")
     p.add_argument("--write", action="store_true", help="record the figures in docs/benchmarks.md")
@@ -127,7 +147,17 @@ def main() -> None:
         print(f"built {corpus} in {time.perf_counter() - t0:.1f} s")
     size_mb = corpus.stat().st_size / 1e6
 
-    many = run_prepare(corpus, work / "out-n", a.workers, a.vocab_size, None)
+    kinds = a.tokenizer_types.split(",")
+    by_kind = {"sentencepiece": run_prepare(corpus, work / "out-n", a.workers, a.vocab_size, None)}
+    for kind in kinds:
+        if kind not in by_kind:
+            by_kind[kind] = run_prepare(corpus, work / f"out-{kind}", a.workers, a.vocab_size, None, kind)
+    if a.previous:
+        by_kind["previous version (sentencepiece)"] = run_prepare(
+            corpus, work / "out-prev", a.workers, a.vocab_size, None, source=a.previous.resolve()
+        )
+        kinds.insert(0, "previous version (sentencepiece)")
+    many = by_kind["sentencepiece"]
     m = many["meta"]
     tok_s = m["timing"]["tokenizer_seconds"]
     rows = [(f"{a.workers} workers (tokenizer trained)", many)]
@@ -163,6 +193,23 @@ def main() -> None:
         f"output identical for every run: {'yes' if len(fingerprints) == 1 else 'NO'} "
         f"(fingerprint {next(iter(fingerprints))[:16]}...)"
     )
+    base = size_mb / by_kind[kinds[0]]["wall"]
+    lines += [
+        "",
+        f"Each tokenizer type, {a.workers} workers, tokenizer trained (everything included):",
+        "",
+        "| --tokenizer-type | wall s | MB/s end to end, training included | x "
+        f"{kinds[0]} | tokenizer training s | tokens | peak RSS, process tree |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for kind in kinds:
+        r = by_kind[kind]
+        rate = size_mb / r["wall"]
+        lines.append(
+            f"| {kind} | {r['wall']:.1f} | {rate:.2f} | {rate / base:.2f}x | "
+            f"{r['meta']['timing']['tokenizer_seconds']:.1f} | {r['meta']['train_tokens'] + r['meta']['val_tokens']:,} "
+            f"| {r['peak_rss'] / 1e6:,.0f} MB |"
+        )
     report = "\n".join(lines)
     print(report)
     if a.write:

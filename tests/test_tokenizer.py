@@ -138,3 +138,49 @@ def test_broken_tokenizer_files_are_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(OpenLLMError, match="no tokenizer in"):
         load_tokenizer(tmp_path / "empty")
+
+
+# --- tiktoken-bpe: trained with rustbpe, encoded with tiktoken, stored as a tokenizer.json --------------------
+
+
+@pytest.fixture(scope="module")
+def fast_bpe(small_corpus):
+    return train_tokenizer(split_documents(read_text(small_corpus)[0]), vocab_size=400, kind="tiktoken-bpe")
+
+
+ODD_TEXTS = [TEXT, "\n\n\n  x\r\n", "   ", "it's I'LL we'VE 1234567 3.14", "tabs\t\tand\u00a0nbsp", "😀😀 a😀b"]
+
+
+def test_tiktoken_bpe_is_lossless_and_ends_documents_with_endoftext(fast_bpe):
+    assert (fast_bpe.kind, fast_bpe.vocab_size) == ("tiktoken-bpe", 400)
+    assert fast_bpe.id_to_piece(fast_bpe.eos_id) == "<|endoftext|>" and fast_bpe.eos_id == 399
+    assert not fast_bpe.special.add_bos and fast_bpe.pad_id is None and fast_bpe.unk_id is None
+    for text in ODD_TEXTS:
+        assert fast_bpe.decode(fast_bpe.encode(text)) == text
+    assert fast_bpe.encode_document("hello") == [*fast_bpe.encode("hello"), 399]
+
+
+def test_tiktoken_and_the_tokenizer_json_give_the_same_ids(fast_bpe, small_corpus):
+    """OpenLLM encodes with tiktoken; transformers and everything else read the tokenizer.json: one set of ids."""
+    docs = split_documents(read_text(small_corpus)[0])[:300] + ODD_TEXTS
+    assert fast_bpe.encode_batch(docs) == [fast_bpe.raw.encode(d, add_special_tokens=False).ids for d in docs]
+    assert sum(map(len, fast_bpe.encode_batch(docs))) < 0.6 * sum(len(d.encode()) for d in docs)  # it merged
+    spelled = "the end<|endoftext|>again"  # an added token's string: the tokenizer.json's handling, not tiktoken's
+    assert fast_bpe.encode(spelled) == fast_bpe.raw.encode(spelled, add_special_tokens=False).ids
+
+
+def test_tiktoken_bpe_saves_loads_and_takes_chat_tokens_as_its_own_kind(fast_bpe, small_corpus, tmp_path):
+    fast_bpe.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    again = load_tokenizer(tmp_path)
+    assert (again.kind, again.sha256, again.special) == ("tiktoken-bpe", fast_bpe.sha256, fast_bpe.special)
+    assert again.encode(TEXT) == fast_bpe.encode(TEXT)
+    trained_again = train_tokenizer(split_documents(read_text(small_corpus)[0]), vocab_size=400, kind="tiktoken-bpe")
+    assert trained_again.sha256 == fast_bpe.sha256  # deterministic
+    chat = fast_bpe.with_chat_tokens("{{ messages }}")
+    assert chat.kind == "tiktoken-bpe" and chat.vocab_size == 402 and chat.encode(TEXT) == fast_bpe.encode(TEXT)
+    assert chat.special_pieces()["<|im_end|>"] == 401 and chat.encode("<|im_end|>") != [401]  # text stays text
+    with pytest.raises(OpenLLMError, match="at least 257"):
+        train_tokenizer(["a b c"] * 3, vocab_size=200, kind="tiktoken-bpe")
+    with pytest.raises(OpenLLMError, match="cannot support a vocabulary"):
+        train_tokenizer(["tiny corpus of few words"] * 3, vocab_size=5000, kind="tiktoken-bpe")

@@ -1,6 +1,6 @@
 """GPT-2 style byte-level BPE models travel with their tokenizer: a `transformers` GPT-2 saved with
 `save_pretrained` (tokenizer.json, or only the vocab.json + merges.txt pair) and an OpenLLM run
-prepared with `--tokenizer-type bytelevel-bpe`, through convert, generate, resume and export."""
+prepared with `--tokenizer-type tiktoken-bpe`, through convert, generate, resume and export."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from openllm.data.corpus import read_text, split_documents
+from openllm.data.tokenizer import load_tokenizer
 from tests.conftest import SMALL_RUN, cli, load, quiet, small_config
 
 transformers = pytest.importorskip("transformers")
@@ -137,7 +138,9 @@ def test_a_gpt2_vocab_and_merges_pair_converts_to_the_same_tokenizer(hf_gpt2, tm
     assert (from_pair.eos_id, from_pair.bos_id) == (0, 0)
 
 
-def test_openllm_bytelevel_bpe_run_exports_with_its_tokenizer(small_corpus, documents, tmp_path):
+def test_openllm_tiktoken_bpe_run_exports_with_its_tokenizer(small_corpus, documents, tmp_path):
+    """A run prepared with `--tokenizer-type tiktoken-bpe` (rustbpe + tiktoken; an HFTokenizer underneath, so it
+    also stands for `bytelevel-bpe` runs here) exports a tokenizer.json that AutoTokenizer reads with our ids."""
     from openllm.data.prepare import prepare_dataset
     from openllm.interop.export import export_checkpoint
     from openllm.training.loop import train
@@ -151,13 +154,14 @@ def test_openllm_bytelevel_bpe_run_exports_with_its_tokenizer(small_corpus, docu
         "--vocab-size",
         "500",
         "--tokenizer-type",
-        "bytelevel-bpe",
+        "tiktoken-bpe",
     )
     assert r.returncode == 0, r.stderr
-    ds = prepare_dataset([small_corpus], tmp_path / "ds", vocab_size=500, tokenizer_type="bytelevel-bpe")
-    assert ds.meta["tokenizer"].startswith("byte-level BPE") and (ds.path / "tokenizer.json").is_file()
+    ds = prepare_dataset([small_corpus], tmp_path / "ds", vocab_size=500, tokenizer_type="tiktoken-bpe")
+    assert ds.meta["tokenizer"] == "byte-level BPE (tiktoken), 500 tokens" and (ds.path / "tokenizer.json").is_file()
     run = tmp_path / "run"
     train(small_config(ds, run, max_steps=SMALL_RUN["max_steps"]), log=quiet)
     export_checkpoint(run / "best_model.pt", tmp_path / "hf")
     assert not (tmp_path / "hf" / "tokenizer.model").exists()
+    assert load_tokenizer(tmp_path / "hf").kind == "tiktoken-bpe"  # and OpenLLM reads the export as what it was
     assert_agrees_with_transformers(run / "best_model.pt", tmp_path / "hf", documents, run_cli=False)

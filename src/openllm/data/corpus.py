@@ -20,7 +20,6 @@ from openllm.core.errors import OpenLLMError
 
 DOC_MODES = ("paragraph", "line")
 _BLANK_LINES = re.compile(r"\n[^\S\n]*\n(?:[^\S\n]*\n)*")
-_INLINE_SPACE = re.compile(r"[^\S\n]+")
 
 
 def read_text(path: str | os.PathLike) -> tuple[str, bytes]:
@@ -44,7 +43,9 @@ def read_text(path: str | os.PathLike) -> tuple[str, bytes]:
 
 
 def normalize_document(text: str) -> str:
-    lines = (_INLINE_SPACE.sub(" ", line).strip() for line in text.split("\n"))
+    # (``str.split()`` splits at the characters ``\s`` matches, as ``str.strip`` does: runs of spaces within a
+    # line become one, and the line is stripped, several times faster than a regular expression)
+    lines = (" ".join(line.split()) for line in text.split("\n"))
     return "\n".join(line for line in lines if line)
 
 

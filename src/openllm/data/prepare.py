@@ -70,7 +70,7 @@ from openllm.data.dataset import FORMAT, META_FILE, PreparedDataset, token_dtype
 from openllm.data.filters import QualityFilters
 from openllm.data.neardup import NearDedup, NearDuplicateIndex
 from openllm.data.sources import MAX_DOCUMENT_MB, Reader, expand_inputs, sha256_file
-from openllm.data.tokenizer import TOKENIZER_TYPES, Tokenizer, load_tokenizer, train_tokenizer
+from openllm.data.tokenizer import TOKENIZER_TYPES, TOKENIZER_TYPES_HELP, Tokenizer, load_tokenizer, train_tokenizer
 
 SEPARATORS = {"paragraph": "\n\n", "line": "\n"}  # what ends a document for a tokenizer without eos
 CHUNK_BYTES = 1 << 20  # text per encoding task (its token lists are the largest transient allocation)
@@ -316,7 +316,7 @@ def prepare_dataset(
     tokenizer_type: Annotated[
         str,
         Opt(
-            "kind of tokenizer to train (bytelevel-bpe: GPT-2 style, with Hugging Face tokenizers)",
+            f"kind of tokenizer to train ({TOKENIZER_TYPES_HELP})",
             choices=TOKENIZER_TYPES,
         ),
     ] = "sentencepiece",
@@ -598,6 +598,7 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
     near = NearDuplicateIndex(work / "near-dedup.sqlite", plan.near_dedup) if plan.near_dedup else None
     near_dropped = 0
     lowest: tuple[int, int, str] | None = None  # the training document a too-small split would hold out
+    filters = plan.filters if plan.filters else None  # (asked once: whether any is on)
     total = sum(p.stat().st_size for p in files) + (val_path.stat().st_size if val_path else 0)
     with Progress(total, "reading", "B") as progress:
         done = 0
@@ -623,7 +624,7 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
                 duplicates += 1
                 continue
             seen.add(h)
-            if plan.filters and (failed := plan.filters.check(doc)) is not None:
+            if filters is not None and (failed := filters.check(doc)) is not None:
                 filtered[failed] += 1
                 continue
             if val_path is not None and h in val_hashes:

@@ -29,7 +29,7 @@ from openllm.core.errors import OpenLLMError
 from openllm.core.options import Opt, builtin_defaults, declared_options, nonneg_int, one_of, read_options_file
 from openllm.data.chat import TRAIN_ON
 from openllm.data.conversations import OVERFLOW
-from openllm.data.tokenizer import TOKENIZER_TYPES
+from openllm.data.tokenizer import TOKENIZER_TYPES, TOKENIZER_TYPES_HELP
 from openllm.model import registry
 from openllm.model.config import PRESETS, get_preset
 from openllm.model.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
@@ -87,7 +87,11 @@ class TrainConfig:
     ] = None
     tokenizer_type: Annotated[
         str | None,
-        Opt("kind of tokenizer to train for --data-file", choices=TOKENIZER_TYPES, default="sentencepiece"),
+        Opt(
+            f"kind of tokenizer to train for --data-file ({TOKENIZER_TYPES_HELP})",
+            choices=TOKENIZER_TYPES,
+            default="sentencepiece",
+        ),
     ] = None
     model_size: Annotated[str | None, Opt(f"preset: {one_of(tuple(PRESETS))}", default="tiny")] = None
     arch: Annotated[

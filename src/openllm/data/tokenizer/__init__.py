@@ -1,9 +1,10 @@
-"""Tokenizers: one interface (:class:`Tokenizer`), two backends (SentencePiece and Hugging Face
-``tokenizers``), and the functions that find, load and train them."""
+"""Tokenizers: one interface (:class:`Tokenizer`), three kinds (SentencePiece, Hugging Face
+``tokenizers``, and a byte-level BPE encoded with ``tiktoken``), and the functions that find, load and train them."""
 
 from openllm.data.tokenizer.base import CONFIG_FILE, SpecialTokens, Tokenizer
 from openllm.data.tokenizer.registry import (
     TOKENIZER_TYPES,
+    TOKENIZER_TYPES_HELP,
     find_tokenizer,
     load_tokenizer,
     read_tokenizer_config,
@@ -13,6 +14,7 @@ from openllm.data.tokenizer.registry import (
 __all__ = [
     "CONFIG_FILE",
     "TOKENIZER_TYPES",
+    "TOKENIZER_TYPES_HELP",
     "SpecialTokens",
     "Tokenizer",
     "find_tokenizer",

@@ -11,8 +11,14 @@ from openllm.core.fileio import read_json
 from openllm.data.tokenizer.base import CONFIG_FILE, Tokenizer, read_chat_template
 from openllm.data.tokenizer.hf import JSON_FILE, read_tokenizer_json, read_vocab_merges, train_bytelevel_bpe
 from openllm.data.tokenizer.spm import MODEL_FILE, read_sentencepiece, train_sentencepiece
+from openllm.data.tokenizer.tiktoken_bpe import KIND as TIKTOKEN_BPE
+from openllm.data.tokenizer.tiktoken_bpe import TiktokenTokenizer, train_tiktoken_bpe
 
-TOKENIZER_TYPES = ("sentencepiece", "bytelevel-bpe")
+TOKENIZER_TYPES = ("sentencepiece", "bytelevel-bpe", TIKTOKEN_BPE)
+TOKENIZER_TYPES_HELP = (
+    "sentencepiece: SentencePiece BPE; bytelevel-bpe: GPT-2 style, with Hugging Face tokenizers; "
+    "tiktoken-bpe: byte-level BPE with Llama 3's split, trained with rustbpe and encoded with tiktoken (fastest)"
+)
 SEARCHED = f"{MODEL_FILE}, {JSON_FILE}, or vocab.json + merges.txt"
 
 
@@ -24,6 +30,8 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int, kind: str = "sent
         return train_sentencepiece(documents, vocab_size)
     if kind == "bytelevel-bpe":
         return train_bytelevel_bpe(documents, vocab_size)
+    if kind == TIKTOKEN_BPE:
+        return train_tiktoken_bpe(documents, vocab_size)
     raise OpenLLMError(f"unknown tokenizer type {kind!r}; use one of {', '.join(TOKENIZER_TYPES)}")
 
 
@@ -76,4 +84,7 @@ def load_tokenizer(path: str | os.PathLike, model_config: dict | None = None) ->
         if not merges.is_file():
             raise OpenLLMError(f"{file} needs merges.txt beside it (a GPT-2 vocab.json + merges.txt pair)")
         return read_vocab_merges(file, merges, tok_config, model_config)
-    return read_tokenizer_json(file, tok_config, model_config)
+    hf = read_tokenizer_json(file, tok_config, model_config)
+    if tok_config.get("openllm_tokenizer") == TIKTOKEN_BPE:  # (encoded with tiktoken, the same ids)
+        return TiktokenTokenizer(hf.raw, tok_config, model_config, hf.origin)
+    return hf
