@@ -31,7 +31,15 @@ def test_the_resolved_config_is_frozen_complete_typed_and_grouped():
     assert [f.name for f in resolved] == [f.name for f in given] == list(cfg.to_dict())
     for g, r in zip(given, resolved, strict=True):  # each field typed as given, "not given" (None) gone
         assert g.type.startswith(f"Annotated[{r.type if r.name in C.OPTIONAL else r.type + ' | None'},"), g.name
-    assert C.OPTIONAL == {"data", "data_file", "validation_data", "tokenizer_dir", "lr_decay_steps", "dtype"} | {
+    assert C.OPTIONAL == {
+        "data",
+        "data_weights",
+        "data_file",
+        "validation_data",
+        "tokenizer_dir",
+        "lr_decay_steps",
+        "dtype",
+    } | {
         "resume",
         "peak_flops",
         "base_model",

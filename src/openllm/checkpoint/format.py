@@ -15,6 +15,9 @@ OpenLLM keys (:data:`LEGACY_KEYS`) and what exact resume and verification need:
 ``provenance``           how the weights came to be (trained here, converted from ...)
 =======================  =====================================================================
 
+A run on a dataset mixture adds ``data_mixture`` (:data:`MIXTURE_KEY`): the datasets with their weights and
+the tokens each supplied.
+
 A LoRA checkpoint (:mod:`openllm.model.lora`) adds :data:`LORA_KEYS`: ``lora_config`` (the adapters'
 :class:`~openllm.model.lora.LoRAConfig`) and ``lora_base`` (``path``: the checkpoint file or Hugging Face
 directory of the frozen base weights, ``sha256``: their :func:`~openllm.model.lora.base_sha256`). Its
@@ -91,6 +94,9 @@ REQUIRED_KEYS = LEGACY_KEYS + (
 RESUME_KEYS = ("samples_seen", "global_token_offset", "world_size", "rng", "grad_scaler", "run_state")
 # What a LoRA checkpoint holds besides (both or neither; see lora_record), and what its ``lora_base`` holds.
 LORA_KEYS = ("lora_config", "lora_base")
+# A run on several datasets (``train --data A --data B``): each dataset (name, path, fingerprint, weight) and the
+# tokens each supplied up to the checkpoint's step
+MIXTURE_KEY = "data_mixture"
 LORA_BASE_KEYS = ("path", "sha256")
 
 
@@ -201,11 +207,13 @@ def build_checkpoint(
     provenance: dict,
     resume: dict | None = None,
     lora: dict | None = None,
+    mixture: dict | None = None,
 ) -> dict:
     """A complete checkpoint dict. ``resume`` holds what exact resume needs beyond ``state``
     (:func:`resume_record`); None for imported weights, which have no such state. ``lora`` (:func:`lora_record`)
     makes it a LoRA checkpoint: ``model_state`` is then ``lora.lora_state_dict(model)`` (the adapters, and any
-    base tensor trained along) and ``optimizer_state`` that of the optimizer over them."""
+    base tensor trained along) and ``optimizer_state`` that of the optimizer over them. ``mixture``
+    (``DatasetMixture.record``) is a mixture run's :data:`MIXTURE_KEY`."""
     resume_state: dict = {}
     if resume is not None:
         run_state = {k: v for k, v in state.__dict__.items() if k not in RunState.STORED_ELSEWHERE}
@@ -234,6 +242,7 @@ def build_checkpoint(
         "library_versions": library_versions(),
         "provenance": provenance,
         **(lora or {}),
+        **({MIXTURE_KEY: mixture} if mixture else {}),
     }
 
 
@@ -427,6 +436,12 @@ class CheckpointView:
     @property
     def dataset_fingerprint(self) -> str | None:
         return self.data.get("dataset_fingerprint")
+
+    @property
+    def data_mixture(self) -> dict | None:
+        """A mixture run's datasets, weights and tokens seen per dataset (None for one dataset)."""
+        value = self.data.get(MIXTURE_KEY)
+        return value if isinstance(value, dict) else None
 
     @property
     def best_step(self) -> int | None:

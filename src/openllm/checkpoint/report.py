@@ -92,7 +92,10 @@ def run_report(run_dir: Path, info: ck.CheckpointView | None = None) -> str:
             f"provenance: {info.source}",
         ],
     )
-    out += _section("Data", _chat_lines(chats, tcfg) if chats else _data_lines(meta, tcfg))
+    if info.data_mixture:
+        out += _section("Data", _mixture_lines(info.data_mixture))
+    else:
+        out += _section("Data", _chat_lines(chats, tcfg) if chats else _data_lines(meta, tcfg))
     out += _section(
         "Recipe",
         [
@@ -127,6 +130,12 @@ def run_report(run_dir: Path, info: ck.CheckpointView | None = None) -> str:
             f"best validation loss (on what the assistant says): {_f(best)} at step {_n(stats.get('best_step'))} "
             "(best_model.pt)",
             f"final validation loss: {_f(last)} at step {last_step}",
+        ]
+    elif info.data_mixture:
+        results = [
+            f"best validation loss (the datasets' losses weighted as the mixture): {_f(best)} at step "
+            f"{_n(stats.get('best_step'))} (best_model.pt); final: {_f(last)} at step {last_step}",
+            *_mixture_results(info.data_mixture, validation[-1] if validation else {}),
         ]
     else:
         results = [
@@ -227,6 +236,31 @@ def _data_lines(meta: dict | None, tcfg: dict) -> list[str]:
             f"{near.get('threshold')}, {near.get('bands')} bands of {near.get('rows')}, {near.get('shingle')}-word "
             "shingles)"
         )
+    return lines
+
+
+def _mixture_lines(mixture: dict) -> list[str]:
+    """A mixture's datasets: each one's weight and tokens supplied, then its own data lines."""
+    parts = [d for d in mixture.get("datasets") or [] if isinstance(d, dict)]
+    seen = mixture.get("tokens_seen") or {}
+    lines = [
+        f"a mixture of {len(parts)} datasets (weight, training tokens supplied): "
+        + "; ".join(f"{d.get('name')} {_g(d.get('weight'))}, {_n(seen.get(d.get('name')))}" for d in parts)
+    ]
+    for d in parts:
+        meta = _read(Path(str(d.get("path"))) / "meta.json")
+        lines += [f"{d.get('name')}: {line}" for line in _data_lines(meta, {"dataset_dir": d.get("path")})]
+    return lines
+
+
+def _mixture_results(mixture: dict, last: dict) -> list[str]:
+    """Each dataset's final validation loss and bits per byte (with its own split's tokens per byte)."""
+    losses = last.get("validation_loss_by_dataset") or {}
+    lines = []
+    for d in (d for d in mixture.get("datasets") or [] if isinstance(d, dict)):
+        name = d.get("name")
+        per_token, loss = _bytes_per_token(_read(Path(str(d.get("path"))) / "meta.json")), losses.get(name)
+        lines.append(f"{name}: final validation loss {_f(loss)}; bits per byte {_f(_bpb(loss, per_token))}")
     return lines
 
 

@@ -35,6 +35,7 @@ class Opt:
     parse: Callable[[str], Any] | None = None  # argparse type (also the value check)
     choices: tuple[str, ...] | None = None
     nargs: str | None = None
+    action: str | None = None  # argparse's (e.g. "extend": a repeated flag adds to the list, never replaces it)
     metavar: str | None = None
     const: Any = None  # with nargs="?": the value of the bare flag
     default: Any = _EMPTY  # the built-in default when the parameter's own default means "not given" (None)
@@ -121,7 +122,7 @@ def add_options(parser: argparse.ArgumentParser, target: Any, skip: tuple[str, .
         else:
             kind = _scalar(o.type)
             kwargs["type"] = o.opt.parse or (int_value if kind is int else float_value if kind is float else None)
-            for key in ("choices", "nargs", "metavar", "const"):
+            for key in ("choices", "nargs", "action", "metavar", "const"):
                 value = getattr(o.opt, key)
                 if value is not None:
                     kwargs[key] = value
@@ -162,6 +163,15 @@ nonneg_int = checked(int, lambda v: 0 <= v <= MAX_INT, "an integer >= 0")
 nonneg_float = checked(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a finite number > 0")
 fraction = checked(float, lambda v: 0 < v < 1, "a number between 0 and 1")
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(part) for part in text.split(",")]
+
+
+positive_floats = checked(
+    _numbers, lambda v: all(0 < x < math.inf for x in v), "comma-separated finite numbers > 0 (e.g. 0.7,0.3)"
+)
 fraction_incl = checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 port = checked(int, lambda v: 0 < v < 65536, "a port number 1-65535")
 

@@ -124,14 +124,15 @@ def _record(path, loaded, data: list[str], trained_on: bool, result: dict) -> No
 def training_sources(training_config: dict) -> set[str]:
     """sha256 of the files a checkpoint's run trained on (when its dataset directory is still there)."""
     hashes: set[str] = set()
-    ds_dir = training_config.get("dataset_dir")
-    for name in ("meta.json", "conversations.json"):  # a prepared dataset, or a fine-tune's conversations
-        if ds_dir and (Path(ds_dir) / name).is_file():
-            try:
-                ds_meta = read_json(Path(ds_dir) / name, "dataset metadata")
-                hashes |= {i["sha256"] for i in ds_meta.get("inputs", [])}
-            except (OpenLLMError, AttributeError, KeyError, TypeError):
-                pass  # no readable record of the training files: nothing to compare with
+    dirs = training_config.get("dataset_dirs") or [training_config.get("dataset_dir")]  # (a mixture: each one)
+    for ds_dir in dirs if isinstance(dirs, list) else []:
+        for name in ("meta.json", "conversations.json"):  # a prepared dataset, or a fine-tune's conversations
+            if isinstance(ds_dir, str) and (Path(ds_dir) / name).is_file():
+                try:
+                    ds_meta = read_json(Path(ds_dir) / name, "dataset metadata")
+                    hashes |= {i["sha256"] for i in ds_meta.get("inputs", [])}
+                except (OpenLLMError, AttributeError, KeyError, TypeError):
+                    pass  # no readable record of the training files: nothing to compare with
     return hashes
 
 

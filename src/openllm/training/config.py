@@ -26,7 +26,15 @@ from typing import Annotated, Any
 
 from openllm.core.device import DEVICES, DTYPES
 from openllm.core.errors import OpenLLMError
-from openllm.core.options import Opt, builtin_defaults, declared_options, nonneg_int, one_of, read_options_file
+from openllm.core.options import (
+    Opt,
+    builtin_defaults,
+    declared_options,
+    nonneg_int,
+    one_of,
+    positive_floats,
+    read_options_file,
+)
 from openllm.data.chat import TRAIN_ON
 from openllm.data.conversations import OVERFLOW
 from openllm.data.tokenizer import TOKENIZER_TYPES, TOKENIZER_TYPES_HELP
@@ -70,7 +78,24 @@ def described(choices: dict[str, str]) -> str:
 class TrainConfig:
     """Every `openllm train` option; field names are option names with '_' for '-'."""
 
-    data: Annotated[str | None, Opt("a prepared dataset directory (from `openllm prepare`)")] = None
+    data: Annotated[
+        list[str] | None,
+        Opt(
+            "a prepared dataset directory (from `openllm prepare`); several (--data A --data B, or --data A B) "
+            "are a mixture, sampled by --data-weights, each validated on its own split",
+            nargs="+",
+            action="extend",
+            metavar="DIR",
+        ),
+    ] = None
+    data_weights: Annotated[
+        list[float] | None,
+        Opt(
+            "the mixture's sampling weights, one per --data, comma-separated (normalised to sum to 1)",
+            parse=positive_floats,
+            default_text="equal",
+        ),
+    ] = None
     data_file: Annotated[
         str | None,
         Opt("raw text to prepare on the fly (cached in OUTPUT_DIR/dataset)", default_text="the bundled corpus"),
@@ -303,7 +328,8 @@ class ModelOptions:
 class InputOptions:
     """The data and how it is cut into batches."""
 
-    data: str | None
+    data: list[str] | None
+    data_weights: list[float] | None
     data_file: str | None
     validation_data: str | None
     tokenizer_dir: str | None
@@ -409,7 +435,8 @@ class RunConfig:
     """A resolved run configuration (made by :func:`resolve` only): every option present, typed and checked,
     under the same names and in the same order as :class:`TrainConfig`'s fields."""
 
-    data: str | None
+    data: list[str] | None
+    data_weights: list[float] | None
     data_file: str | None
     validation_data: str | None
     tokenizer_dir: str | None
@@ -531,8 +558,11 @@ def resolve(options: TrainConfig | RunConfig, inherited: dict[str, Any] | None =
     given = options.given()
     if "data" in given or "data_file" in given:  # new data given on resume replaces the recorded source
         merged.pop("data", None)
+        merged.pop("data_weights", None)
         merged.pop("data_file", None)
     merged.update(given)
+    if isinstance(merged.get("data"), str):  # one dataset, as runs recorded it before mixtures (and YAML, the API)
+        merged["data"] = [merged["data"]]
     values: dict[str, Any] = {name: merged.get(name) for name in TRAIN_OPTION_NAMES}
     for name, value in DEFAULTS.items():
         if values[name] is None:
@@ -564,7 +594,16 @@ FINETUNE_OF_PRETRAINING = 0.1
 FINETUNE_EPOCHS = 3.0
 # Options only `openllm train` takes (a fine-tune's data are conversations, its model and tokenizer --model's),
 # and options only `openllm finetune` takes.
-TRAIN_ONLY = ("data", "data_file", "tokenizer_dir", "tokenizer_type", "model_size", "arch", "vocab_size")
+TRAIN_ONLY = (
+    "data",
+    "data_weights",
+    "data_file",
+    "tokenizer_dir",
+    "tokenizer_type",
+    "model_size",
+    "arch",
+    "vocab_size",
+)
 FINETUNE_ONLY = (
     "base_model",
     "chat_data",
@@ -661,8 +700,20 @@ def _check(values: dict[str, Any]) -> None:
     for name in ("compile", "activation_checkpointing", "allow_data_change", "reset_early_stopping", "tensorboard"):
         if not isinstance(values[name], bool):
             raise bad(name, "true or false", values[name])
+    data = values["data"]
+    if data is not None and (not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data)):
+        raise bad("data", "one or more paths", data)
+    weights = values["data_weights"]
+    if weights is not None:
+        if not isinstance(weights, list) or not all(_is_number(w) for w in weights):
+            raise bad("data_weights", "comma-separated numbers", weights)
+        if data is None or len(data) < 2:
+            raise OpenLLMError("--data-weights weighs a mixture: give two or more --data datasets")
+    if data is not None and len(data) > 1 and values["validation_data"] is not None:
+        raise OpenLLMError(
+            "--validation-data with several --data datasets: a mixture validates on each dataset's own split"
+        )
     for name in (
-        "data",
         "data_file",
         "validation_data",
         "tokenizer_dir",

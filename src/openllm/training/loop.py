@@ -25,6 +25,7 @@ from openllm.checkpoint import rundir
 from openllm.core import faults
 from openllm.core.fileio import directory_lock, remove_stale_temporaries
 from openllm.core.numbers import perplexity
+from openllm.data.mixture import MixtureEvalBatches
 from openllm.training import records
 from openllm.training.chatdata import IGNORE, inputs_targets
 from openllm.training.config import RunConfig, TrainConfig
@@ -145,7 +146,7 @@ def train_loop(run: Run) -> TrainResult:
                 stop = stop or broadcast_flag(run.dist, signals.received is not None)
             if st.step % cfg.eval_every == 0 or st.step == cfg.max_steps:
                 validate(run, metrics.say)
-                metrics.validation(st.step, st.validation_log[-1]["validation_loss"])
+                metrics.validation(st.step, st.validation_log[-1])
             if st.step % cfg.save_every == 0 and not st.stopped and st.step < cfg.max_steps:
                 save_step_checkpoint(run)
             if stop:
@@ -323,12 +324,17 @@ def validate(run: Run, say: Callable[[str], None]) -> None:
     cfg, st = run.cfg, run.state
     t0, c0 = time.perf_counter(), time.process_time()
     # float32 on the CPU, so that `openllm eval` reproduces the logged figure exactly
-    loss = evaluate(
-        run.raw_model, run.val_batches, run.autocast if run.device.type == "cuda" else contextlib.nullcontext
-    )
+    autocast = run.autocast if run.device.type == "cuda" else contextlib.nullcontext
+    by_dataset = None
+    if isinstance(run.val_batches, MixtureEvalBatches):  # each dataset's loss; the mixture's is their weighted mean
+        by_dataset = {n: evaluate(run.raw_model, b, autocast) for n, b in run.val_batches.parts.items()}
+        loss = run.val_batches.combine(by_dataset)
+    else:
+        loss = evaluate(run.raw_model, run.val_batches, autocast)
     run.eval_seconds += time.perf_counter() - t0
     run.eval_cpu_seconds += time.process_time() - c0
-    st.validation_log.append({"step": st.step, "validation_loss": loss, "validation_perplexity": perplexity(loss)})
+    record = {"step": st.step, "validation_loss": loss, "validation_perplexity": perplexity(loss)}
+    st.validation_log.append({**record, **({"validation_loss_by_dataset": by_dataset} if by_dataset else {})})
     improved = loss < st.best_validation_loss - cfg.early_stopping_min_delta
     if improved:
         st.best_validation_loss, st.best_step, st.bad_evals = loss, st.step, 0
@@ -343,8 +349,9 @@ def validate(run: Run, say: Callable[[str], None]) -> None:
             )
     if improved:
         save(run, rundir.BEST)  # said only once it is on disk
+    parts = f" [{', '.join(f'{n} {v:.4f}' for n, v in by_dataset.items())}]" if by_dataset else ""
     say(
-        f"step {st.step}: validation loss {loss:.4f} (ppl {perplexity(loss):.1f})"
+        f"step {st.step}: validation loss {loss:.4f} (ppl {perplexity(loss):.1f}){parts}"
         + (" - new best, saved best_model.pt" if improved else f", no improvement ({st.bad_evals})")
     )
 

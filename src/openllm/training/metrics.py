@@ -119,9 +119,15 @@ class MetricsLog:
             else:
                 self.keep(line)  # the bar shows progress on the terminal; the log keeps the line
 
-    def validation(self, step: int, loss: float) -> None:
-        if self.tb is not None and math.isfinite(loss):
-            self.tb.add_scalar("validation/loss", loss, step)
+    def validation(self, step: int, record: dict) -> None:
+        """A validation record (``validation_log``'s): the loss, and a mixture's loss on each dataset."""
+        if self.tb is None:
+            return
+        losses = {"validation/loss": record["validation_loss"]}
+        losses |= {f"validation/loss/{n}": v for n, v in (record.get("validation_loss_by_dataset") or {}).items()}
+        for tag, loss in losses.items():
+            if math.isfinite(loss):
+                self.tb.add_scalar(tag, loss, step)
 
     def say(self, message: str) -> None:
         if not self.enabled:

@@ -14,6 +14,7 @@ from openllm.checkpoint import format as ck
 from openllm.checkpoint import report, rundir
 from openllm.core.environment import describe_environment
 from openllm.core.fileio import atomic_write_json
+from openllm.data.mixture import DatasetMixture, MixtureSampler
 from openllm.model.lora import lora_state_dict
 from openllm.training.run import Run
 from openllm.training.schedule import scheduler_state
@@ -28,13 +29,26 @@ def training_config(run: Run) -> dict:
             "tokens_per_step": run.global_batch * run.cfg.seq_len,
             "device_type": run.device.type,
             "autocast_dtype": str(run.autocast_dtype).replace("torch.", ""),
-            "dataset_dir": str(Path(run.dataset.path).resolve()),  # (absolute: read from anywhere later)
+            "dataset_dir": str(dataset_dirs(run)[0]),  # (absolute: read from anywhere later)
+            "dataset_dirs": [str(d) for d in dataset_dirs(run)],  # (a mixture's every dataset, in --data order)
             "vocab_size": run.model_config.vocab_size,  # what the model has, whatever was asked for
             "torch_threads": torch.get_num_threads(),
             "validation_fingerprint": run.validation_fingerprint,
         }
     )
     return cfg
+
+
+def dataset_dirs(run: Run) -> list[Path]:
+    parts = run.dataset.parts if isinstance(run.dataset, DatasetMixture) else [run.dataset]
+    return [Path(p.path).resolve() for p in parts]
+
+
+def mixture_record(run: Run) -> dict | None:
+    """A mixture's datasets, weights and the tokens each supplied so far (None for one dataset)."""
+    if not isinstance(run.dataset, DatasetMixture) or not isinstance(run.sampler, MixtureSampler):
+        return None
+    return run.dataset.record(run.state.samples_seen, run.cfg.seq_len, run.sampler)
 
 
 def model_info(run: Run) -> dict:
@@ -79,6 +93,7 @@ def build_checkpoint(run: Run) -> dict:
             grad_scaler=run.scaler.state_dict() if run.scaler.is_enabled() else {},
         ),
         lora=lora,
+        mixture=mixture_record(run),
     )
 
 

@@ -14,6 +14,7 @@ from openllm.core.errors import OpenLLMError
 from openllm.data.batches import BatchSampler, EvalBatches
 from openllm.data.conversations import ConversationSet
 from openllm.data.dataset import PreparedDataset
+from openllm.data.mixture import DatasetMixture, MixtureEvalBatches, MixtureSampler
 from openllm.data.tokenizer import Tokenizer
 from openllm.model import LanguageModel
 from openllm.model.config import ModelConfig
@@ -49,14 +50,14 @@ class StartingPoint:
 class Run:
     cfg: RunConfig
     run_dir: Path
-    dataset: PreparedDataset | ConversationSet
+    dataset: PreparedDataset | ConversationSet | DatasetMixture
     model_config: ModelConfig
     raw_model: LanguageModel
     model: torch.nn.Module  # raw_model, possibly compiled and/or wrapped in DDP
     optimizer: torch.optim.Optimizer | MuonAdamW
     scaler: torch.amp.GradScaler
-    sampler: BatchSampler | ConversationSampler
-    val_batches: EvalBatches | ConversationEvalBatches
+    sampler: BatchSampler | ConversationSampler | MixtureSampler
+    val_batches: EvalBatches | ConversationEvalBatches | MixtureEvalBatches
     device: torch.device
     autocast_dtype: torch.dtype
     dist: DistInfo

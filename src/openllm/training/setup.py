@@ -24,6 +24,7 @@ from openllm.data.batches import BatchSampler, EvalBatches
 from openllm.data.chat import with_chat_tokens
 from openllm.data.conversations import ConversationSet, load_conversations, prepare_conversations
 from openllm.data.dataset import PreparedDataset, load_dataset
+from openllm.data.mixture import DatasetMixture, MixtureEvalBatches, MixtureSampler
 from openllm.data.prepare import prepare_dataset, prepared_request_key
 from openllm.data.sources import expand_inputs, sha256_file
 from openllm.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer
@@ -114,7 +115,7 @@ def check_fits(plan: ResumePlan, device: torch.device) -> None:
 
 def prepare_inputs(
     plan: ResumePlan, dist: DistInfo, say: Callable[[str], None]
-) -> tuple[PreparedDataset | ConversationSet, ModelConfig]:
+) -> tuple[PreparedDataset | ConversationSet | DatasetMixture, ModelConfig]:
     """The dataset (prepared into the run directory when needed) and the model config, checked against the
     checkpoint resumed. A refused resume leaves nothing behind: what this call created is removed again."""
     run_dir = plan.run_dir
@@ -136,7 +137,7 @@ def prepare_inputs(
 
 def build_run(
     plan: ResumePlan,
-    dataset: PreparedDataset | ConversationSet,
+    dataset: PreparedDataset | ConversationSet | DatasetMixture,
     model_config: ModelConfig,
     device: torch.device,
     dist: DistInfo,
@@ -167,9 +168,17 @@ def build_run(
         model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     optimizer = configure_optimizer(raw, cfg.optimization, cfg.learning_rate, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
-    sampler: BatchSampler | ConversationSampler
-    val: EvalBatches | ConversationEvalBatches
-    if isinstance(dataset, ConversationSet):
+    sampler: BatchSampler | ConversationSampler | MixtureSampler
+    val: EvalBatches | ConversationEvalBatches | MixtureEvalBatches
+    if isinstance(dataset, DatasetMixture):
+        sampler = MixtureSampler([p.train for p in dataset.parts], dataset.weights, cfg.seq_len, cfg.seed)
+        parts = {
+            n: EvalBatches(p.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches * dist.world_size, device)
+            for n, p in zip(dataset.names, dataset.parts, strict=True)
+        }
+        val = MixtureEvalBatches(parts, dataset.weights)
+        fingerprint = hashlib.sha256("".join(token_digest(p.val) for p in dataset.parts).encode()).hexdigest()
+    elif isinstance(dataset, ConversationSet):
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         sampler = ConversationSampler(dataset.train, cfg.seed, pad)
         val = ConversationEvalBatches(dataset.val, cfg.batch_size, cfg.eval_batches * dist.world_size, pad, device)
@@ -269,14 +278,20 @@ def load_base_weights(model: torch.nn.Module, start: StartingPoint, say: Callabl
     return grown
 
 
-def resolve_data(plan: ResumePlan, dist: DistInfo, log: Callable[[str], None]) -> PreparedDataset:
-    """A prepared dataset: ``--data``, or ``--data-file`` (or the bundled corpus) prepared into RUN/dataset.
+def resolve_data(plan: ResumePlan, dist: DistInfo, log: Callable[[str], None]) -> PreparedDataset | DatasetMixture:
+    """A prepared dataset: ``--data`` (several: a mixture), or ``--data-file`` (or the bundled corpus) prepared
+    into RUN/dataset.
 
     New text for a resumed model is encoded with the model's own tokenizer (the one beside the checkpoint)
     unless ``--tokenizer-dir`` names another; a tokenizer is trained only for a new model."""
     cfg = plan.cfg
+    if cfg.data and len(cfg.data) > 1:
+        mixture = DatasetMixture.of([load_dataset(d) for d in cfg.data], cfg.data_weights)
+        shares = ", ".join(f"{n} {w:.3g}" for n, w in zip(mixture.names, mixture.weights, strict=True))
+        log(f"training on a mixture of {len(mixture.parts)} datasets: {shares}")
+        return mixture
     if cfg.data:
-        return load_dataset(cfg.data)
+        return load_dataset(cfg.data[0])
     source = Path(cfg.data_file) if cfg.data_file else BUNDLED_CORPUS
     if not cfg.data_file:
         log(f"no --data or --data-file given: using the bundled corpus {source.name}")
@@ -335,7 +350,7 @@ def validation_tokens(cfg: InputOptions, dataset: PreparedDataset, tokenizer: To
     """The token stream validation runs on: ``--validation-data`` encoded with the dataset's tokenizer
     when it is given beside ``--data`` (with ``--data-file`` it was prepared into the dataset), else the
     dataset's held-out split."""
-    if cfg.data and cfg.validation_data:
+    if cfg.data and cfg.validation_data:  # (one dataset: a mixture validates on each one's split)
         tokens, _, _ = encode_file(tokenizer, cfg.validation_data)
         return tokens
     return dataset.val
@@ -363,8 +378,9 @@ def check_before_writing(cfg: TrainConfig | RunConfig) -> None:
     values, and every input file or directory named, all missing ones reported together."""
     if not cfg.resume:
         cfg.resolved()
+    data = [cfg.data] if isinstance(cfg.data, str) else cfg.data if isinstance(cfg.data, list) else []
     wanted = [
-        ("--data", cfg.data, Path.is_dir),
+        *(("--data", d, Path.is_dir) for d in data),
         ("--data-file", cfg.data_file, Path.is_file),
         ("--validation-data", cfg.validation_data, Path.is_file),
         ("--tokenizer-dir", cfg.tokenizer_dir, Path.is_dir),
