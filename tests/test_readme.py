@@ -43,7 +43,7 @@ def test_every_documented_command_line_parses():
 
     import pytest
 
-    from openllm.cli import build_parser
+    from openllm.cli import build_parser, canonical_argv
 
     commands = documented_commands()
     assert len(commands) > 15  # the extraction found the examples
@@ -51,7 +51,7 @@ def test_every_documented_command_line_parses():
     for where, argv in commands:
         err = io.StringIO()
         with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
-            parser.parse_args(argv)
+            parser.parse_args(canonical_argv(argv))
             continue
         pytest.fail(f"{where}\n{err.getvalue()}")
 

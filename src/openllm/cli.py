@@ -62,12 +62,41 @@ def _add_prepare(sub: Any) -> None:
     )
     add_options(p, prepare_dataset)
     p.set_defaults(func=_run_prepare)
+    m = sub.add_parser(
+        MERGE,
+        prog="openllm prepare merge",
+        help="join the parts of a sharded preparation (prepare --num-shards N --shard-index K) into one dataset",
+        description="Join every part of a sharded preparation into one dataset directory, equal to what one "
+        "machine makes of all the inputs: duplicates and near-duplicates across parts are dropped, in reading order, "
+        "and the parts' tokens are copied, not encoded again.",
+    )
+    m.add_argument(
+        "parts", nargs="+", metavar="PART_DIR", help="the parts' dataset directories (every part, any order)"
+    )
+    m.add_argument("--output-dir", required=True, help="dataset directory to write")
+    m.add_argument("--force", action="store_true", help="overwrite a dataset in --output-dir")
+    m.set_defaults(func=_run_merge, command="prepare merge")
+
+
+MERGE = "prepare-merge"  # `openllm prepare merge ...` reaches this parser (main rewrites the two words)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from openllm.data.merge import merge_parts
+
+    ds = merge_parts(args.parts, args.output_dir, force=args.force)
+    _print_prepared(ds)
+    return 0
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from openllm.data.prepare import prepare_dataset
 
-    ds = prepare_dataset(**option_values(args, prepare_dataset))
+    _print_prepared(prepare_dataset(**option_values(args, prepare_dataset)))
+    return 0
+
+
+def _print_prepared(ds) -> None:  # type: ignore[no-untyped-def]
     m = ds.meta
     read_mb = sum(i["bytes"] for i in m["inputs"]) / 1e6
     skipped = sum((m.get("bad_records_skipped") or {}).values())
@@ -76,13 +105,20 @@ def _run_prepare(args: argparse.Namespace) -> int:
         + (f"{skipped:,} bad records skipped, " if skipped else "")
         + (f"{m['documents_cut']:,} over-long documents cut, " if m.get("documents_cut") else "")
         + "".join(f"{n:,} dropped by --{k.replace('_', '-')}, " for k, n in m.get("filtered_documents", {}).items())
-        + (f"{m['near_duplicates_dropped']:,} near-duplicates dropped, " if m.get("near_dedup") else "")
+        + (
+            (
+                "near-duplicates left for `prepare merge`, "
+                if m.get("part")
+                else f"{m['near_duplicates_dropped']:,} near-duplicates dropped, "
+            )
+            if m.get("near_dedup")
+            else ""
+        )  # fmt: skip
         + f"{m['train_documents']:,} train / {m['val_documents']:,} validation documents, "
         f"{m['train_tokens']:,} / {m['val_tokens']:,} tokens, vocab {m['vocab_size']:,}; {read_mb:,.1f} MB in "
         f"{m['seconds']:.2f} s ({read_mb / max(m['seconds'], 1e-9):,.1f} MB/s), peak memory "
         f"{m['timing']['peak_rss_mb']:,.0f} MB"
     )
-    return 0
 
 
 # -------------------------------------------------------------------------------------- train
@@ -553,12 +589,18 @@ def _not_utf8(argv: list[str]) -> str | None:
     return None
 
 
+def canonical_argv(argv: list[str]) -> list[str]:
+    """The command line as the parser takes it: `openllm prepare merge ...` is the merge command's."""
+    return [MERGE, *argv[2:]] if argv[:2] == ["prepare", "merge"] else argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = canonical_argv(list(sys.argv[1:] if argv is None else argv))
     if problem := _not_utf8(argv):
         print(f"openllm{' ' + argv[0] if argv[0] in COMMANDS else ''}: error: {problem}", file=sys.stderr)
         return 2
-    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    command = "prepare" if argv and argv[0] == MERGE else argv[0] if argv and argv[0] in COMMANDS else None
+    parser = build_parser(command)
     try:
         argv = _with_options_file(parser, argv)
     except OpenLLMError as exc:

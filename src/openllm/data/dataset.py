@@ -43,7 +43,10 @@ class PreparedDataset:
         return self._stream("val")
 
     def _stream(self, split: str) -> np.ndarray:
-        return np.memmap(self.path / f"{split}.bin", dtype=np.dtype(self.meta["dtype"]), mode="r")
+        dtype = np.dtype(self.meta["dtype"])
+        if not self.meta.get(f"{split}_tokens"):  # (a part of a sharded preparation may hold no validation text)
+            return np.empty(0, dtype=dtype)
+        return np.memmap(self.path / f"{split}.bin", dtype=dtype, mode="r")
 
     @property
     def tokenizer(self) -> Tokenizer:

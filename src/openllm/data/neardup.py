@@ -125,7 +125,10 @@ class NearDuplicateIndex:
 
     def is_near_duplicate(self, text: str) -> bool:
         """True when ``text`` is a near-copy of a document kept before; else it is kept (added) and False."""
-        sig = self.signature(text)
+        return self.is_near_duplicate_signature(self.signature(text))
+
+    def is_near_duplicate_signature(self, sig: np.ndarray) -> bool:
+        """:meth:`is_near_duplicate` of a document's :meth:`signature` (`prepare merge` has the parts' ones)."""
         keys = self._band_keys(sig)
         marks = ",".join("?" * len(keys))
         candidates = [row[0] for row in self.db.execute(f"SELECT DISTINCT doc FROM bands WHERE key IN ({marks})", keys)]

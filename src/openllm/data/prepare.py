@@ -62,9 +62,19 @@ from openllm.core.fileio import (
     write_failures,
 )
 from openllm.core.memory import available_memory, gib
-from openllm.core.options import Opt, at_most, checked, fraction, int_value, positive_float, positive_int
+from openllm.core.options import (
+    Opt,
+    at_most,
+    checked,
+    fraction,
+    int_value,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 from openllm.core.progress import Progress
 from openllm.core.untrusted import read_json
+from openllm.data import shards
 from openllm.data.corpus import DOC_MODES
 from openllm.data.dataset import FORMAT, META_FILE, PreparedDataset, token_dtype
 from openllm.data.filters import QualityFilters
@@ -89,11 +99,18 @@ SPLIT_RULE = "validation when the document's seeded BLAKE2b hash, as a fraction 
 
 def pack(tokenizer: Tokenizer, docs: Sequence[str], dtype: np.dtype, doc_mode: str = "paragraph") -> np.ndarray:
     """Encode documents as the tokenizer frames them (bos? + ids + eos), concatenated without padding."""
+    return pack_counted(tokenizer, docs, dtype, doc_mode)[0]
+
+
+def pack_counted(
+    tokenizer: Tokenizer, docs: Sequence[str], dtype: np.dtype, doc_mode: str = "paragraph"
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pack`, and each document's number of tokens (framing included)."""
     head, tail = tokenizer.prefix(), tokenizer.document_end(SEPARATORS[doc_mode])
     encoded = tokenizer.encode_batch(list(docs))
-    total = sum(len(ids) + len(head) + len(tail) for ids in encoded)
+    counts = np.fromiter((len(ids) + len(head) + len(tail) for ids in encoded), dtype=np.uint64, count=len(encoded))
     flat = itertools.chain.from_iterable(part for ids in encoded for part in (head, ids, tail))
-    return np.fromiter(flat, dtype=dtype, count=total)
+    return np.fromiter(flat, dtype=dtype, count=int(counts.sum())), counts
 
 
 class Spool:
@@ -207,7 +224,8 @@ def _die_with(parent: int) -> None:
     os.close(null)
 
 
-def _encode_chunk(path: str, start: int, lengths: list[int]) -> bytes:
+def _encode_chunk(path: str, start: int, lengths: list[int]) -> tuple[bytes, bytes]:
+    """A chunk's tokens, and each of its documents' token count (uint64)."""
     with open(path, "rb") as f:
         f.seek(start)
         data = f.read(sum(abs(n) for n in lengths))
@@ -216,41 +234,53 @@ def _encode_chunk(path: str, start: int, lengths: list[int]) -> bytes:
         if n >= 0:
             docs.append(data[pos : pos + n].decode("utf-8"))
         pos += abs(n)
-    return pack(_WORKER["tok"], docs, _WORKER["dtype"], _WORKER["doc_mode"]).tobytes()
+    tokens, counts = pack_counted(_WORKER["tok"], docs, _WORKER["dtype"], _WORKER["doc_mode"])
+    return tokens.tobytes(), counts.tobytes()
 
 
 def _encode_spool(
-    spool: Spool, out_file: Path, workers: int, init: tuple, digest, progress: Progress, skip=None
+    spool: Spool, out_file: Path, workers: int, init: tuple, digest, progress: Progress, skip=None, counts=None
 ) -> tuple[int, int]:
     """Encode a spool into ``out_file`` in order, after the chunks an interrupted run of the same preparation
     finished there (``out_file``.done records how many, and their bytes); returns the number of tokens and the
-    number of chunks reused."""
+    number of chunks reused. With ``counts`` (a path), each document's token count goes there too (uint64)."""
     tasks = spool.chunks(skip)
     itemsize = init[2].itemsize
     done_file = out_file.with_name(out_file.name + ".done")
-    reused, offset = 0, 0
+    reused, offset, counted = 0, 0, 0
     if done_file.is_file() and out_file.is_file():
         found = read_json(done_file, "the interrupted preparation's record")
-        chunks, size = (found.get("chunks"), found.get("bytes")) if isinstance(found, dict) else (None, None)
+        found = found if isinstance(found, dict) else {}
+        chunks, size, n_counts = found.get("chunks"), found.get("bytes"), found.get("count_bytes", 0)
         if isinstance(chunks, int) and isinstance(size, int) and 0 <= chunks <= len(tasks):
-            if out_file.stat().st_size >= size:
-                reused, offset = chunks, size
+            have = counts is None or (counts.is_file() and counts.stat().st_size >= n_counts)
+            if out_file.stat().st_size >= size and have and isinstance(n_counts, int):
+                reused, offset, counted = chunks, size, n_counts
     f = open(out_file, "r+b" if reused else "wb")  # noqa: SIM115 (closed below)
-    with f:
+    c = open(counts, "r+b" if reused else "wb") if counts is not None else None  # noqa: SIM115 (closed below)
+    with f, c or contextlib.nullcontext():
         f.truncate(offset)
+        if c is not None:
+            c.truncate(counted)
+            c.seek(counted)
         while reused and (block := f.read(1 << 24)):  # the reused chunks' tokens count in the fingerprint
             digest.update(block)
         progress.update(sum(sum(map(abs, lengths)) for _, lengths in tasks[:reused]))
         tokens, finished = offset // itemsize, reused
 
-        def write(data: bytes, n_bytes: int) -> None:
+        def write(result: tuple[bytes, bytes], n_bytes: int) -> None:
             nonlocal tokens, finished
+            data, doc_counts = result
             f.write(data)
             f.flush()
+            if c is not None:
+                c.write(doc_counts)
+                c.flush()
             digest.update(data)
             tokens += len(data) // itemsize
             finished += 1
-            atomic_write_json(done_file, {"chunks": finished, "bytes": f.tell()})
+            record = {"chunks": finished, "bytes": f.tell(), **({"count_bytes": c.tell()} if c is not None else {})}
+            atomic_write_json(done_file, record)
             progress.update(n_bytes)
             faults.reached("encode")
 
@@ -396,6 +426,17 @@ def prepare_dataset(
     near_dedup_shingle: Annotated[
         int | None, Opt("--near-dedup: words per shingle", parse=positive_int, default_text="5")
     ] = None,
+    num_shards: Annotated[
+        int,
+        Opt(
+            "prepare one of this many parts of the inputs (split by file, by size, in order); join the parts with "
+            "`openllm prepare merge`",
+            parse=positive_int,
+        ),
+    ] = 1,
+    shard_index: Annotated[
+        int | None, Opt("which part this is, from 0 to --num-shards - 1 (with --num-shards)", parse=nonneg_int)
+    ] = None,
     force: Annotated[bool, Opt("overwrite a different dataset in --output-dir")] = False,
 ) -> PreparedDataset:
     """Prepare ``inputs`` into ``output_dir`` and return the dataset.
@@ -446,6 +487,7 @@ def prepare_dataset(
                 raise OpenLLMError(f"{flag} must be {bound}, got {value}")
     if min_chars is not None and max_chars is not None and min_chars > max_chars:
         raise OpenLLMError(f"--min-chars {min_chars} is above --max-chars {max_chars}: no document could pass")
+    shard = shards.check_request(num_shards, shard_index, tokenizer)
     sample_bytes = int(tokenizer_sample_mb * 1e6)
     free = available_memory()
     if tokenizer is None and free is not None and SAMPLE_MEMORY * sample_bytes > free:
@@ -454,6 +496,9 @@ def prepare_dataset(
             f"the tokenizer, more than the {gib(free)} available; give a smaller sample"
         )
     files = expand_inputs(list(inputs))
+    all_files = files
+    if shard is not None:
+        files = shards.shard_files(files, *shard)
     val_path = Path(validation_file) if validation_file is not None else None
     if val_path is not None:
         expand_inputs([val_path])
@@ -463,7 +508,13 @@ def prepare_dataset(
     )
     input_info = [_file_info(p) for p in files]
     val_info = _file_info(val_path) if val_path is not None else None
-    key = request_key(input_info, val_info, f"{tokenizer_type}:{vocab_size}", tok, settings)
+    trained = f"{tokenizer_type}:{vocab_size}"
+    key = request_key(input_info, val_info, trained, tok, settings)
+    part = None
+    if shard is not None:  # what `prepare merge` checks and needs: the part, the whole request's settings
+        part = {"index": shard[1], "count": shard[0], "all_inputs": [str(p) for p in all_files],
+                "settings": settings, "trained": trained, "validation_file": val_info}  # fmt: skip
+        key = request_key(input_info, val_info, trained, tok, {**settings, "shard": list(shard)})
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -513,6 +564,7 @@ def prepare_dataset(
                     max_document_bytes=int(max_document_mb * 1e6),
                     filters=filters,
                     near_dedup=near,
+                    part=part,
                 )
                 with write_failures(out):  # a full disk in any writer (spool, workers, tokenizer), said one way
                     meta, tok = _prepare(plan, tok)
@@ -521,6 +573,9 @@ def prepare_dataset(
                     existing.unlink(missing_ok=True)
                     for name in ("train.bin", "val.bin"):
                         os.replace(work / name, out / name)
+                    for name in shards.PART_FILES if part is not None else ():
+                        if (work / name).is_file():
+                            os.replace(work / name, out / name)
                     tok.save(out)
                     meta["seconds"] = round(time.perf_counter() - t0, 3)
                     atomic_write_json(existing, meta)  # written last: its presence marks a complete dataset
@@ -554,6 +609,9 @@ class _Plan:
     max_document_bytes: int
     filters: QualityFilters
     near_dedup: NearDedup | None
+    # one part of a sharded preparation (``--num-shards``): the index, count and the request's settings; its
+    # near-duplicates are left for `prepare merge` (signatures kept), and so is the hold-out of a tiny corpus
+    part: dict | None = None
 
 
 def _prepare(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Tokenizer]:
@@ -597,6 +655,7 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
     filtered = dict.fromkeys(plan.filters.active(), 0)  # documents each quality filter dropped
     near = NearDuplicateIndex(work / "near-dedup.sqlite", plan.near_dedup) if plan.near_dedup else None
     near_dropped = 0
+    index = shards.PartIndex(work, near) if plan.part is not None else None  # (a part: each kept document)
     lowest: tuple[int, int, str] | None = None  # the training document a too-small split would hold out
     filters = plan.filters if plan.filters else None  # (asked once: whether any is on)
     total = sum(p.stat().st_size for p in files) + (val_path.stat().st_size if val_path else 0)
@@ -614,7 +673,9 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
                 if h not in val_hashes:
                     val_hashes.add(h)
                     val.add(doc)
-                    if near is not None:  # a training near-copy of validation text is dropped too
+                    if index is not None:
+                        index.add(h, doc, 1)
+                    elif near is not None:  # a training near-copy of validation text is dropped too
                         near.is_near_duplicate(doc)
             advance()
         for doc in reader.documents(files):
@@ -626,17 +687,25 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
             seen.add(h)
             if filters is not None and (failed := filters.check(doc)) is not None:
                 filtered[failed] += 1
+                if index is not None:  # (a copy in a later part is a duplicate, as on one machine)
+                    index.add(h, doc, shards.FILTERED + list(filtered).index(failed))
                 continue
             if val_path is not None and h in val_hashes:
                 overlap += 1
+                if index is not None:
+                    index.add(h, doc, shards.OVERLAP)
                 continue
-            if near is not None and near.is_near_duplicate(doc):
+            if index is None and near is not None and near.is_near_duplicate(doc):
                 near_dropped += 1
                 continue
             value = int.from_bytes(h[:8], "little")
             if val_path is None and value < threshold:
                 val.add(doc)
+                if index is not None:
+                    index.add(h, doc, 1)
                 continue
+            if index is not None:
+                index.add(h, doc, 0)
             if lowest is None or value < lowest[0]:
                 lowest = (value, len(train.lengths), doc)
             if tok is None:
@@ -647,6 +716,8 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
         advance()
     if near is not None:
         near.close()
+    if index is not None:
+        index.close()
     unique = len(seen)
     needed = 1 if val_path is not None else 2
     removed = sum(filtered.values()) + near_dropped
@@ -657,7 +728,9 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
             f"the quality filters left {kept} of {unique:,} unique document(s) ({', '.join(parts)} dropped); at "
             f"least {needed} are needed: loosen or leave out a filter"
         )
-    if val_path is None and unique < 2:
+    if index is not None:  # a part: the merge holds out and checks the split over every part
+        lowest = None
+    if val_path is None and unique < 2 and index is None:
         raise OpenLLMError(
             f"the corpus has {unique} unique document(s); at least 2 are needed to hold out validation text "
             "(or give a validation file)"
@@ -676,7 +749,7 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
             else f"the corpus has {unique} unique document(s); at least 2 are needed to hold out validation text "
             "(or give a validation file)"
         )
-    if val_path is None and not val.lengths:
+    if val_path is None and not val.lengths and index is None:
         raise OpenLLMError(f"no document fell into the validation split (--val-fraction {val_fraction})")
     read_seconds = time.perf_counter() - t_read
 
@@ -720,9 +793,14 @@ def _encode_pass(plan: _Plan, passed: dict, train: Spool, val: Spool, tok: Token
     digest = hashlib.sha256()
     init = (str(work / "tokenizer"), doc_mode, dtype)
     with Progress(train.bytes + val.bytes, "encoding", "B") as progress:
-        train_tokens, reused = _encode_spool(train, work / "train.bin", workers, init, digest, progress, skip)
+        counts = (work / "train.counts", work / "val.counts") if plan.part is not None else (None, None)
+        train_tokens, reused = _encode_spool(
+            train, work / "train.bin", workers, init, digest, progress, skip, counts=counts[0]
+        )
         digest.update(b"|")
-        val_tokens, reused_val = _encode_spool(val, work / "val.bin", workers, init, digest, progress)
+        val_tokens, reused_val = _encode_spool(val, work / "val.bin", workers, init, digest, progress, counts=counts[1])
+    if plan.part is not None:
+        shards.finish_part_index(work)
     encode_seconds = time.perf_counter() - t_enc
     found, tokenizer = passed["found"], plan.tokenizer
     return (
@@ -761,6 +839,7 @@ def _encode_pass(plan: _Plan, passed: dict, train: Spool, val: Spool, tok: Token
             "doc_mode": doc_mode,
             "text_field": plan.text_field,
             "fingerprint": digest.hexdigest(),
+            **({"part": plan.part} if plan.part is not None else {}),
             "timing": {
                 "read_seconds": round(passed["read_seconds"], 3),
                 "tokenizer_seconds": round(passed["tokenizer_seconds"], 3),
