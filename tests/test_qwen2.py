@@ -184,23 +184,29 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("kind", ["qwen2", "gpt2-bytelevel-bpe"])
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2-bytelevel-bpe", "llama-tiktoken-bpe"])
 def test_llama_cpp_tokens_and_greedy_ids_equal_ours(kind, qwen2_pair, small_corpus, tmp_path):
     """Opt-in (`pytest -m llamacpp`): needs llama-cpp-python, which builds llama.cpp from source. A converted
-    Qwen2 model (SentencePiece tokenizer) and a GPT-2 run with a byte-level BPE, through llama.cpp."""
+    Qwen2 model (SentencePiece tokenizer), a GPT-2 run with a byte-level BPE and a Llama run with a tiktoken-bpe
+    tokenizer, through llama.cpp."""
     from llama_cpp import Llama
 
     from openllm.data.prepare import prepare_dataset
 
     if kind == "qwen2":
         run = qwen2_pair[1]
-    else:
-        data = prepare_dataset([small_corpus], tmp_path / "bpe", vocab_size=400, tokenizer_type="bytelevel-bpe")
+    else:  # a byte-level BPE: GPT-2's pre-tokenizer (llama.cpp's gpt-2), or Llama 3's (tiktoken-bpe: llama-bpe)
+        arch, tokenizer_type = kind.split("-", 1)
+        data = prepare_dataset([small_corpus], tmp_path / "bpe", vocab_size=400, tokenizer_type=tokenizer_type)
         run = tmp_path / "run"
-        train(small_config(data, run, arch="gpt2", max_steps=30, eval_every=30, save_every=30), log=quiet)
+        train(small_config(data, run, arch=arch, max_steps=30, eval_every=30, save_every=30), log=quiet)
     export_checkpoint(run, tmp_path / "g", format="gguf", gguf_dtype="f32")
     ours = load_model(run)
     llm = Llama(model_path=str(tmp_path / "g" / "model.gguf"), n_ctx=64, logits_all=True, verbose=False)
+    texts = small_corpus.read_text().split("\n\n")[:200] + ["it's I'LL 12345 3.14\t\ttabs\n\n\n  x", "héllo 😀 wörld  "]
+    add_bos = ours.tokenizer.special.add_bos
+    for text in texts:  # the text split and merges as ours, on real text and odd spacing
+        assert llm.tokenize(text.encode(), add_bos=add_bos, special=False) == ours.tokenizer.prompt_ids(text), text
     for prompt in ["ROMEO:", "The king", "First Citizen:\nBefore we proceed"]:
         ids = ours.tokenizer.prompt_ids(prompt)
         assert llm.tokenize(prompt.encode(), add_bos=ours.tokenizer.special.add_bos, special=False) == ids

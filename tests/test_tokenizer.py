@@ -184,3 +184,20 @@ def test_tiktoken_bpe_saves_loads_and_takes_chat_tokens_as_its_own_kind(fast_bpe
         train_tokenizer(["a b c"] * 3, vocab_size=200, kind="tiktoken-bpe")
     with pytest.raises(OpenLLMError, match="cannot support a vocabulary"):
         train_tokenizer(["tiny corpus of few words"] * 3, vocab_size=5000, kind="tiktoken-bpe")
+
+
+def test_tiktoken_bpe_is_llama_cpps_llama_bpe_and_another_split_is_refused(fast_bpe, bpe):
+    """GGUF export names the text split llama.cpp must use (checked against llama.cpp by `-m llamacpp`)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from openllm.data.tokenizer.tiktoken_bpe import TiktokenTokenizer
+    from openllm.interop.gguf_file import bytelevel_pre, tokenizer_kind
+
+    assert (bytelevel_pre(fast_bpe), bytelevel_pre(bpe)) == ("llama-bpe", "gpt-2")
+    assert tokenizer_kind(fast_bpe) == "gpt2"
+    other = TiktokenTokenizer.__new__(TiktokenTokenizer)
+    other.raw = type(fast_bpe.raw).from_str(fast_bpe.raw.to_str())
+    other.raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\w+|\s+"), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)]
+    )
+    assert bytelevel_pre(other) is None

@@ -4,8 +4,9 @@ The writer here is the same for every architecture: the common metadata, the tok
 the architecture's GGUF layout gives (registered with its family in :mod:`openllm.interop.families`:
 llama.cpp's architecture name, its own metadata, its tensor names and layout; see ``interop/llama.py``,
 ``interop/qwen2.py``, ``interop/gpt2.py``). Tokenizers: SentencePiece as llama.cpp's ``llama`` tokenizer
-(pieces, scores and token types) and a byte-level BPE with GPT-2's pre-tokenizer as its ``gpt2`` tokenizer
-(pieces, merges, pre-tokenizer ``gpt-2``), each with the special ids and whether a prompt starts with bos.
+(pieces, scores and token types) and a byte-level BPE with GPT-2's or Llama 3's pre-tokenizer (``tiktoken-bpe``)
+as its ``gpt2`` tokenizer (pieces, merges, pre-tokenizer ``gpt-2`` or ``llama-bpe``), each with the special ids
+and whether a prompt starts with bos.
 Anything else is refused by name rather than written half-right.
 
 Weight matrices are written in f32 or f16; norms and biases stay f32, as llama.cpp expects.
@@ -26,6 +27,7 @@ from openllm.data.chat import end_of_turn_ids
 from openllm.data.tokenizer import Tokenizer
 from openllm.data.tokenizer.hf import HFTokenizer
 from openllm.data.tokenizer.spm import SentencePieceTokenizer
+from openllm.data.tokenizer.tiktoken_bpe import PATTERN as LLAMA3_PATTERN
 from openllm.interop.families import GGUFLayout, family, gguf_layout_of
 from openllm.model.config import ModelConfig
 
@@ -41,28 +43,42 @@ def gguf_layout(config: ModelConfig) -> GGUFLayout:
 
 
 def tokenizer_kind(tokenizer: Tokenizer) -> str:
-    """How llama.cpp holds this tokenizer: ``llama`` (SentencePiece) or ``gpt2`` (byte-level BPE with GPT-2's
-    pre-tokenizer); anything else is refused by name."""
+    """How llama.cpp holds this tokenizer: ``llama`` (SentencePiece) or ``gpt2`` (a byte-level BPE with GPT-2's or
+    Llama 3's pre-tokenizer); anything else is refused by name."""
     if isinstance(tokenizer, SentencePieceTokenizer):
         return "llama"
-    if isinstance(tokenizer, HFTokenizer) and tokenizer.model_type == "BPE" and _gpt2_pretokenizer(tokenizer):
+    if isinstance(tokenizer, HFTokenizer) and tokenizer.model_type == "BPE" and bytelevel_pre(tokenizer):
         return "gpt2"
     raise OpenLLMError(
-        "GGUF export needs a SentencePiece tokenizer or a byte-level BPE with GPT-2's pre-tokenizer; this model's "
-        f"is {tokenizer.describe()} (export it with --format hf)"
+        "GGUF export needs a SentencePiece tokenizer or a byte-level BPE with GPT-2's or Llama 3's pre-tokenizer; "
+        f"this model's is {tokenizer.describe()} (export it with --format hf)"
     )
 
 
-def _gpt2_pretokenizer(tokenizer: HFTokenizer) -> bool:
-    """GPT-2's text split (its regex, bytes as printable characters, no prefix space): llama.cpp's ``gpt-2``."""
+def bytelevel_pre(tokenizer: HFTokenizer) -> str | None:
+    """llama.cpp's name for a byte-level BPE's text split: ``gpt-2`` (GPT-2's regex, bytes as printable characters,
+    no prefix space) or ``llama-bpe`` (Llama 3's regex as a Split, then bytes as printable characters: the
+    tiktoken-bpe tokenizers' split; llama.cpp then takes a piece that is one token whole, as tiktoken does);
+    None for any other."""
     spec = json.loads(tokenizer.raw.to_str())
     pre = spec.get("pre_tokenizer") or {}
-    return (
-        pre.get("type") == "ByteLevel"
-        and pre.get("use_regex", True) is True
-        and pre.get("add_prefix_space") is False
-        and spec.get("normalizer") is None
-    )
+    if spec.get("normalizer") is not None:
+        return None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) is True and pre.get("add_prefix_space") is False:
+        return "gpt-2"
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    if (
+        len(steps) == 2
+        and steps[0].get("type") == "Split"
+        and (steps[0].get("pattern") or {}).get("Regex") == LLAMA3_PATTERN
+        and steps[0].get("behavior") == "Isolated"
+        and not steps[0].get("invert")
+        and steps[1].get("type") == "ByteLevel"
+        and steps[1].get("use_regex") is False
+        and steps[1].get("add_prefix_space") is False
+    ):
+        return "llama-bpe"
+    return None
 
 
 def check_exportable(config: ModelConfig, tokenizer: Tokenizer) -> None:
@@ -131,14 +147,14 @@ def _add_special_ids(writer, tokenizer: Tokenizer) -> None:  # type: ignore[no-u
 
 def _add_bytelevel_bpe(writer, tokenizer: HFTokenizer, gguf) -> None:  # type: ignore[no-untyped-def]
     """A byte-level BPE as llama.cpp's ``gpt2`` tokenizer: the pieces (bytes as GPT-2's printable characters),
-    the merges in rank order, special tokens as control tokens, and GPT-2's pre-tokenizer."""
+    the merges in rank order, special tokens as control tokens, and the pre-tokenizer (:func:`bytelevel_pre`)."""
     spec = json.loads(tokenizer.raw.to_str())
     merges = [m if isinstance(m, str) else " ".join(m) for m in (spec.get("model") or {}).get("merges", [])]
     specials = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")} | tokenizer.special.ids()
     pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
     types = [gguf.TokenType.CONTROL if i in specials else gguf.TokenType.NORMAL for i in range(len(pieces))]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(bytelevel_pre(tokenizer) or "gpt-2")
     writer.add_token_list(pieces)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
