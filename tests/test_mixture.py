@@ -110,3 +110,25 @@ def test_a_mixture_needs_one_tokenizer(two_datasets, small_corpus, tmp_path):
     other = prepare_dataset([small_corpus], tmp_path / "other", vocab_size=380)
     with pytest.raises(OpenLLMError, match="must share one tokenizer"):
         DatasetMixture.of([two_datasets[0], load_dataset(other.path)], None)
+
+
+def test_repeated_list_options_add_up_everywhere_and_a_typed_list_replaces_the_files(tmp_path):
+    """The shared option mechanism: `--input a --input b` is both files for every command, not the last one."""
+    from openllm.cli import _with_options_file, build_parser
+
+    parser = build_parser("prepare")
+    args = parser.parse_args(["prepare", "--input", "a", "--input", "b", "c", "--output-dir", "o"])
+    assert args.inputs == ["a", "b", "c"]
+    options = tmp_path / "o.yaml"
+    options.write_text("input: [x.txt, y.txt]\noutput_dir: o\n")
+    argv = _with_options_file(parser, ["prepare", "--config", str(options), "--input", "z.txt"])
+    assert parser.parse_args(argv).inputs == ["z.txt"]  # the command line's list wins, whole
+    assert parser.parse_args(_with_options_file(parser, ["prepare", "--config", str(options)])).inputs == [
+        "x.txt",
+        "y.txt",
+    ]
+    finetune = build_parser("finetune")
+    assert finetune.parse_args(["finetune", "--model", "m", "--data", "a", "--data", "b"]).chat_data == ["a", "b"]
+    assert TrainConfig(data=["a", "b"], data_weights="0.7,0.3").resolved().data_weights == [0.7, 0.3]
+    with pytest.raises(OpenLLMError, match="gives 1 weight"):
+        TrainConfig(data=["a", "b"], data_weights=[0.7]).resolved()

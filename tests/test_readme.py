@@ -43,15 +43,15 @@ def test_every_documented_command_line_parses():
 
     import pytest
 
-    from openllm.cli import build_parser, canonical_argv
+    from openllm.cli import command_parser
 
     commands = documented_commands()
     assert len(commands) > 15  # the extraction found the examples
-    parser = build_parser()
     for where, argv in commands:
         err = io.StringIO()
+        parser, rest = command_parser(argv)
         with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
-            parser.parse_args(canonical_argv(argv))
+            parser.parse_args(rest)
             continue
         pytest.fail(f"{where}\n{err.getvalue()}")
 

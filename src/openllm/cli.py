@@ -58,27 +58,29 @@ def _add_prepare(sub: Any) -> None:
         description="Prepare text files for training: normalise whitespace, drop duplicate "
         "documents, hold out validation documents, train a SentencePiece tokenizer and write "
         "train.bin / val.bin / meta.json. Documents are paragraphs separated by blank lines "
-        "(or lines, with --doc-mode line).",
+        "(or lines, with --doc-mode line). The parts of a sharded preparation (--num-shards) are joined with "
+        "`openllm prepare merge PART_DIR... --output-dir DIR`.",
     )
     add_options(p, prepare_dataset)
     p.set_defaults(func=_run_prepare)
-    m = sub.add_parser(
-        MERGE,
+
+
+def _merge_parser() -> argparse.ArgumentParser:
+    """`openllm prepare merge`: a parser of its own (prepare's takes --input files, not parts)."""
+    m = _Parser(
         prog="openllm prepare merge",
-        help="join the parts of a sharded preparation (prepare --num-shards N --shard-index K) into one dataset",
-        description="Join every part of a sharded preparation into one dataset directory, equal to what one "
-        "machine makes of all the inputs: duplicates and near-duplicates across parts are dropped, in reading order, "
-        "and the parts' tokens are copied, not encoded again.",
+        description="Join every part of a sharded preparation (prepare --num-shards N --shard-index K) into one "
+        "dataset directory, equal to what one machine makes of all the inputs: duplicates and near-duplicates "
+        "across parts are dropped, in reading order, and the parts' tokens are copied, not encoded again.",
     )
     m.add_argument(
         "parts", nargs="+", metavar="PART_DIR", help="the parts' dataset directories (every part, any order)"
     )
     m.add_argument("--output-dir", required=True, help="dataset directory to write")
     m.add_argument("--force", action="store_true", help="overwrite a dataset in --output-dir")
+    m.add_argument("--config", metavar="FILE.yaml", help=CONFIG_HELP)
     m.set_defaults(func=_run_merge, command="prepare merge")
-
-
-MERGE = "prepare-merge"  # `openllm prepare merge ...` reaches this parser (main rewrites the two words)
+    return m
 
 
 def _run_merge(args: argparse.Namespace) -> int:
@@ -556,16 +558,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _with_options_file(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """``openllm CMD --config FILE.yaml ...``: the file's options put before the command line's (which win), so
     every value goes through its own option's parser. ``train`` reads its file itself, as typed values."""
+    if parser.prog == "openllm prepare merge":
+        return _file_then_command_line(parser, argv)
     if not argv or argv[0] not in COMMANDS or argv[0] == "train":
         return argv
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [argv[0], *_file_then_command_line(sub.choices[argv[0]], argv[1:])]
+
+
+def _file_then_command_line(command: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
-    known, rest = pre.parse_known_args(argv[1:])
+    known, rest = pre.parse_known_args(argv)
     if known.config is None:
         return argv
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    command = sub.choices[argv[0]]
-    return [argv[0], *options_file_argv(command, known.config), *rest]
+    return [*options_file_argv(command, known.config, rest), *rest]
 
 
 def _not_utf8(argv: list[str]) -> str | None:
@@ -589,22 +596,24 @@ def _not_utf8(argv: list[str]) -> str | None:
     return None
 
 
-def canonical_argv(argv: list[str]) -> list[str]:
-    """The command line as the parser takes it: `openllm prepare merge ...` is the merge command's."""
-    return [MERGE, *argv[2:]] if argv[:2] == ["prepare", "merge"] else argv
+def command_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser of this command line and the arguments it parses: `openllm prepare merge ...` has its own."""
+    if argv[:2] == ["prepare", "merge"]:
+        return _merge_parser(), argv[2:]
+    return build_parser(argv[0] if argv and argv[0] in COMMANDS else None), argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = canonical_argv(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = "prepare merge" if argv[:2] == ["prepare", "merge"] else argv[0] if argv and argv[0] in COMMANDS else ""
     if problem := _not_utf8(argv):
-        print(f"openllm{' ' + argv[0] if argv[0] in COMMANDS else ''}: error: {problem}", file=sys.stderr)
+        print(f"openllm{' ' + name if name else ''}: error: {problem}", file=sys.stderr)
         return 2
-    command = "prepare" if argv and argv[0] == MERGE else argv[0] if argv and argv[0] in COMMANDS else None
-    parser = build_parser(command)
+    parser, argv = command_parser(argv)
     try:
         argv = _with_options_file(parser, argv)
     except OpenLLMError as exc:
-        print(f"openllm {argv[0]}: error: {exc}", file=sys.stderr)
+        print(f"openllm {name}: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

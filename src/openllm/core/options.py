@@ -126,6 +126,8 @@ def add_options(parser: argparse.ArgumentParser, target: Any, skip: tuple[str, .
                 value = getattr(o.opt, key)
                 if value is not None:
                     kwargs[key] = value
+            if o.opt.nargs in ("+", "*") and o.opt.action is None and o.default in (None, _EMPTY):
+                kwargs["action"] = "extend"  # a repeated flag adds to the list (argparse would keep the last only)
         parser.add_argument(o.flag, **kwargs)
 
 
@@ -219,10 +221,14 @@ def read_options_file(path: str | os.PathLike, known: Collection[str]) -> dict[s
     return out
 
 
-def options_file_argv(parser: argparse.ArgumentParser, path: str | os.PathLike) -> list[str]:
+def options_file_argv(
+    parser: argparse.ArgumentParser, path: str | os.PathLike, command_line: Collection[str] = ()
+) -> list[str]:
     """The options of a YAML file as command-line arguments of ``parser``'s command, so that each value goes
     through its option's own parser and checks, exactly as if typed (and the real command line, parsed after
-    them, wins). ``true``/``false`` set or leave a flag; a list fills an option that takes several values."""
+    them, wins). ``true``/``false`` set or leave a flag; a list fills an option that takes several values,
+    unless ``command_line`` gives that option too (a list the command line gives replaces the file's, as every
+    other value does, rather than adding to it)."""
     from openllm.core.errors import OpenLLMError
 
     options = {  # by flag name (``input`` for --input) and by destination (``inputs``)
@@ -232,9 +238,12 @@ def options_file_argv(parser: argparse.ArgumentParser, path: str | os.PathLike) 
         for name in {a.dest, *(f.lstrip("-").replace("-", "_") for f in a.option_strings)}
     }
     argv: list[str] = []
+    typed = {a.split("=", 1)[0] for a in command_line if a.startswith("-")}
     for name, value in read_options_file(path, options).items():
         action = options[name]
         flag = max(action.option_strings, key=len)
+        if isinstance(action, argparse._ExtendAction) and typed & set(action.option_strings):
+            continue
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
                 raise OpenLLMError(f"config file {path}: option {name!r} must be true or false, got {value!r}")

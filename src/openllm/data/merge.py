@@ -25,9 +25,10 @@ from openllm.core.fileio import atomic_write_json, directory_lock, ensure_dir, t
 from openllm.data import shards
 from openllm.data.dataset import META_FILE, PreparedDataset, load_dataset
 from openllm.data.neardup import NearDedup, NearDuplicateIndex
-from openllm.data.prepare import SPLIT_RULE, peak_rss_mb, request_key
+from openllm.data.prepare import SPLIT_RULE, check_kept, no_training_documents, peak_rss_mb, request_key
 
-SAME = ("count", "all_inputs", "settings", "trained", "validation_file")  # what every part must share
+SAME = ("count", "all_inputs", "settings", "validation_file")  # what every part must share
+PART_KEYS = {"index": int, "count": int, "all_inputs": list, "settings": dict, "trained": str}
 
 
 def _parts(dirs: Sequence[str | os.PathLike]) -> list[PreparedDataset]:
@@ -35,8 +36,11 @@ def _parts(dirs: Sequence[str | os.PathLike]) -> list[PreparedDataset]:
     parts = []
     for d in dirs:
         ds = load_dataset(d)
-        if not isinstance(ds.meta.get("part"), dict) or not (ds.path / shards.INDEX).is_file():
+        part = ds.meta.get("part")
+        if not isinstance(part, dict) or not (ds.path / shards.INDEX).is_file():
             raise OpenLLMError(f"{d} is not a part of a sharded preparation (`openllm prepare --num-shards N ...`)")
+        if bad := [k for k, kind in PART_KEYS.items() if not isinstance(part.get(k), kind)]:
+            raise OpenLLMError(f"{d}/meta.json: its part record is damaged ({', '.join(bad)}); prepare the part again")
         parts.append(ds)
     first = parts[0].meta["part"]
     for p in parts[1:]:
@@ -53,7 +57,19 @@ def _parts(dirs: Sequence[str | os.PathLike]) -> list[PreparedDataset]:
         raise OpenLLMError(f"a part is given twice (parts {', '.join(map(str, indices))})")
     if missing := sorted(set(range(count)) - set(indices)):
         raise OpenLLMError(f"part(s) {', '.join(map(str, missing))} of {count} missing: give every part's directory")
-    return sorted(parts, key=lambda p: p.meta["part"]["index"])
+    parts.sort(key=lambda p: p.meta["part"]["index"])
+    read = [str(i.get("path")) for p in parts for i in p.meta.get("inputs") or []]
+    if read != first["all_inputs"]:  # (machines that saw other files, or other sizes, cut the inputs otherwise)
+        raise OpenLLMError(
+            f"the parts do not cover the inputs once each, in order ({len(read)} file(s) read by the parts, "
+            f"{len(first['all_inputs'])} listed): prepare every part from the same files"
+        )
+    for p in parts:  # each part's document index agrees with its token files
+        docs = np.load(p.path / shards.INDEX)
+        for split, name in ((shards.TRAIN, "train"), (shards.VAL, "val")):
+            if int(docs["tokens"][docs["split"] == split].sum()) != p.meta[f"{name}_tokens"]:
+                raise OpenLLMError(f"{p.path}/{shards.INDEX} does not match its {name}.bin; prepare the part again")
+    return parts
 
 
 class _Writer:
@@ -174,11 +190,14 @@ def _merge(parts: list[PreparedDataset], work: Path, request: dict) -> dict:
     read = sum(p.meta["documents_read"] for p in parts)
     duplicates += sum(p.meta["duplicates_dropped"] for p in parts)
     unique = read - duplicates
+    check_kept(unique, filtered, settings.get("quality_filters") or {}, near_dropped, overlap, val_file is not None)
     if val_file is None and unique < 2:
-        raise OpenLLMError(f"the corpus has {unique} unique document(s); at least 2 are needed to hold out validation")
+        raise no_training_documents(unique, False)
     skip = None
     if val_file is None and not val_spans and len(train_spans) >= 2 and lowest is not None:
         skip = lowest[1]  # as one machine does for a corpus too small for its split
+    if len(train_spans) - (skip is not None) == 0:
+        raise no_training_documents(unique, val_file is not None and overlap > 0)
     if val_file is None and not val_spans and skip is None:
         raise OpenLLMError(f"no document fell into the validation split (--val-fraction {settings['val_fraction']})")
 

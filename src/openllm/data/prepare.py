@@ -253,8 +253,10 @@ def _encode_spool(
         found = found if isinstance(found, dict) else {}
         chunks, size, n_counts = found.get("chunks"), found.get("bytes"), found.get("count_bytes", 0)
         if isinstance(chunks, int) and isinstance(size, int) and 0 <= chunks <= len(tasks):
-            have = counts is None or (counts.is_file() and counts.stat().st_size >= n_counts)
-            if out_file.stat().st_size >= size and have and isinstance(n_counts, int):
+            have = isinstance(n_counts, int) and (
+                counts is None or (counts.is_file() and counts.stat().st_size >= n_counts)
+            )
+            if out_file.stat().st_size >= size and have:
                 reused, offset, counted = chunks, size, n_counts
     f = open(out_file, "r+b" if reused else "wb")  # noqa: SIM115 (closed below)
     c = open(counts, "r+b" if reused else "wb") if counts is not None else None  # noqa: SIM115 (closed below)
@@ -719,16 +721,9 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
     if index is not None:
         index.close()
     unique = len(seen)
-    needed = 1 if val_path is not None else 2
-    removed = sum(filtered.values()) + near_dropped
-    if removed and (kept := unique - removed - overlap) < needed:
-        parts = [f"--{k.replace('_', '-')} {plan.filters.active()[k]:g}: {n:,}" for k, n in filtered.items()]
-        parts += [f"--near-dedup: {near_dropped:,}"] if near_dropped else []
-        raise OpenLLMError(
-            f"the quality filters left {kept} of {unique:,} unique document(s) ({', '.join(parts)} dropped); at "
-            f"least {needed} are needed: loosen or leave out a filter"
-        )
-    if index is not None:  # a part: the merge holds out and checks the split over every part
+    if index is None:  # (a part: the merge checks what is kept, holds out and checks the split over every part)
+        check_kept(unique, filtered, plan.filters.active(), near_dropped, overlap, val_path is not None)
+    else:
         lowest = None
     if val_path is None and unique < 2 and index is None:
         raise OpenLLMError(
@@ -742,13 +737,8 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
     train.finish()
     val.finish()
     n_train = len(train.lengths) - (skip is not None)
-    if n_train == 0:
-        raise OpenLLMError(
-            "every training document also appears in the validation file"
-            if val_path is not None and overlap
-            else f"the corpus has {unique} unique document(s); at least 2 are needed to hold out validation text "
-            "(or give a validation file)"
-        )
+    if n_train == 0 and index is None:
+        raise no_training_documents(unique, val_path is not None and overlap > 0)
     if val_path is None and not val.lengths and index is None:
         raise OpenLLMError(f"no document fell into the validation split (--val-fraction {val_fraction})")
     read_seconds = time.perf_counter() - t_read
@@ -782,6 +772,30 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
         "tokenizer_seconds": tok_seconds,
     }
     return passed, train, val, tok
+
+
+def check_kept(
+    unique: int, filtered: dict[str, int], limits: dict, near_dropped: int, overlap: int, val_file: bool
+) -> None:
+    """Refuse filters that left too few documents to train and validate on (one machine's and a merge's rule)."""
+    needed = 1 if val_file else 2
+    removed = sum(filtered.values()) + near_dropped
+    if removed and (kept := unique - removed - overlap) < needed:
+        parts = [f"--{k.replace('_', '-')} {limits[k]:g}: {n:,}" for k, n in filtered.items()]
+        parts += [f"--near-dedup: {near_dropped:,}"] if near_dropped else []
+        raise OpenLLMError(
+            f"the quality filters left {kept} of {unique:,} unique document(s) ({', '.join(parts)} dropped); at "
+            f"least {needed} are needed: loosen or leave out a filter"
+        )
+
+
+def no_training_documents(unique: int, all_in_validation_file: bool) -> OpenLLMError:
+    return OpenLLMError(
+        "every training document also appears in the validation file"
+        if all_in_validation_file
+        else f"the corpus has {unique} unique document(s); at least 2 are needed to hold out validation text "
+        "(or give a validation file)"
+    )
 
 
 def _encode_pass(plan: _Plan, passed: dict, train: Spool, val: Spool, tok: Tokenizer) -> tuple[dict, Tokenizer]:

@@ -17,6 +17,7 @@ its check.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, fields
@@ -37,6 +38,7 @@ from openllm.core.options import (
 )
 from openllm.data.chat import TRAIN_ON
 from openllm.data.conversations import OVERFLOW
+from openllm.data.mixture import normalised_weights
 from openllm.data.tokenizer import TOKENIZER_TYPES, TOKENIZER_TYPES_HELP
 from openllm.model import registry
 from openllm.model.config import PRESETS, get_preset
@@ -563,6 +565,11 @@ def resolve(options: TrainConfig | RunConfig, inherited: dict[str, Any] | None =
     merged.update(given)
     if isinstance(merged.get("data"), str):  # one dataset, as runs recorded it before mixtures (and YAML, the API)
         merged["data"] = [merged["data"]]
+    if isinstance(merged.get("data_weights"), str):  # as typed: "0.7,0.3" (YAML, the API)
+        try:
+            merged["data_weights"] = positive_floats(merged["data_weights"])
+        except argparse.ArgumentTypeError as exc:
+            raise OpenLLMError(f"--data-weights: {exc}") from None
     values: dict[str, Any] = {name: merged.get(name) for name in TRAIN_OPTION_NAMES}
     for name, value in DEFAULTS.items():
         if values[name] is None:
@@ -706,9 +713,10 @@ def _check(values: dict[str, Any]) -> None:
     weights = values["data_weights"]
     if weights is not None:
         if not isinstance(weights, list) or not all(_is_number(w) for w in weights):
-            raise bad("data_weights", "comma-separated numbers", weights)
+            raise bad("data_weights", "a list of numbers", weights)
         if data is None or len(data) < 2:
             raise OpenLLMError("--data-weights weighs a mixture: give two or more --data datasets")
+        normalised_weights(weights, len(data))  # (one weight per dataset, each positive: refused by name)
     if data is not None and len(data) > 1 and values["validation_data"] is not None:
         raise OpenLLMError(
             "--validation-data with several --data datasets: a mixture validates on each dataset's own split"

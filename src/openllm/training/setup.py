@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import shutil
 from collections.abc import Callable
@@ -177,7 +178,9 @@ def build_run(
             for n, p in zip(dataset.names, dataset.parts, strict=True)
         }
         val = MixtureEvalBatches(parts, dataset.weights)
-        fingerprint = hashlib.sha256("".join(token_digest(p.val) for p in dataset.parts).encode()).hexdigest()
+        # (of the weights too: the mixture's loss is their weighted mean, another weighting another figure)
+        record = [[token_digest(p.val), w] for p, w in zip(dataset.parts, dataset.weights, strict=True)]
+        fingerprint = hashlib.sha256(json.dumps(record).encode()).hexdigest()
     elif isinstance(dataset, ConversationSet):
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         sampler = ConversationSampler(dataset.train, cfg.seed, pad)

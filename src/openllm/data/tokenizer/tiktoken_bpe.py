@@ -7,7 +7,7 @@ tokenizer (``transformers``, export, fine-tuning's chat tokens) reads it with th
 ``tokenizer_config.json`` says ``"openllm_tokenizer": "tiktoken-bpe"``, and OpenLLM then encodes with a
 ``tiktoken`` encoding built from the same vocabulary. Both encoders give the same ids (tiktoken's BPE takes a
 piece that is one token whole, which ``ignore_merges`` makes the Hugging Face BPE do too;
-tests/test_tokenizers.py compares them on real text).
+tests/test_tokenizer.py compares them on real text).
 """
 
 from __future__ import annotations
