@@ -122,3 +122,31 @@ def test_near_dedup_drops_the_planted_near_copies_and_keeps_every_distinct_docum
         r = cli("prepare", "--input", str(tmp_path / "c.jsonl"), "--output-dir", str(tmp_path / "x"), *args)
         assert r.returncode == 2 and message in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
         assert not (tmp_path / "x").exists()
+
+
+OTHER_LANGUAGES = [
+    "Le conseil municipal a voté hier soir le nouveau budget de la ville, qui prévoit la rénovation des écoles "
+    "et la construction d'une bibliothèque près de la gare.",
+    "Die Forscher der Universität haben gezeigt, dass sich die Temperatur des Sees in den letzten dreißig Jahren "
+    "deutlich erhöht hat, vor allem im Sommer.",
+    "El equipo ganó el partido en el último minuto y los aficionados celebraron la victoria en las calles del "
+    "centro de la ciudad hasta la madrugada.",
+    "Il museo ha riaperto le sue sale dopo due anni di lavori e presenta una nuova collezione di dipinti del "
+    "Rinascimento donati da una famiglia fiorentina.",
+]
+
+
+def test_the_language_filter_keeps_only_the_languages_asked_for(squad_path, tmp_path):
+    english = [p.strip() for p in squad_path.read_text().split("\n\n") if len(p.strip()) > 200][:40]
+    docs = english + OTHER_LANGUAGES
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ds = prepare_dataset([tmp_path / "c.jsonl"], tmp_path / "en", vocab_size=400, languages="en")
+    assert ds.meta["filtered_documents"] == {"languages": 4} and ds.meta["quality_filters"] == {"languages": "en"}
+    assert sorted(decoded_documents(ds, "train") + decoded_documents(ds, "val")) == sorted(english)
+    both = prepare_dataset([tmp_path / "c.jsonl"], tmp_path / "enfr", vocab_size=400, languages="en, FR")
+    assert both.meta["filtered_documents"] == {"languages": 3}  # the French one is kept
+    r = cli(
+        "prepare", "--input", str(tmp_path / "c.jsonl"), "--output-dir", str(tmp_path / "x"), "--languages", "en,xx"
+    )
+    assert r.returncode == 2 and "--languages: xx is not a language code the detector knows" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "x").exists()

@@ -11,6 +11,8 @@ kept to the ones that are cheap, language-agnostic and easy to explain:
   line of the same document (boilerplate, navigation, spam).
 - ``max_repeated_ngrams``: a document in which more than this share of its word 5-grams repeat an earlier one
   (generated or looping text).
+- ``languages``: a document whose language, as ``py3langid`` (a maintained fork of langid.py, an optional
+  extra) detects it from its first :data:`LANGUAGE_CHARS` characters, is not one of these ISO 639-1 codes.
 
 A document is checked in that order and counted under the first filter it fails.
 """
@@ -18,8 +20,13 @@ A document is checked in that order and counted under the first filter it fails.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cache
+
+from openllm.core.errors import OpenLLMError
+from openllm.core.extras import require
 
 NGRAM = 5  # words per n-gram of max_repeated_ngrams
+LANGUAGE_CHARS = 1000  # of each document, for the language detector (enough for it; it costs ~1 ms a document)
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class QualityFilters:
     min_alpha_fraction: float | None = None
     max_repeated_lines: float | None = None
     max_repeated_ngrams: float | None = None
+    languages: str | None = None  # comma-separated ISO 639-1 codes
 
     def active(self) -> dict:
         """The filters that are on, by name (what ``meta.json`` and the dataset's fingerprint record)."""
@@ -59,9 +67,31 @@ class QualityFilters:
             grams = [tuple(words[i : i + NGRAM]) for i in range(len(words) - NGRAM + 1)]
             if _repeated_share(grams) > self.max_repeated_ngrams:
                 return "max_repeated_ngrams"
+        if self.languages is not None and _detector().classify(doc[:LANGUAGE_CHARS])[0] not in language_codes(
+            self.languages
+        ):
+            return "languages"
         return None
 
 
 def _repeated_share(items: list) -> float:
     """The share of ``items`` equal to an earlier one (0 for none)."""
     return (len(items) - len(set(items))) / len(items) if items else 0.0
+
+
+@cache
+def _detector():  # type: ignore[no-untyped-def]
+    return require("py3langid", "lang", "the --languages filter")
+
+
+@cache
+def language_codes(languages: str) -> frozenset[str]:
+    """The codes of ``--languages`` ("en,fr"), each one the detector knows; refused by name otherwise."""
+    codes = frozenset(c.strip().lower() for c in languages.split(",") if c.strip())
+    known = {code for code, _ in _detector().rank("a")}
+    if not codes or (unknown := sorted(codes - known)):
+        what = ", ".join(unknown) if codes else "none"
+        raise OpenLLMError(
+            f"--languages: {what} is not a language code the detector knows (ISO 639-1, e.g. en,fr; {len(known)} known)"
+        )
+    return codes

@@ -77,7 +77,7 @@ from openllm.core.untrusted import read_json
 from openllm.data import shards
 from openllm.data.corpus import DOC_MODES
 from openllm.data.dataset import FORMAT, META_FILE, PreparedDataset, token_dtype
-from openllm.data.filters import QualityFilters
+from openllm.data.filters import LANGUAGE_CHARS, QualityFilters, language_codes
 from openllm.data.neardup import NearDedup, NearDuplicateIndex
 from openllm.data.sources import MAX_DOCUMENT_MB, Reader, expand_inputs, sha256_file
 from openllm.data.tokenizer import TOKENIZER_TYPES, TOKENIZER_TYPES_HELP, Tokenizer, load_tokenizer, train_tokenizer
@@ -411,6 +411,14 @@ def prepare_dataset(
             parse=fraction,
         ),
     ] = None,
+    languages: Annotated[
+        str | None,
+        Opt(
+            "quality filter: keep only documents in these languages (ISO 639-1 codes, comma-separated: en or en,fr), "
+            f"as py3langid detects them from their first {LANGUAGE_CHARS:,} characters (the `lang` extra)",
+            metavar="CODES",
+        ),
+    ] = None,
     near_dedup: Annotated[
         bool, Opt("drop documents that are near-copies of one kept before (MinHash over word shingles with LSH)")
     ] = False,
@@ -462,8 +470,16 @@ def prepare_dataset(
         raise OpenLLMError(f"--workers must be from 1 to {MAX_WORKERS} ({WORKERS_BOUND}), got {workers}")
     if not 0.001 <= max_document_mb <= 1024:
         raise OpenLLMError(f"--max-document-mb must be from 0.001 to 1024, got {max_document_mb}")
-    filters = QualityFilters(min_chars, max_chars, min_alpha_fraction, max_repeated_lines, max_repeated_ngrams)
+    filters = QualityFilters(
+        min_chars, max_chars, min_alpha_fraction, max_repeated_lines, max_repeated_ngrams, languages
+    )
+    if languages is not None:
+        if not isinstance(languages, str):
+            raise OpenLLMError(f"--languages must be comma-separated codes, got {languages!r}")
+        language_codes(languages)
     for name, value in filters.active().items():  # (the command line checks these; a Python caller too)
+        if name == "languages":
+            continue
         share = name not in ("min_chars", "max_chars")
         if isinstance(value, bool) or not (0 < value < 1 if share else isinstance(value, int) and value > 0):
             bound = "a number between 0 and 1" if share else "a positive integer"
