@@ -103,3 +103,45 @@ def test_corrupt_compressed_streams_are_one_error_naming_the_file(tmp_path, comp
     path.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(OpenLLMError, match=rf"broken.txt{compression}: corrupt or truncated"):
         list(Reader().documents([path]))
+
+
+def test_large_text_files_parsed_in_pieces_give_the_documents_of_one_reading(tmp_path, monkeypatch):
+    """`prepare` with workers parses big plain text files a piece at a time in its workers: the same documents,
+    cuts and errors as reading the file whole (pieces made small here, so that a small file has many)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from openllm.data import sources
+    from openllm.data.prepare import prepare_dataset
+    from tests.conftest import shared_file
+
+    monkeypatch.setattr(sources, "PIECES_FROM", 1)
+    text = shared_file("tinyshakespeare.txt").read_text(encoding="utf-8")[:120_000]
+    odd = (
+        "\ufeffStart\n\n" + text + "\n\n\n\n   \n\nmid\ufeffbom\n\n" + ("x" * 5000 + "\n") * 3 + "\n\nübergröße 漢字\n"
+    )
+    path = tmp_path / "t.txt"
+    path.write_text(odd, encoding="utf-8")
+
+    def read(pool, limit, mode):
+        reader = Reader(mode, max_document_bytes=limit, pool=pool, workers=2)
+        return list(reader.documents([path])), reader.stats.documents_cut, reader.stats.files
+
+    with ProcessPoolExecutor(2) as pool:
+        for size in (64, 5000):
+            monkeypatch.setattr(sources, "PIECE_BYTES", size)
+            assert len(sources.text_pieces(path, size) or []) > 5
+            for limit, mode in ((8_000_000, "paragraph"), (3000, "paragraph"), (3000, "line")):
+                assert read(pool, limit, mode) == read(None, limit, mode), (size, limit, mode)
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text + "\n\nhere\x00nul\n\n" + text[:1000], encoding="utf-8")
+        line = text.count("\n") + 3
+        for reader in (Reader(), Reader(pool=pool, workers=2)):  # the same error, naming the same line
+            with pytest.raises(OpenLLMError, match=rf"contains NUL bytes \(line {line}\)"):
+                list(reader.documents([bad]))
+    crlf = tmp_path / "crlf.txt"
+    crlf.write_text(text[:5000].replace("\n", "\r\n"), encoding="utf-8", newline="")
+    assert sources.text_pieces(crlf, 100) is None  # (its line ends are read whole, as they always were)
+    monkeypatch.setattr(sources, "PIECE_BYTES", 2000)
+    one = prepare_dataset([path], tmp_path / "one", vocab_size=400, workers=1)
+    two = prepare_dataset([path], tmp_path / "two", vocab_size=400, workers=2)
+    assert one.meta["fingerprint"] == two.meta["fingerprint"] and one.meta["inputs"] == two.meta["inputs"]

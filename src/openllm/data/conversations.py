@@ -129,7 +129,7 @@ class ConversationReader(Reader):
     def records(self, files: list[Path]) -> Iterator[Record]:
         return cast(Iterator[Record], self.documents(files))
 
-    def _text(self, path: Path, stream: IO[bytes]) -> Iterator[str]:
+    def _text(self, path: Path, stream: IO[bytes], first: bool = True) -> Iterator[str]:
         raise OpenLLMError(f"{path}: conversations are read from JSON lines (.jsonl, .json) or Parquet files")
 
     def _parquet(self, path: Path, compression: str | None, stream: IO[bytes]) -> Iterator[Record]:  # type: ignore[override]

@@ -79,7 +79,7 @@ from openllm.data.corpus import DOC_MODES
 from openllm.data.dataset import FORMAT, META_FILE, PreparedDataset, token_dtype
 from openllm.data.filters import LANGUAGE_CHARS, QualityFilters, language_codes
 from openllm.data.neardup import NearDedup, NearDuplicateIndex
-from openllm.data.sources import MAX_DOCUMENT_MB, Reader, expand_inputs, sha256_file
+from openllm.data.sources import MAX_DOCUMENT_MB, Reader, expand_inputs, parsed_in_pieces, sha256_file
 from openllm.data.tokenizer import TOKENIZER_TYPES, TOKENIZER_TYPES_HELP, Tokenizer, load_tokenizer, train_tokenizer
 
 SEPARATORS = {"paragraph": "\n\n", "line": "\n"}  # what ends a document for a tokenizer without eos
@@ -296,6 +296,17 @@ def _encode_spool(
         f.flush()
         os.fsync(f.fileno())
     return tokens, reused
+
+
+def _reading_pool(files: list[Path], workers: int) -> ProcessPoolExecutor | None:
+    """Worker processes that parse the large plain text files among ``files`` a piece at a time while this one
+    de-duplicates, splits and spools (``sources.Reader``); None when there are none or one worker."""
+    if workers < 2 or not any(map(parsed_in_pieces, files)):
+        return None
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, multiprocessing.get_context(method), _die_with, (os.getpid(),))
 
 
 def _encode_in_pool(spool: Spool, tasks: list, workers: int, init: tuple, write) -> None:
@@ -664,7 +675,8 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
     t_read = time.perf_counter()
     key = struct.pack("<q", seed)
     threshold = int(val_fraction * 2**64)
-    reader = Reader(doc_mode, plan.text_field, plan.skip_bad_records, plan.max_document_bytes)
+    pool = _reading_pool(files, plan.workers)
+    reader = Reader(doc_mode, plan.text_field, plan.skip_bad_records, plan.max_document_bytes, pool, plan.workers)
     train, val = Spool(work / "train.txt"), Spool(work / "val.txt")
     sample = Sample(plan.sample_bytes if tok is None else 0)  # (nothing to sample when the tokenizer is given)
     seen: set[bytes] = set()
@@ -677,61 +689,65 @@ def _read_pass(plan: _Plan, tok: Tokenizer | None) -> tuple[dict, Spool, Spool, 
     lowest: tuple[int, int, str] | None = None  # the training document a too-small split would hold out
     filters = plan.filters if plan.filters else None  # (asked once: whether any is on)
     total = sum(p.stat().st_size for p in files) + (val_path.stat().st_size if val_path else 0)
-    with Progress(total, "reading", "B") as progress:
-        done = 0
+    try:
+        with Progress(total, "reading", "B") as progress:
+            done = 0
 
-        def advance() -> None:
-            nonlocal done
-            progress.update(reader.bytes_read - done)
-            done = reader.bytes_read
+            def advance() -> None:
+                nonlocal done
+                progress.update(reader.bytes_read - done)
+                done = reader.bytes_read
 
-        if val_path is not None:
-            for doc in reader.file_documents(val_path):
+            if val_path is not None:
+                for doc in reader.file_documents(val_path):
+                    h = hashlib.blake2b(doc.encode("utf-8"), digest_size=16, key=key).digest()
+                    if h not in val_hashes:
+                        val_hashes.add(h)
+                        val.add(doc)
+                        if index is not None:
+                            index.add(h, doc, 1)
+                        elif near is not None:  # a training near-copy of validation text is dropped too
+                            near.is_near_duplicate(doc)
+                advance()
+            for doc in reader.documents(files):
+                read += 1
                 h = hashlib.blake2b(doc.encode("utf-8"), digest_size=16, key=key).digest()
-                if h not in val_hashes:
-                    val_hashes.add(h)
+                if h in seen:
+                    duplicates += 1
+                    continue
+                seen.add(h)
+                if filters is not None and (failed := filters.check(doc)) is not None:
+                    filtered[failed] += 1
+                    if index is not None:  # (a copy in a later part is a duplicate, as on one machine)
+                        index.add(h, doc, shards.FILTERED + list(filtered).index(failed))
+                    continue
+                if val_path is not None and h in val_hashes:
+                    overlap += 1
+                    if index is not None:
+                        index.add(h, doc, shards.OVERLAP)
+                    continue
+                if index is None and near is not None and near.is_near_duplicate(doc):
+                    near_dropped += 1
+                    continue
+                value = int.from_bytes(h[:8], "little")
+                if val_path is None and value < threshold:
                     val.add(doc)
                     if index is not None:
                         index.add(h, doc, 1)
-                    elif near is not None:  # a training near-copy of validation text is dropped too
-                        near.is_near_duplicate(doc)
+                    continue
+                if index is not None:
+                    index.add(h, doc, 0)
+                if lowest is None or value < lowest[0]:
+                    lowest = (value, len(train.lengths), doc)
+                if tok is None:
+                    sample.offer(int.from_bytes(h[8:], "little"), len(train.lengths), doc)
+                train.add(doc)
+                if read % 1024 == 0:
+                    advance()
             advance()
-        for doc in reader.documents(files):
-            read += 1
-            h = hashlib.blake2b(doc.encode("utf-8"), digest_size=16, key=key).digest()
-            if h in seen:
-                duplicates += 1
-                continue
-            seen.add(h)
-            if filters is not None and (failed := filters.check(doc)) is not None:
-                filtered[failed] += 1
-                if index is not None:  # (a copy in a later part is a duplicate, as on one machine)
-                    index.add(h, doc, shards.FILTERED + list(filtered).index(failed))
-                continue
-            if val_path is not None and h in val_hashes:
-                overlap += 1
-                if index is not None:
-                    index.add(h, doc, shards.OVERLAP)
-                continue
-            if index is None and near is not None and near.is_near_duplicate(doc):
-                near_dropped += 1
-                continue
-            value = int.from_bytes(h[:8], "little")
-            if val_path is None and value < threshold:
-                val.add(doc)
-                if index is not None:
-                    index.add(h, doc, 1)
-                continue
-            if index is not None:
-                index.add(h, doc, 0)
-            if lowest is None or value < lowest[0]:
-                lowest = (value, len(train.lengths), doc)
-            if tok is None:
-                sample.offer(int.from_bytes(h[8:], "little"), len(train.lengths), doc)
-            train.add(doc)
-            if read % 1024 == 0:
-                advance()
-        advance()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     if near is not None:
         near.close()
     if index is not None:

@@ -26,13 +26,15 @@ import glob
 import gzip
 import hashlib
 import io
+import itertools
 import lzma
 import os
 import shutil
 import tempfile
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,12 +126,16 @@ class Reader:
         text_field: str = "text",
         skip_bad_records: bool = False,
         max_document_bytes: int = int(MAX_DOCUMENT_MB * 1e6),
+        pool: Executor | None = None,
+        workers: int = 1,
     ):
         self.doc_mode, self.text_field, self.skip_bad = doc_mode, text_field, skip_bad_records
         self.limit = max_document_bytes
         self.stats = SourceStats()
         self.bytes_read = 0
         self._file_done = 0
+        # worker processes that parse large plain text files a piece at a time (:meth:`_text_in_pieces`)
+        self.pool, self.workers = pool, workers
 
     def documents(self, files: list[Path]) -> Iterator[str]:
         for path in files:
@@ -138,6 +144,13 @@ class Reader:
     def file_documents(self, path: Path) -> Iterator[str]:
         fmt, compression = kind_of(path)
         count = 0
+        pieces = text_pieces(path, PIECE_BYTES) if self.pool is not None and parsed_in_pieces(path) else None
+        if pieces is not None:
+            for doc in self._text_in_pieces(path, pieces):
+                count += 1
+                yield doc
+            self._file_finished(path, fmt, count)
+            return
         with self._open(path, compression) as stream:
             docs = (
                 self._parquet(path, compression, stream)
@@ -158,6 +171,9 @@ class Reader:
                 ) from None
             except _zstd_error() as exc:
                 raise OpenLLMError(f"{path}: corrupt or truncated .zst stream ({exc})") from None
+        self._file_finished(path, fmt, count)
+
+    def _file_finished(self, path: Path, fmt: str, count: int) -> None:
         size = path.stat().st_size
         self.stats.files.append({"path": str(path), "bytes": size, "format": fmt, "documents": count})
         self._file_done += size
@@ -177,9 +193,31 @@ class Reader:
         finally:
             raw.close()
 
-    def _text(self, path: Path, stream: IO[bytes]) -> Iterator[str]:
+    def _text_in_pieces(self, path: Path, pieces: list[tuple[int, int]]) -> Iterator[str]:
+        """The documents of a large plain text file, parsed by the pool a piece at a time (a piece ends after a
+        blank line, where one document has ended and the next has not begun, so each piece's documents are
+        those the whole file's reading gives there) and yielded in order, a bounded window of pieces ahead."""
+        assert self.pool is not None
+        pending: deque = deque()
+        tasks = iter(pieces)
+        for start, end in itertools.islice(tasks, 2 * self.workers):
+            pending.append((self.pool.submit(_parse_piece, str(path), start, end, self.doc_mode, self.limit), end))
+        while pending:
+            future, end = pending.popleft()
+            docs, cut, problem = future.result()
+            if problem is not None:  # the error reading the file whole gives, with its line number
+                list(Reader(self.doc_mode, max_document_bytes=self.limit).file_documents(path))
+                raise OpenLLMError(problem)  # (not reached: the whole file's reading raised first)
+            for start, nxt in itertools.islice(tasks, 1):
+                pending.append((self.pool.submit(_parse_piece, str(path), start, nxt, self.doc_mode, self.limit), nxt))
+            self.stats.documents_cut += cut
+            self.bytes_read = self._file_done + end
+            yield from docs
+
+    def _text(self, path: Path, stream: IO[bytes], first: bool = True) -> Iterator[str]:
         """Documents of a text file, read in pieces of at most ``limit`` bytes (a piece ends where its line
-        ends, or where a longer line is cut); a document that would grow past ``limit`` is cut there."""
+        ends, or where a longer line is cut); a document that would grow past ``limit`` is cut there. ``first``:
+        the stream begins the file (where a byte-order mark is dropped)."""
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="strict", newline=None)  # type: ignore[type-var]
         parts: list[str] = []  # the pieces of the document being read
         size, lines, line_start, cut = 0, 0, True, False
@@ -192,7 +230,7 @@ class Reader:
 
         try:
             while piece := text.readline(max(1, self.limit // 4)):  # (a character is at most 4 bytes)
-                if lines == 0 and line_start:
+                if lines == 0 and line_start and first:
                     piece = piece.lstrip("\ufeff")
                 if "\x00" in piece:
                     raise OpenLLMError(
@@ -347,6 +385,51 @@ class _ZstdFrames(io.RawIOBase):
         n = min(len(buffer), len(self.pending))
         buffer[:n], self.pending = self.pending[:n], self.pending[n:]
         return n
+
+
+# A plain text file at least this large is parsed by the encoding workers, PIECE_BYTES at a time, when prepare
+# runs several (what reading costs most: the lines, their whitespace; the main process keeps the rest)
+PIECES_FROM = 16 << 20
+PIECE_BYTES = 4 << 20
+
+
+def parsed_in_pieces(path: Path) -> bool:
+    """Whether a reader with a pool parses this file in pieces: plain, uncompressed text of PIECES_FROM bytes."""
+    return kind_of(path) == ("text", None) and path.stat().st_size >= PIECES_FROM
+
+
+def text_pieces(path: Path, size: int) -> list[tuple[int, int]] | None:
+    """(start, end) byte ranges of about ``size`` that cover the file, each ending just after an empty line
+    (``\n\n``); None for a file with carriage returns (whose line ends the pieces would read otherwise than
+    the whole file's reading does) or without a place to cut."""
+    total = path.stat().st_size
+    cuts, pos, tail = [0], 0, b""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            if b"\r" in block:
+                return None
+            data, base = tail + block, pos - len(tail)
+            while (target := cuts[-1] + size) < base + len(data):
+                at = data.find(b"\n\n", max(0, target - base))
+                if at < 0:
+                    break
+                cuts.append(base + at + 2)
+            tail, pos = data[-1:], pos + len(block)
+    cuts = [c for c in cuts if c < total] + [total]
+    return list(itertools.pairwise(cuts)) if len(cuts) > 2 else None
+
+
+def _parse_piece(path: str, start: int, end: int, doc_mode: str, limit: int):
+    """A piece of a text file as :meth:`Reader._text` reads it: (documents, documents cut, an error or None)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    reader = Reader(doc_mode, max_document_bytes=limit)
+    try:
+        docs = list(reader._text(Path(path), io.BytesIO(data), first=start == 0))
+    except OpenLLMError as exc:
+        return [], 0, str(exc)
+    return docs, reader.stats.documents_cut, None
 
 
 class _Counting(io.RawIOBase):
