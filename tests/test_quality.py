@@ -148,5 +148,5 @@ def test_the_language_filter_keeps_only_the_languages_asked_for(squad_path, tmp_
     r = cli(
         "prepare", "--input", str(tmp_path / "c.jsonl"), "--output-dir", str(tmp_path / "x"), "--languages", "en,xx"
     )
-    assert r.returncode == 2 and "--languages: xx is not a language code the detector knows" in r.stderr
+    assert r.returncode == 2 and "--languages: xx is not a language code py3langid knows" in r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "x").exists()

@@ -12,7 +12,9 @@ kept to the ones that are cheap, language-agnostic and easy to explain:
 - ``max_repeated_ngrams``: a document in which more than this share of its word 5-grams repeat an earlier one
   (generated or looping text).
 - ``languages``: a document whose language, as ``py3langid`` (a maintained fork of langid.py, an optional
-  extra) detects it from its first :data:`LANGUAGE_CHARS` characters, is not one of these ISO 639-1 codes.
+  extra) detects it from its first :data:`LANGUAGE_CHARS` characters, is not one of these codes (py3langid's:
+  ISO 639-1 mostly). A document without letters is detected as some language all the same (py3langid says
+  ``af``): ``--min-alpha-fraction`` is the filter for those.
 
 A document is checked in that order and counted under the first filter it fails.
 """
@@ -92,6 +94,7 @@ def language_codes(languages: str) -> frozenset[str]:
     if not codes or (unknown := sorted(codes - known)):
         what = ", ".join(unknown) if codes else "none"
         raise OpenLLMError(
-            f"--languages: {what} is not a language code the detector knows (ISO 639-1, e.g. en,fr; {len(known)} known)"
+            f"--languages: {what} is not a language code py3langid knows (mostly ISO 639-1, e.g. en,fr; "
+            f"{len(known)} known)"
         )
     return codes

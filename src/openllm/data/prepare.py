@@ -306,7 +306,11 @@ def _reading_pool(files: list[Path], workers: int) -> ProcessPoolExecutor | None
     import multiprocessing
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(workers, multiprocessing.get_context(method), _die_with, (os.getpid(),))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # (tokenizers would warn at the fork)
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context(method), _die_with, (os.getpid(),))
+    for started in [pool.submit(os.getpid) for _ in range(workers)]:  # forked now, before the progress bar's thread
+        started.result()
+    return pool
 
 
 def _encode_in_pool(spool: Spool, tasks: list, workers: int, init: tuple, write) -> None:
@@ -425,7 +429,8 @@ def prepare_dataset(
     languages: Annotated[
         str | None,
         Opt(
-            "quality filter: keep only documents in these languages (ISO 639-1 codes, comma-separated: en or en,fr), "
+            "quality filter: keep only documents in these languages (py3langid's codes, ISO 639-1 mostly, "
+            "comma-separated: en or en,fr), "
             f"as py3langid detects them from their first {LANGUAGE_CHARS:,} characters (the `lang` extra)",
             metavar="CODES",
         ),

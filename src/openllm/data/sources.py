@@ -35,6 +35,7 @@ import zlib
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Executor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,9 +205,13 @@ class Reader:
             pending.append((self.pool.submit(_parse_piece, str(path), start, end, self.doc_mode, self.limit), end))
         while pending:
             future, end = pending.popleft()
-            docs, cut, problem = future.result()
+            try:
+                docs, cut, problem = future.result()
+            except BrokenProcessPool:
+                raise OpenLLMError(f"a worker reading {path} died (out of memory?); rerun with --workers 1") from None
             if problem is not None:  # the error reading the file whole gives, with its line number
-                list(Reader(self.doc_mode, max_document_bytes=self.limit).file_documents(path))
+                for _ in Reader(self.doc_mode, max_document_bytes=self.limit).file_documents(path):
+                    pass
                 raise OpenLLMError(problem)  # (not reached: the whole file's reading raised first)
             for start, nxt in itertools.islice(tasks, 1):
                 pending.append((self.pool.submit(_parse_piece, str(path), start, nxt, self.doc_mode, self.limit), nxt))
@@ -395,7 +400,10 @@ PIECE_BYTES = 4 << 20
 
 def parsed_in_pieces(path: Path) -> bool:
     """Whether a reader with a pool parses this file in pieces: plain, uncompressed text of PIECES_FROM bytes."""
-    return kind_of(path) == ("text", None) and path.stat().st_size >= PIECES_FROM
+    try:
+        return kind_of(path) == ("text", None) and path.stat().st_size >= PIECES_FROM
+    except OSError:  # (read whole, where the error is said)
+        return False
 
 
 def text_pieces(path: Path, size: int) -> list[tuple[int, int]] | None:
@@ -404,7 +412,7 @@ def text_pieces(path: Path, size: int) -> list[tuple[int, int]] | None:
     the whole file's reading does) or without a place to cut."""
     total = path.stat().st_size
     cuts, pos, tail = [0], 0, b""
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # (a file that cannot be read is read whole, and its error said, as before)
         while block := f.read(1 << 22):
             if b"\r" in block:
                 return None
@@ -421,12 +429,14 @@ def text_pieces(path: Path, size: int) -> list[tuple[int, int]] | None:
 
 def _parse_piece(path: str, start: int, end: int, doc_mode: str, limit: int):
     """A piece of a text file as :meth:`Reader._text` reads it: (documents, documents cut, an error or None)."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
     reader = Reader(doc_mode, max_document_bytes=limit)
     try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
         docs = list(reader._text(Path(path), io.BytesIO(data), first=start == 0))
+    except OSError as exc:
+        return [], 0, f"cannot read {path}: {exc.strerror}"
     except OpenLLMError as exc:
         return [], 0, str(exc)
     return docs, reader.stats.documents_cut, None

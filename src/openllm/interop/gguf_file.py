@@ -62,10 +62,14 @@ def bytelevel_pre(tokenizer: HFTokenizer) -> str | None:
     None for any other."""
     spec = json.loads(tokenizer.raw.to_str())
     pre = spec.get("pre_tokenizer") or {}
+    ignores_merges = bool((spec.get("model") or {}).get("ignore_merges"))
     if spec.get("normalizer") is not None:
         return None
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) is True and pre.get("add_prefix_space") is False:
-        return "gpt-2"
+    gpt2 = (
+        pre.get("type") == "ByteLevel" and pre.get("use_regex", True) is True and pre.get("add_prefix_space") is False
+    )
+    if gpt2:  # (llama.cpp's gpt-2 applies every merge; its llama-bpe takes a piece that is one token whole)
+        return None if ignores_merges else "gpt-2"
     steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
     if (
         len(steps) == 2
@@ -76,6 +80,7 @@ def bytelevel_pre(tokenizer: HFTokenizer) -> str | None:
         and steps[1].get("type") == "ByteLevel"
         and steps[1].get("use_regex") is False
         and steps[1].get("add_prefix_space") is False
+        and ignores_merges
     ):
         return "llama-bpe"
     return None
