@@ -257,15 +257,21 @@ def test_a_lock_whose_holder_died_is_taken_over_from_what_it_left_behind(tmp_pat
         left.wait()
 
 
+@pytest.mark.parametrize("part", [False, True])
 def test_a_killed_preparation_rerun_reuses_its_finished_chunks_and_writes_the_same_bytes(
-    tmp_path, squad_path, small_dataset
+    tmp_path, squad_path, small_dataset, part
 ):
     kill_at = 2  # (of three chunks of training text and one of validation text)
     src = tmp_path / "big.txt"
     synthetic_corpus(src, 3_000_000, squad_path)  # three chunks of training text and one of validation text
-    ref = prepare_dataset([src], tmp_path / "ref", tokenizer=small_dataset.path, workers=2)
+    inputs, shard = [src], {}
+    if part:  # part 0 of 2 (the big file; the second part is the small one): its document index too
+        (tmp_path / "small.txt").write_text("A second file.\n\nOf two paragraphs.\n")
+        inputs, shard = [src, tmp_path / "small.txt"], {"num_shards": 2, "shard_index": 0}
+    ref = prepare_dataset(inputs, tmp_path / "ref", tokenizer=small_dataset.path, workers=2, **shard)
     out = tmp_path / "out"
-    args = ["prepare", "--input", str(src), "--output-dir", str(out), "--tokenizer", str(small_dataset.path)]
+    args = ["prepare", "--input", *map(str, inputs), "--output-dir", str(out), "--tokenizer", str(small_dataset.path)]
+    args += ["--num-shards", "2", "--shard-index", "0"] if part else []
     r = cli(*args, "--workers", "2", env={"OPENLLM_FAULT": f"encode:{kill_at}"})
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert not (out / "meta.json").exists() and len(list(out.glob(".prepare-*"))) == 1
@@ -274,6 +280,6 @@ def test_a_killed_preparation_rerun_reuses_its_finished_chunks_and_writes_the_sa
     assert "reusing the documents and tokenizer an interrupted run left" in r.stderr
     meta = json.loads((out / "meta.json").read_text())
     assert meta["timing"]["chunks_reused"] == kill_at
-    for name in ("train.bin", "val.bin"):
+    for name in ("train.bin", "val.bin", *(("documents.npy",) if part else ())):
         assert (out / name).read_bytes() == (ref.path / name).read_bytes(), name
     assert meta["fingerprint"] == ref.meta["fingerprint"] and not list(out.glob(".prepare-*"))
