@@ -201,3 +201,22 @@ def test_tiktoken_bpe_is_llama_cpps_llama_bpe_and_another_split_is_refused(fast_
         [pre_tokenizers.Split(Regex(r"\w+|\s+"), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)]
     )
     assert bytelevel_pre(other) is None
+
+
+def test_an_empty_prompt_starts_where_a_document_starts_and_generates(tok, bpe, fast_bpe):
+    """A tokenizer without bos frames an empty prompt as training frames a document's start: after the end of
+    the one before (the closing sample of a bytelevel-bpe or tiktoken-bpe run used to fail on it)."""
+    from openllm.data.tokenizer.hf import character_tokenizer
+    from openllm.inference.generate import SamplingOptions, generate_ids, generate_text
+    from openllm.model import build_model
+    from openllm.model.config import ModelConfig
+
+    assert tok.prompt_ids("") == [tok.bos_id] and bpe.prompt_ids("") == [bpe.eos_id]
+    assert fast_bpe.prompt_ids("") == [fast_bpe.eos_id]
+    chars = character_tokenizer({c: i for i, c in enumerate("ab\n")})
+    assert chars.prompt_ids("") == chars.encode("\n\n")
+    config = ModelConfig(vocab_size=400, n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.0)
+    model, opts = build_model(config), SamplingOptions(max_new_tokens=4, temperature=0)
+    assert isinstance(generate_text(model, fast_bpe, "", opts), str)  # (raised inside the model before)
+    with pytest.raises(OpenLLMError, match="no tokens to continue from"):  # ids given as they are: refused
+        list(generate_ids(model, [], opts))

@@ -177,6 +177,8 @@ class Engine:
     ) -> Reader:
         """Queue a generation from prompt ``ids`` (at most the context: :func:`fit_prompt`); its steps go to
         ``reader`` (default: a :class:`TokenStream`), which is returned."""
+        if not ids:  # (a model continues tokens: Tokenizer.prompt_ids gives an empty prompt its start)
+            raise OpenLLMError("the prompt has no tokens to continue from")
         reader = reader or TokenStream()
         sampler = RowSampler(opts, ids, self.vocab_size, self.device)
         seq = Sequence(

@@ -139,8 +139,10 @@ class Tokenizer(ABC):
         return [self.special.eos] if self.special.eos is not None else self.encode(separator)
 
     def prompt_ids(self, text: str) -> list[int]:
-        """A prompt as a document start: the bos framing, then its ids."""
-        return [*self.prefix(), *self.encode(text)]
+        """A prompt as a document start: the bos framing, then its ids. An empty prompt of a tokenizer without
+        bos (GPT-2 style, a character vocabulary) starts where a document starts in training: after the end of
+        the one before (eos, or the encoded separator), so that there is a token to continue from."""
+        return [*self.prefix(), *self.encode(text)] or self.document_end()
 
     def encode_document(self, text: str, separator: str = "\n\n") -> list[int]:
         """A document as training sees it: bos framing + ids + eos (or the separator)."""
