@@ -141,7 +141,7 @@ def test_a_gpt2_vocab_and_merges_pair_converts_to_the_same_tokenizer(hf_gpt2, tm
 def test_openllm_tiktoken_bpe_run_exports_with_its_tokenizer(small_corpus, documents, tmp_path):
     """A run prepared with `--tokenizer-type tiktoken-bpe` (rustbpe + tiktoken; an HFTokenizer underneath, so it
     also stands for `bytelevel-bpe` runs here) exports a tokenizer.json that AutoTokenizer reads with our ids."""
-    from openllm.data.prepare import prepare_dataset
+    from openllm.data.dataset import load_dataset
     from openllm.interop.export import export_checkpoint
     from openllm.training.loop import train
 
@@ -157,7 +157,7 @@ def test_openllm_tiktoken_bpe_run_exports_with_its_tokenizer(small_corpus, docum
         "tiktoken-bpe",
     )
     assert r.returncode == 0, r.stderr
-    ds = prepare_dataset([small_corpus], tmp_path / "ds", vocab_size=500, tokenizer_type="tiktoken-bpe")
+    ds = load_dataset(tmp_path / "ds")
     assert ds.meta["tokenizer"] == "byte-level BPE (tiktoken), 500 tokens" and (ds.path / "tokenizer.json").is_file()
     run = tmp_path / "run"
     train(small_config(ds, run, max_steps=SMALL_RUN["max_steps"]), log=quiet)
