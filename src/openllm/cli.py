@@ -13,9 +13,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from openllm import __version__
+
+if TYPE_CHECKING:  # (the data layer is imported where a command runs, so that the CLI starts quickly)
+    from openllm.data.dataset import PreparedDataset
 from openllm.core.device import DEVICES
 from openllm.core.errors import OpenLLMError
 from openllm.core.options import (
@@ -98,7 +101,7 @@ def _run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_prepared(ds) -> None:  # type: ignore[no-untyped-def]
+def _print_prepared(ds: PreparedDataset) -> None:
     m = ds.meta
     read_mb = sum(i["bytes"] for i in m["inputs"]) / 1e6
     skipped = sum((m.get("bad_records_skipped") or {}).values())

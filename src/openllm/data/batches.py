@@ -8,7 +8,30 @@ import torch
 from openllm.core.errors import OpenLLMError
 
 
-class BatchSampler:
+class WindowSampler:
+    """What every sampler of fixed windows (one stream, or a mixture of streams) derives from :meth:`windows`:
+    inputs and targets, and the tokens a span of samples holds (every window counts all its targets)."""
+
+    seq_len: int
+
+    def windows(self, first_sample: int, batch_size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def counted_targets(self, first_sample: int, count: int) -> int:
+        """How many targets the loss counts in samples first..first+count-1: every one of each window."""
+        return count * self.seq_len
+
+    def tokens_in(self, first_sample: int, count: int) -> int:
+        """The input tokens of samples first..first+count-1."""
+        return count * self.seq_len
+
+    def batch(self, first_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (int64, ``batch_size`` x ``seq_len``) for samples first..first+batch-1."""
+        block = self.windows(first_sample, batch_size)
+        return block[:, :-1], block[:, 1:]
+
+
+class BatchSampler(WindowSampler):
     """Deterministic training windows from a packed token stream.
 
     The stream is cut into ``n`` windows of ``seq_len + 1`` tokens; every epoch uses a fresh
@@ -34,19 +57,6 @@ class BatchSampler:
             self._perm = rng.permutation(self.windows_per_epoch)
             self._shift = int(rng.integers(self.seq_len)) if epoch else 0
             self._epoch = epoch
-
-    def counted_targets(self, first_sample: int, count: int) -> int:
-        """How many targets the loss counts in samples first..first+count-1: every one of each window."""
-        return count * self.seq_len
-
-    def tokens_in(self, first_sample: int, count: int) -> int:
-        """The input tokens of samples first..first+count-1."""
-        return count * self.seq_len
-
-    def batch(self, first_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets (int64, ``batch_size`` x ``seq_len``) for samples first..first+batch-1."""
-        block = self.windows(first_sample, batch_size)
-        return block[:, :-1], block[:, 1:]
 
     def windows(self, first_sample: int, batch_size: int) -> torch.Tensor:
         """The ``batch_size`` x ``seq_len + 1`` windows of samples first..first+batch-1 (int64): inputs and

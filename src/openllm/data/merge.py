@@ -21,11 +21,18 @@ from pathlib import Path
 import numpy as np
 
 from openllm.core.errors import OpenLLMError
-from openllm.core.fileio import atomic_write_json, directory_lock, ensure_dir, training_run_files, write_failures
+from openllm.core.fileio import directory_lock, ensure_dir, training_run_files, write_failures
 from openllm.data import shards
 from openllm.data.dataset import META_FILE, PreparedDataset, load_dataset
 from openllm.data.neardup import NearDedup, NearDuplicateIndex
-from openllm.data.prepare import SPLIT_RULE, check_kept, no_training_documents, peak_rss_mb, request_key
+from openllm.data.prepare import (
+    SPLIT_RULE,
+    check_kept,
+    commit_dataset,
+    no_training_documents,
+    peak_rss_mb,
+    request_key,
+)
 
 SAME = ("count", "all_inputs", "settings", "validation_file")  # what every part must share
 PART_KEYS = {"index": int, "count": int, "all_inputs": list, "settings": dict, "trained": str}
@@ -64,12 +71,16 @@ def _parts(dirs: Sequence[str | os.PathLike]) -> list[PreparedDataset]:
             f"the parts do not cover the inputs once each, in order ({len(read)} file(s) read by the parts, "
             f"{len(first['all_inputs'])} listed): prepare every part from the same files"
         )
-    for p in parts:  # each part's document index agrees with its token files
-        docs = np.load(p.path / shards.INDEX)
-        for split, name in ((shards.TRAIN, "train"), (shards.VAL, "val")):
-            if int(docs["tokens"][docs["split"] == split].sum()) != p.meta[f"{name}_tokens"]:
-                raise OpenLLMError(f"{p.path}/{shards.INDEX} does not match its {name}.bin; prepare the part again")
     return parts
+
+
+def _index(part: PreparedDataset) -> np.ndarray:
+    """A part's document index, checked against its token files."""
+    docs = np.load(part.path / shards.INDEX)
+    for split, name in ((shards.TRAIN, "train"), (shards.VAL, "val")):
+        if int(docs["tokens"][docs["split"] == split].sum()) != part.meta[f"{name}_tokens"]:
+            raise OpenLLMError(f"{part.path}/{shards.INDEX} does not match its {name}.bin; prepare the part again")
+    return docs
 
 
 class _Writer:
@@ -117,11 +128,7 @@ def merge_parts(
                 with write_failures(out):
                     meta = _merge(ordered, work, request)
                     meta["seconds"] = meta["timing"]["merge_seconds"] = round(time.perf_counter() - t0, 3)
-                    (out / META_FILE).unlink(missing_ok=True)
-                    for name in ("train.bin", "val.bin"):
-                        os.replace(work / name, out / name)
-                    ordered[0].tokenizer.save(out)
-                    atomic_write_json(out / META_FILE, meta)  # last: a complete dataset
+                    commit_dataset(work, out, ordered[0].tokenizer, meta)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     except BaseException:
@@ -147,7 +154,7 @@ def _merge(parts: list[PreparedDataset], work: Path, request: dict) -> dict:
     val_spans: list[tuple[int, int, int, int]] = []
     lowest: tuple[int, int] | None = None  # (hash value, its place in train_spans)
     for i, part in enumerate(parts):
-        docs = np.load(part.path / shards.INDEX)
+        docs = _index(part)
         sigs = np.load(part.path / shards.SIGNATURES) if near is not None else None
         offsets = {shards.TRAIN: 0, shards.VAL: 0}
         kept_row = 0

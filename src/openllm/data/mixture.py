@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from openllm.core.errors import OpenLLMError
-from openllm.data.batches import BatchSampler, EvalBatches
+from openllm.data.batches import BatchSampler, EvalBatches, WindowSampler
 from openllm.data.dataset import PreparedDataset
 from openllm.data.tokenizer import Tokenizer
 
@@ -98,9 +98,9 @@ class DatasetMixture:
         }
 
 
-class MixtureSampler:
-    """Training windows from several datasets by weight (the module docstring says how); the same interface
-    as :class:`BatchSampler`, whose instances (one per dataset, seeded apart) it draws from."""
+class MixtureSampler(WindowSampler):
+    """Training windows from several datasets by weight (the module docstring says how), drawn from one
+    :class:`BatchSampler` per dataset (seeded apart)."""
 
     def __init__(self, tokens: Sequence[np.ndarray], weights: Sequence[float], seq_len: int, seed: int):
         self.samplers = [BatchSampler(t, seq_len, seed + i) for i, t in enumerate(tokens)]
@@ -136,16 +136,6 @@ class MixtureSampler:
         self._plan(block)
         within = np.bincount(self._order[:i], minlength=len(self.counts))
         return [block * c + int(w) for c, w in zip(self.counts, within, strict=True)]
-
-    def counted_targets(self, first_sample: int, count: int) -> int:
-        return count * self.seq_len
-
-    def tokens_in(self, first_sample: int, count: int) -> int:
-        return count * self.seq_len
-
-    def batch(self, first_sample: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        block = self.windows(first_sample, batch_size)
-        return block[:, :-1], block[:, 1:]
 
     def windows(self, first_sample: int, batch_size: int) -> torch.Tensor:
         rows = [

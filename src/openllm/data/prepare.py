@@ -603,16 +603,8 @@ def prepare_dataset(
                 with write_failures(out):  # a full disk in any writer (spool, workers, tokenizer), said one way
                     meta, tok = _prepare(plan, tok)
                     meta.update(validation_file=val_info, source_fingerprint=key)
-                    # commit: the old meta.json goes first, so no moment pairs it with new token files
-                    existing.unlink(missing_ok=True)
-                    for name in ("train.bin", "val.bin"):
-                        os.replace(work / name, out / name)
-                    for name in shards.PART_FILES if part is not None else ():
-                        if (work / name).is_file():
-                            os.replace(work / name, out / name)
-                    tok.save(out)
                     meta["seconds"] = round(time.perf_counter() - t0, 3)
-                    atomic_write_json(existing, meta)  # written last: its presence marks a complete dataset
+                    commit_dataset(work, out, tok, meta, shards.PART_FILES if part is not None else ())
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     except BaseException:
@@ -620,6 +612,17 @@ def prepare_dataset(
             shutil.rmtree(out, ignore_errors=True)
         raise
     return PreparedDataset(out, meta)
+
+
+def commit_dataset(work: Path, out: Path, tok: Tokenizer, meta: dict, extra: Sequence[str] = ()) -> None:
+    """Put the dataset made in ``work`` in place in ``out`` (``extra``: more of its files, where made). The old
+    meta.json goes first, so no moment pairs it with new token files; the new one last, marking it complete."""
+    (out / META_FILE).unlink(missing_ok=True)
+    for name in ("train.bin", "val.bin", *extra):
+        if name in ("train.bin", "val.bin") or (work / name).is_file():
+            os.replace(work / name, out / name)
+    tok.save(out)
+    atomic_write_json(out / META_FILE, meta)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from openllm.training.schedule import scheduler_state
 
 
 def training_config(run: Run) -> dict:
-    cfg = run.cfg.to_dict()
+    cfg, dirs = run.cfg.to_dict(), [str(d) for d in dataset_dirs(run)]
     cfg.update(
         {
             "world_size": run.dist.world_size,
@@ -29,8 +29,8 @@ def training_config(run: Run) -> dict:
             "tokens_per_step": run.global_batch * run.cfg.seq_len,
             "device_type": run.device.type,
             "autocast_dtype": str(run.autocast_dtype).replace("torch.", ""),
-            "dataset_dir": str(dataset_dirs(run)[0]),  # (absolute: read from anywhere later)
-            "dataset_dirs": [str(d) for d in dataset_dirs(run)],  # (a mixture's every dataset, in --data order)
+            "dataset_dir": dirs[0],  # (absolute: read from anywhere later)
+            "dataset_dirs": dirs,  # (a mixture's every dataset, in --data order)
             "vocab_size": run.model_config.vocab_size,  # what the model has, whatever was asked for
             "torch_threads": torch.get_num_threads(),
             "validation_fingerprint": run.validation_fingerprint,
