@@ -116,3 +116,19 @@ def test_sharding_and_merging_refuse_what_cannot_be_joined(inputs, tmp_path):
     r = cli("prepare", "merge", str(tmp_path / "p1"), str(tmp_path / "p0"), "--output-dir", str(tmp_path / "m"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "m" / "meta.json").read_text())["merged_from"][0].endswith("p0")
+
+
+def test_options_that_shape_a_tokenizer_are_refused_when_the_tokenizer_is_given(inputs, tmp_path):
+    """Never accepted and ignored: --vocab-size, --tokenizer-type and --tokenizer-sample-mb train a tokenizer."""
+    from openllm.training.config import TrainConfig
+
+    folder, tok = inputs
+    for option in ({"vocab_size": 999}, {"tokenizer_type": "tiktoken-bpe"}, {"tokenizer_sample_mb": 1.0}):
+        flag = "--" + next(iter(option)).replace("_", "-")
+        with pytest.raises(OpenLLMError, match=f"{flag} shape a tokenizer to train; with --tokenizer it is given"):
+            prepare_dataset([folder], tmp_path / "x", tokenizer=tok, **option)
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(OpenLLMError, match="--vocab-size shape a tokenizer to train; with --data the tokenizer"):
+        TrainConfig(data=str(tok), vocab_size=999).resolved()
+    with pytest.raises(OpenLLMError, match="--tokenizer-type shape a tokenizer to train; with --tokenizer-dir"):
+        TrainConfig(data_file="c.txt", tokenizer_dir=str(tok), tokenizer_type="bytelevel-bpe").resolved()

@@ -31,6 +31,7 @@ import contextlib
 import ctypes
 import hashlib
 import heapq
+import inspect
 import itertools
 import json
 import os
@@ -521,6 +522,13 @@ def prepare_dataset(
                 raise OpenLLMError(f"{flag} must be {bound}, got {value}")
     if min_chars is not None and max_chars is not None and min_chars > max_chars:
         raise OpenLLMError(f"--min-chars {min_chars} is above --max-chars {max_chars}: no document could pass")
+    if tokenizer is not None:  # (options that shape a tokenizer to train: with one given, refused, not ignored)
+        defaults = inspect.signature(prepare_dataset).parameters
+        asked = {"vocab_size": vocab_size, "tokenizer_type": tokenizer_type, "tokenizer_sample_mb": tokenizer_sample_mb}
+        if shaping := [f"--{n.replace('_', '-')}" for n, v in asked.items() if v != defaults[n].default]:
+            raise OpenLLMError(
+                f"{', '.join(shaping)} shape a tokenizer to train; with --tokenizer it is given (leave them out)"
+            )
     shard = shards.check_request(num_shards, shard_index, tokenizer)
     sample_bytes = int(tokenizer_sample_mb * 1e6)
     free = available_memory()

@@ -327,16 +327,13 @@ def resolve_data(plan: ResumePlan, dist: DistInfo, log: Callable[[str], None]) -
             if old_key is not None:
                 plan.check_prepared_text(source)
             log(f"preparing {source} into {cache}")
+            trained: dict[str, Any] = {}  # what shapes a tokenizer to train, when none is given
+            if tokenizer is None:
+                trained = {"vocab_size": cfg.vocab_size, "tokenizer_type": cfg.tokenizer_type}
             prepare_dataset(
-                [source],
-                cache,
-                vocab_size=cfg.vocab_size,
-                validation_file=cfg.validation_data,
-                tokenizer=tokenizer,
-                tokenizer_type=cfg.tokenizer_type,
-                seed=cfg.seed,
-                force=True,
-            )
+                [source], cache, validation_file=cfg.validation_data, tokenizer=tokenizer, seed=cfg.seed, force=True,
+                **trained,
+            )  # fmt: skip
     barrier(dist)
     return load_dataset(cache)
 
