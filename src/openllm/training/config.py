@@ -566,7 +566,8 @@ def resolve(options: TrainConfig | RunConfig, inherited: dict[str, Any] | None =
     if isinstance(merged.get("data"), str):  # one dataset, as runs recorded it before mixtures (and YAML, the API)
         merged["data"] = [merged["data"]]
     tokenizer_from = "--data" if merged.get("data") else "--tokenizer-dir" if merged.get("tokenizer_dir") else None
-    if tokenizer_from and (shaping := [n for n in ("vocab_size", "tokenizer_type") if n in given]):
+    typed = not isinstance(options, RunConfig)  # (a resolved config holds every option, passed on as resolved)
+    if typed and tokenizer_from and (shaping := [n for n in ("vocab_size", "tokenizer_type") if n in given]):
         flags = " and ".join("--" + n.replace("_", "-") for n in shaping)
         raise OpenLLMError(
             f"{flags} shape a tokenizer to train; with {tokenizer_from} the tokenizer is given (leave {flags} out)"
