@@ -12,8 +12,10 @@ Checks, each reported as ok / FAILED with its figures (the exit status is 1 if a
 2. checkpoint save / load times and time to resume for `small` and `medium`;
 3. a run interrupted half-way and resumed gives the uninterrupted run's next losses (exactly in float32,
    within bf16 noise on the GPU);
-4. a 1-process `torchrun` run (NCCL on the GPU, gloo on the CPU);
-5. generation tokens/s with the KV cache.
+4. a 1-process `torchrun` run (NCCL on the GPU, gloo on the CPU), with ``--fsdp --async-save``;
+5. generation tokens/s with the KV cache;
+6. ``--fsdp`` (FSDP2 in a group of one process): tokens/s, MFU and peak memory, and the training time lost per
+   step checkpoint (sharded) written in the foreground and with ``--async-save`` (benchmarks/checkpoint_cost.py).
 
 The `medium` shape also runs as ``--arch llama`` (a Llama model of the same size), eager and compiled.
 With ``--smoke`` every model is `tiny`
@@ -23,13 +25,16 @@ and the figures are CPU figures: the report says that no GPU figures were made.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "src" / "openllm" / "corpus" / "tinyshakespeare.txt"
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from checkpoint_cost import time_lost_per_checkpoint  # noqa: E402  (beside this script)
 
 
 class Check:
@@ -55,6 +62,31 @@ class Check:
     def table(self) -> str:
         lines = ["| check | result | figures |", "| --- | --- | --- |"]
         return "\n".join(lines + [f"| {a} | {b} | {c} |" for a, b, c in self.rows])
+
+
+@contextlib.contextmanager
+def one_process_group() -> Iterator[None]:
+    """The environment torchrun gives a single worker, so that ``--fsdp`` runs in this process (a group of one)."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main() -> None:
@@ -108,12 +140,19 @@ def main() -> None:
         # booked on the step that logs
         return 1e3 * statistics.mean(r["step_time"] for r in rows)
 
-    def throughput(size: str, compile: bool, optimizer: str, arch: str = "gpt2", logged_too: bool = False):
+    def throughput(
+        size: str, compile: bool, optimizer: str, arch: str = "gpt2", logged_too: bool = False, fsdp: bool = False
+    ):
         def fn() -> str:
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            out = f"tp-{size}-{compile}-{optimizer}" + ("" if arch == "gpt2" else f"-{arch}")
-            train(config(out, model_size=size, compile=compile, optimizer=optimizer, arch=arch), log=quiet)
+            out = (
+                f"tp-{size}-{compile}-{optimizer}" + ("" if arch == "gpt2" else f"-{arch}") + ("-fsdp" if fsdp else "")
+            )
+            with one_process_group() if fsdp else contextlib.nullcontext():
+                train(
+                    config(out, model_size=size, compile=compile, optimizer=optimizer, arch=arch, fsdp=fsdp), log=quiet
+                )
             later = later_rows(out)
             tps = statistics.median(r["tokens_per_second"] for r in later)
             mfu = [r["mfu"] for r in later if r.get("mfu") is not None]
@@ -184,15 +223,38 @@ def main() -> None:
     def torchrun() -> str:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "openllm", "train",
                "--data", str(ds.path), "--output-dir", str(work / "ddp"), "--model-size", big, "--max-steps", "3",
+               "--fsdp", "--async-save", "--save-every", "2",
                "--device", device, "--dtype", dtype, "--sample-tokens", "0",
                *[x for k, v in shape.items() for x in (f"--{k.replace('_', '-')}", str(v))]]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if r.returncode != 0:
             raise RuntimeError((r.stderr.strip().splitlines() or ["no output"])[-1])
         backend = "NCCL" if gpu else "gloo"
-        return f"1 process, {backend}: reached step 3"
+        if not ck.verify_checkpoint(work / "ddp" / "checkpoint_step_2").ok:
+            raise AssertionError("the sharded checkpoint written in the background does not verify")
+        return f"1 process, {backend}, --fsdp --async-save: reached step 3, sharded checkpoint verifies"
 
     check.run("torchrun", torchrun)
+
+    check.run(f"train {big} fsdp adamw", throughput(big, False, "adamw", fsdp=True))
+
+    def checkpoint_cost() -> str:
+        def run(out: str, changes: dict) -> Path:
+            with one_process_group():
+                cfg = config(f"cost-{out}", model_size=big, fsdp=True, **{"max_steps": n, **changes})
+                return train(cfg, log=quiet).run_dir  # type: ignore[union-attr]
+
+        n = max(steps, 4)
+        sync, background, saves = time_lost_per_checkpoint(
+            run, n, n // 2 if not gpu else 5, repeats=1 if not gpu else 2
+        )
+        ratio = f"{background / sync:.2f}" if sync > 0 else "n/a"
+        return f"sharded, {saves} a run: {sync:.2f} s lost per checkpoint, {background:.2f} s with --async-save (ratio {ratio})"
+
+    if gpu:
+        check.run(f"checkpoint {big} fsdp sync vs async", checkpoint_cost)
+    else:  # (the torchrun row writes a sharded checkpoint in the background; timing it on tiny says nothing)
+        check.rows.append((f"checkpoint {big} fsdp sync vs async", "not run", "--smoke leaves the timing out"))
 
     def generation() -> str:
         loaded = load_model(work / f"tp-{big}-False-adamw" / "final_model.pt", device)

@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.xdist_group("processes")  # (it starts torchrun: with the other tests of several processes)
 def test_gpu_check_smoke_runs_every_path_on_the_cpu():
     r = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--steps", "2"],
@@ -19,9 +22,9 @@ def test_gpu_check_smoke_runs_every_path_on_the_cpu():
     results = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in table}
     expected = {"train tiny eager adamw", "train tiny eager muon", "checkpoint tiny", "torchrun", "generate tiny",
                 "resume continues the uninterrupted run", "train tiny compiled adamw", "train tiny as llama eager adamw",
-                "train tiny as llama compiled adamw"}  # fmt: skip
+                "train tiny as llama compiled adamw", "train tiny fsdp adamw", "checkpoint tiny fsdp sync vs async"}  # fmt: skip
     assert set(results) == expected
-    assert all(v == "ok" for k, v in results.items() if "compiled" not in k), results
+    assert all(v == "ok" for k, v in results.items() if "compiled" not in k and "sync vs async" not in k), results
     figures = {line.split(" | ")[0][2:]: line.split(" | ")[2] for line in table}
     assert (
         "ms unlogged" in figures["train tiny eager adamw"]
@@ -57,6 +60,10 @@ def test_throughput_benchmark_runs_and_writes_its_section(tmp_path):
             str(ROOT / "benchmarks" / "throughput.py"),
             "--steps",
             "4",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
             "--repeats",
             "1",
             "--output",

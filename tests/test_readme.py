@@ -22,7 +22,8 @@ def test_the_python_example_runs(small_corpus, tmp_path):
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
-    """Every `openllm ...` command line in the bash blocks of README.md and docs/*.md, as argv lists."""
+    """Every `openllm ...` command line in the bash blocks of README.md and docs/*.md (also those torchrun starts:
+    ``torchrun ... -m openllm ARGS``), as argv lists."""
     import shlex
 
     found = []
@@ -32,6 +33,10 @@ def documented_commands() -> list[tuple[str, list[str]]]:
                 words = shlex.split(line, comments=True)
                 if words[:1] == ["openllm"]:
                     found.append((f"{doc.name}: {line.strip()}", words[1:]))
+                elif "torchrun" in words and "openllm" in words:  # torchrun ... -m openllm ARGS
+                    at = words.index("openllm")
+                    if words[at - 1] == "-m":
+                        found.append((f"{doc.name}: {line.strip()}", words[at + 1 :]))
     return found
 
 

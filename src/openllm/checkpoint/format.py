@@ -42,13 +42,16 @@ crash at any moment leaves either the previous file or the new one, never a torn
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
 import pickle
 import platform
 import re
+import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +63,7 @@ from openllm import __version__
 from openllm.checkpoint.state import RunState
 from openllm.core import faults, untrusted
 from openllm.core.errors import OpenLLMError
-from openllm.core.fileio import atomic_open, write_failure
+from openllm.core.fileio import atomic_open, commit_directory, staging_dir, write_failure
 from openllm.core.numbers import finite_or_none
 from openllm.model.config import ModelConfig
 from openllm.model.lora import LoRAConfig, adapter_shapes
@@ -611,13 +614,24 @@ def integrity_problems(ckpt: dict) -> list[str]:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict:
     """Load a checkpoint file safely (``weights_only``) and check its integrity (format version, checksum):
     the one way every command reads a checkpoint. Any failure is one clear error; a file that reads but is
-    damaged raises :class:`DamagedCheckpoint`.
+    damaged raises :class:`DamagedCheckpoint`. A sharded checkpoint directory (:func:`save_sharded_checkpoint`)
+    is read whole, as the file one process would have written.
 
     The checksum costs one sha256 pass over the tensors (about 1.5 GB/s on one core), small beside reading
     the file."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return _load_sharded(path)
     if not path.is_file():
         raise OpenLLMError(f"checkpoint not found: {path}")
+    obj = _read_file(path, map_location, mmap)
+    problems = structure_problems(obj) or integrity_problems(obj)
+    if problems:
+        raise DamagedCheckpoint(path, problems, obj)
+    return obj
+
+
+def _read_file(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols in random bytes; we say it in one line
             warnings.simplefilter("ignore")
@@ -640,10 +654,210 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ) from None
     if not isinstance(obj, dict):
         raise OpenLLMError(f"{path} does not hold a checkpoint dict (found {type(obj).__name__})")
-    problems = structure_problems(obj) or integrity_problems(obj)
-    if problems:
-        raise DamagedCheckpoint(path, problems, obj)
     return obj
+
+
+# -------------------------------------------------------------------------------- sharded checkpoints
+#
+# Under --fsdp every process holds a shard of each parameter and of its optimizer state. A step checkpoint is
+# then a directory that every process writes its own shards into, in parallel, with torch.distributed.checkpoint
+# (DCP): its ``.metadata`` and ``__R_N.distcp`` files, and SHARDED_META, written last by rank 0: the checkpoint
+# dict with every sharded tensor (DTensor) left out, and under SHARDED_KEY where each one goes back and the
+# sha256 of every file. Its checksum covers those hashes, so it vouches for the whole directory. The directory
+# is built under a temporary name and renamed once complete (core.fileio.commit_directory): it appears whole
+# or not at all. Read back (load_checkpoint), it is the dict one process would have written, whatever the
+# number of processes: every reader of checkpoint files reads it, and a resume reshards it for its own.
+
+SHARDED_META = "openllm.pt"
+SHARDED_KEY = "sharded_tensors"  # in SHARDED_META: {"tensors": [key path, ...], "files": {name: sha256}, "world_size"}
+
+
+_SHARD_FILE = re.compile(r"^(__\d+_\d+\.distcp|\.metadata)$")  # (the names DCP's file system writer gives)
+_SHARDED_PARTS = ("model_state_dict", "optimizer_state_dict")  # where a sharded tensor may go back
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a sharded checkpoint directory (it holds SHARDED_META)."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_META).is_file()
+
+
+def _sharded_leaves(obj: Any, at: tuple = ()) -> list[tuple[tuple, Any]]:
+    """(key path, tensor) of every DTensor in ``obj``'s nested dicts, in order."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        return [(at, obj)]
+    if isinstance(obj, dict):
+        return [leaf for k, v in obj.items() for leaf in _sharded_leaves(v, (*at, k))]
+    return []
+
+
+def _without_sharded(obj: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, dict):
+        return {k: _without_sharded(v) for k, v in obj.items() if not isinstance(v, DTensor)}
+    return obj
+
+
+def _dcp_key(at: tuple) -> str:
+    return "/".join(str(k) for k in at)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sharded_staging(path: str | os.PathLike) -> Path:
+    """The temporary directory every process writes a sharded checkpoint into (rank 0 makes it; all agree)."""
+    import torch.distributed as dist
+
+    made = [staging_dir(path) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(made, src=0)
+    return Path(str(made[0]))
+
+
+def split_sharded(ckpt: dict) -> tuple[dict, dict[str, Any], list[list]]:
+    """``ckpt`` as a sharded checkpoint holds it: the dict without its DTensors (a copy, which later changes to
+    the run do not reach), the DTensors by their DCP key, and their key paths in the dict."""
+    leaves = _sharded_leaves(ckpt)
+    meta = copy.deepcopy(_without_sharded(ckpt))
+    return meta, {_dcp_key(at): t for at, t in leaves}, [list(at) for at, _ in leaves]
+
+
+def write_shards(tensors: dict[str, Any], staging: Path, process_group: Any = None, *, background: bool = False) -> Any:
+    """Every process: write its shards of ``tensors`` into ``staging`` with DCP. In the background
+    (``dcp.async_save``, which first copies the shards aside, so that training may go on changing them) the
+    returned future completes once the shards are written; :func:`finish_sharded_checkpoint` then follows."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    writer = FileSystemWriter(staging, sync_files=True)
+    if background:
+        return dcp.async_save(tensors, storage_writer=writer, process_group=process_group)
+    dcp.save(tensors, storage_writer=writer, process_group=process_group)
+    return None
+
+
+def finish_sharded_checkpoint(
+    meta: dict, paths: list[list], staging: Path, path: str | os.PathLike, process_group: Any = None
+) -> None:
+    """Every process, once the shards are written: hash its own files (in parallel); rank 0 then writes
+    SHARDED_META (its checksum over the hashes) and renames the directory into place."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    own = {p.name: _file_sha256(p) for p in sorted(staging.glob(f"__{rank}_*.distcp"))}
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, own, group=process_group)
+    failure: list[str | None] = [None]
+    if rank == 0:
+        try:
+            files = {name: digest for part in every for name, digest in part.items()}
+            files[".metadata"] = _file_sha256(staging / ".metadata")
+            meta[SHARDED_KEY] = {"tensors": paths, "files": files, "world_size": world}
+            save_checkpoint(meta, staging / SHARDED_META)
+            commit_directory(staging, path)
+        except (OSError, OpenLLMError) as exc:  # said to every process, which all stop with it
+            failure[0] = str(exc) if isinstance(exc, OpenLLMError) else _write_failure(exc, Path(path))
+    dist.broadcast_object_list(failure, src=0, group=process_group)
+    if failure[0] is not None:
+        raise OpenLLMError(failure[0])
+
+
+def save_sharded_checkpoint(
+    ckpt: dict, path: str | os.PathLike, process_group: Any = None, *, background: bool = False
+) -> Callable[[], None] | None:
+    """Every process: write ``ckpt`` (the same dict on each, its DTensors their own shards) as the sharded
+    checkpoint directory ``path``, which appears only once it is complete. With ``background`` the shards are
+    copied aside and being written when this returns, and the function returned completes the checkpoint
+    (waits for the shards, hashes them, writes SHARDED_META, renames): run it in a thread, on every process
+    (``process_group``: a group of its own, whose collectives do not mix with training's)."""
+    meta, tensors, paths = split_sharded(ckpt)
+    staging = sharded_staging(path)
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def failed(exc: BaseException) -> OpenLLMError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OpenLLMError):
+            return exc
+        if isinstance(exc, CheckpointException):  # DCP's: every process's failure (exception, traceback)
+            exc = next((e[0] for e in exc.failures.values() if isinstance(e, tuple)), exc)
+        message = _write_failure(exc, Path(path)) if isinstance(exc, OSError) else None
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return OpenLLMError(message or f"could not write {path}: {why}; the previous checkpoints are intact")
+
+    def finish(written: Any = None) -> None:
+        try:
+            if written is not None:
+                written.result()
+            faults.reached("save")  # tests: die with every shard written, the directory not yet in place
+            finish_sharded_checkpoint(meta, paths, staging, path, process_group)
+        except (OSError, OpenLLMError, CheckpointException) as exc:
+            raise failed(exc) from None
+
+    try:
+        written = write_shards(tensors, staging, process_group, background=background)
+    except (OSError, CheckpointException) as exc:
+        raise failed(exc) from None
+    if background:
+        return lambda: finish(written)
+    finish()
+    return None
+
+
+def _load_sharded(path: Path) -> dict:
+    """A sharded checkpoint directory read whole (in this process alone), after checking every file's hash."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = _read_file(path / SHARDED_META)
+    problems = structure_problems(meta) or integrity_problems(meta)
+    info = meta.get(SHARDED_KEY)
+    files = info.get("files") if isinstance(info, dict) else None
+    tensors = info.get("tensors") if isinstance(info, dict) else None
+    if not problems and not (
+        isinstance(files, dict)
+        and all(isinstance(n, str) and _SHARD_FILE.match(n) for n in files)
+        and isinstance(tensors, list)
+        and all(isinstance(at, list) and at and at[0] in _SHARDED_PARTS for at in tensors)
+    ):
+        problems = [f"its {SHARDED_META} does not list its shards"]
+    if not problems and isinstance(files, dict):
+        for name, digest in sorted(files.items()):
+            if not (path / name).is_file():
+                problems.append(f"shard {name} is missing")
+            elif _file_sha256(path / name) != digest:
+                problems.append(f"shard {name} is damaged (its sha256 differs from the one recorded)")
+    if problems or not isinstance(tensors, list):
+        raise DamagedCheckpoint(path, problems, meta)
+    try:
+        reader = FileSystemReader(path)
+        stored = reader.read_metadata().state_dict_metadata
+        loaded = {
+            key: torch.empty(m.size, dtype=m.properties.dtype)
+            for key, m in stored.items()
+            if isinstance(m, TensorStorageMetadata)
+        }
+        with warnings.catch_warnings():  # (DCP warns that it reads in this one process, as meant)
+            warnings.simplefilter("ignore")
+            dcp.load(loaded, storage_reader=reader, no_dist=True)
+        for at in tensors:
+            node = meta
+            for k in at[:-1]:
+                node = node.setdefault(k, {})
+            node[at[-1]] = loaded[_dcp_key(tuple(at))]
+    except Exception as exc:  # noqa: BLE001 - the files hashed as written: this is an unreadable directory
+        raise OpenLLMError(f"cannot read the sharded checkpoint {path}: {str(exc).splitlines()[0]}") from None
+    del meta[SHARDED_KEY]
+    return meta
 
 
 # -------------------------------------------------------------------------------------- verify
@@ -691,6 +905,7 @@ def verify_checkpoint(path: str | os.PathLike, *, keep: bool = False) -> Verific
     if lora is not None and not Path(ckpt["lora_base"]["path"]).exists():
         v.problems.append(f"its LoRA base {ckpt['lora_base']['path']} is missing (the file holds only the adapters)")
     usable = lora is not None or not is_lora  # (the shapes of adapters of an unreadable config mean nothing)
+    usable = usable and not (damage and SHARDED_KEY in ckpt)  # (a damaged sharded one was not read past its meta)
     if usable and isinstance(ckpt.get("config"), dict) and isinstance(ckpt.get("model_state_dict"), dict):
         v.problems.extend(shape_problems(ckpt["model_state_dict"], ckpt["config"], lora))
     v.ok = not v.problems

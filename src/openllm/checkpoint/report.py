@@ -192,7 +192,7 @@ def _newest_info(run_dir: Path) -> ck.CheckpointView | None:
     (each read once; one that does not read is passed over)."""
     steps = [path for _, path in reversed(step_checkpoints(run_dir))]
     for path in [run_dir / FINAL, *steps, run_dir / BEST]:
-        if not path.is_file():
+        if not path.exists():
             continue
         try:
             return ck.read_info(ck.load_checkpoint(path, mmap=True))

@@ -3,6 +3,8 @@
 Layout::
 
     best_model.pt  final_model.pt  checkpoint_step_N.pt   full checkpoints (format: openllm.checkpoint.format)
+    checkpoint_step_N/                                    a step checkpoint of an --fsdp run: one directory of
+                                                          every process's shards (format.save_sharded_checkpoint)
     config.json  training_config.json  generation_config.json
     tokenizer.model  tokenizer_config.json
     training_log.json  validation_log.json  metrics.jsonl
@@ -15,22 +17,24 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from openllm import __version__
-from openllm.checkpoint.format import load_checkpoint, read_info, verify_checkpoint
+from openllm.checkpoint.format import is_sharded_checkpoint, load_checkpoint, read_info, verify_checkpoint
 from openllm.core.errors import OpenLLMError
 from openllm.core.fileio import atomic_write_json, atomic_write_text
 from openllm.core.numbers import finite_or_none
 from openllm.data.tokenizer import SpecialTokens
 
 BEST, FINAL = "best_model.pt", "final_model.pt"
-_STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
+_STEP_FILE = re.compile(r"^checkpoint_step_(\d+)(\.pt)?$")
 
 
-def step_file(step: int) -> str:
-    return f"checkpoint_step_{step}.pt"
+def step_file(step: int, sharded: bool = False) -> str:
+    """The name of the step checkpoint of ``step``: a file, or (``sharded``) a directory of shards."""
+    return f"checkpoint_step_{step}" if sharded else f"checkpoint_step_{step}.pt"
 
 
 def generation_config(max_length: int, special: SpecialTokens) -> dict:
@@ -124,11 +128,16 @@ def write_model_card(run_dir: Path, title: str, info: dict, stats: dict, tcfg: d
 
 
 def step_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """``checkpoint_step_N.pt`` files of a run directory, oldest first."""
+    """``checkpoint_step_N.pt`` files and ``checkpoint_step_N/`` sharded checkpoints of a run directory, oldest
+    first."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STEP_FILE.match(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in run_dir.iterdir()
+        if (m := _STEP_FILE.match(p.name)) and (p.is_file() if m.group(2) else is_sharded_checkpoint(p))
+    ]
     return sorted(found)
 
 
@@ -165,7 +174,12 @@ def rotate(run_dir: str | os.PathLike, keep_last: int, protect: Iterable[Path | 
     removed = []
     for _, p in files[: max(0, len(files) - keep_last)]:
         if p.resolve() not in keep:
-            p.unlink(missing_ok=True)
+            if p.is_dir():  # renamed aside first: a kill while deleting leaves a temporary name, never a torn step
+                aside = p.with_name(f".{p.name}.tmp-deleting-{os.getpid()}")
+                os.replace(p, aside)
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
             removed.append(p)
     return removed
 
@@ -175,7 +189,7 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise OpenLLMError(f"model not found: {path}")
-    if path.is_file():
+    if path.is_file() or is_sharded_checkpoint(path):
         return path
     for name in (BEST, FINAL):
         if (path / name).is_file():
@@ -183,4 +197,6 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     steps = step_checkpoints(path)
     if steps:
         return steps[-1][1]
-    raise OpenLLMError(f"{path} holds no checkpoint (best_model.pt, final_model.pt or checkpoint_step_N.pt)")
+    raise OpenLLMError(
+        f"{path} holds no checkpoint (best_model.pt, final_model.pt, checkpoint_step_N.pt or checkpoint_step_N/)"
+    )

@@ -4,7 +4,8 @@
 ``TERM``) the N-th time it reaches ``point``: ``save`` (half-way through writing a checkpoint), ``eval``
 (inside a validation pass), ``step`` (after the backward pass, before the optimizer step) or ``encode``
 (``prepare``, after a chunk of encoded tokens is written, its workers busy with the next ones). Unset, it
-costs one dict lookup.
+costs one dict lookup. Under torchrun, ``OPENLLM_FAULT_RANK=R`` limits the faults to rank R, and they strike in
+the first attempt only, not in the processes an elastic restart (``--max-restarts``) starts again.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import os
 import signal
 
 _plan: dict[str, tuple[int, signal.Signals]] = {}
-for item in filter(None, os.environ.get("OPENLLM_FAULT", "").split(",")):
+_here = os.environ.get("OPENLLM_FAULT_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0")
+_first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+for item in filter(None, os.environ.get("OPENLLM_FAULT", "").split(",") if _here and _first_attempt else []):
     point, _, rest = item.partition(":")
     n, _, name = rest.partition(":")
     _plan[point.strip()] = (int(n or 1), signal.Signals["SIG" + name.strip().upper()] if name else signal.SIGKILL)

@@ -369,6 +369,7 @@ RUN_FILES = (
     "best_model.pt",
     "final_model.pt",
     "checkpoint_step_*.pt",
+    "checkpoint_step_*",
     "training_config.json",
     "training_log.json",
     "metrics.jsonl",

@@ -4,6 +4,7 @@
 2. ``hf-gpt2``  a Hugging Face GPT-2 directory (Conv1D layout, safetensors or pytorch_model.bin)
 3. ``nanogpt``  a nanoGPT ckpt.pt (``_orig_mod.`` prefixes from torch.compile are removed)
 4. ``openllm-export``  a directory written by ``openllm export``
+5. ``openllm-sharded``  a sharded step checkpoint (``checkpoint_step_N/``) of an ``--fsdp`` run, gathered whole
 
 Everything is loaded with ``weights_only=True`` or safetensors. The output's ``best_model.pt``
 is a complete checkpoint that ``openllm train --resume`` continues from. It keeps what the source
@@ -73,6 +74,8 @@ class Imported:
 
 
 def detect(path: Path) -> str:
+    if ck.is_sharded_checkpoint(path):
+        return "openllm-sharded"
     if path.is_file():
         return "nanogpt"
     if (path / "ckpt.pt").is_file():
@@ -153,6 +156,27 @@ def import_hf(path: Path, tokenizer: str | None, kind: str) -> Imported:
     earlier = meta.get("provenance")
     if isinstance(earlier, dict) and isinstance(earlier.get("source"), str):
         imp.source_reported["provenance"] = earlier  # how an openllm export's weights came to be: kept in the chain
+    return imp
+
+
+def import_sharded(path: Path, tokenizer: str | None) -> Imported:
+    """A sharded checkpoint directory of an --fsdp run (read whole): its weights, history, tokenizer (the run
+    directory's) and AdamW moments, as one file's run directory that any tool reads."""
+    view = ck.read_info(ck.load_verified(path, "convert"))
+    if view.is_lora:
+        raise OpenLLMError(f"{path} holds LoRA adapters: export it (openllm export merges them into the base)")
+    config = ModelConfig.from_dict(view.model_config or {})
+    imp = Imported("openllm-sharded", config, dict(view.model_state or {}), _tokenizer(path.parent, tokenizer, None))
+    imp.step, imp.training_log, imp.validation_log = view.step, view.training_log, view.validation_log
+    imp.source_reported["provenance"] = view.provenance
+    state = view.optimizer_state
+    if view.has_optimizer_state and "state" in state:  # AdamW's: by parameter, in the order of its two groups
+        names = [n for group in build_model(config).optimizer_groups() for n in group]
+        imp.optimizer = {names[i]: moments for i, moments in state["state"].items() if i < len(names)}
+        imp.optimizer_settings = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+        imp.optimizer_note = "trained (AdamW, from the sharded checkpoint)"
+    else:
+        imp.optimizer_note = "fresh (the sharded checkpoint holds Muon's state, or none)"
     return imp
 
 
@@ -250,13 +274,16 @@ def convert(
     src = Path(input_path)
     if not src.exists():
         raise OpenLLMError(f"input not found: {src}")
-    reads = [src, src.parent] if src.is_file() else [src]  # a ckpt.pt's directory is searched for its tokenizer
+    # a ckpt.pt's directory is searched for its tokenizer, and a sharded checkpoint's run directory
+    reads = [src, src.parent] if src.is_file() or ck.is_sharded_checkpoint(src) else [src]
     reads += [Path(p) for p in (tokenizer, eval_data) if p is not None]
     out = OutputDir(Path(output_dir), "convert", CONVERT_FILES, tuple(reads), force, mark=PROVENANCE)
     out.check()
     kind = detect(src)
     imp = (
-        import_nanogpt(src, tokenizer)
+        import_sharded(src, tokenizer)
+        if kind == "openllm-sharded"
+        else import_nanogpt(src, tokenizer)
         if kind == "nanogpt"
         else import_legacy(src, tokenizer)
         if kind == "legacy"
@@ -288,9 +315,15 @@ def convert(
         if imp.training_log is not None
         else (_read_log(src, "training_log.json") if src.is_dir() else None)
     )
-    validation_log = _read_log(src, "validation_log.json") if src.is_dir() else None
+    validation_log = (
+        imp.validation_log
+        if imp.validation_log is not None
+        else (_read_log(src, "validation_log.json") if src.is_dir() else None)
+    )
     history = (
-        "imported from training_log.json beside the weights"
+        "kept from the checkpoint"
+        if kind == "openllm-sharded"
+        else "imported from training_log.json beside the weights"
         if training_log is not None
         else "no training history exists for these weights"
     )

@@ -52,6 +52,8 @@ def describe(path: str | os.PathLike, show_damaged: bool = False) -> dict:
         return _describe_gguf(gguf_file, path, show_damaged)
     if is_export_dir(path):
         return _describe_export(path)
+    if ck.is_sharded_checkpoint(path):
+        return _describe_file(path, _dir_size(path), str(path), show_damaged)
     if path.is_dir() and (path / "pytorch_model.bin").is_file() and not (path / BEST).is_file():
         return _describe_file(path / "pytorch_model.bin", _dir_size(path), str(path), show_damaged)
     if path.is_dir():
@@ -302,7 +304,10 @@ def verify_path(path: str | os.PathLike) -> list[ck.Verification]:
         return [_verify_gguf(gguf_file)]
     if is_export_dir(path) or ((path / "config.json").is_file() and not any(path.glob("*.pt"))):
         return [_verify_export(path)]
-    files = sorted(path.glob("*.pt")) if path.is_dir() else [path]
+    if ck.is_sharded_checkpoint(path) or not path.is_dir():
+        files = [path]
+    else:  # a run directory: every checkpoint file, and every sharded step checkpoint
+        files = sorted({*path.glob("*.pt"), *(p for _, p in step_checkpoints(path))})
     if not files:
         raise OpenLLMError(f"{path} holds no .pt checkpoint")
     return [ck.verify_checkpoint(f) for f in files]

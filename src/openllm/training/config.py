@@ -187,9 +187,29 @@ class TrainConfig:
         ),
     ] = None
     compile: Annotated[bool | None, Opt("torch.compile the model", default=False)] = None
+    fsdp: Annotated[
+        bool | None,
+        Opt(
+            "under torchrun: shard parameters, gradients and optimizer state across the processes (FSDP2) "
+            "instead of replicating them (DDP); step checkpoints become directories written by every process",
+            default=False,
+        ),
+    ] = None
     activation_checkpointing: Annotated[bool | None, Opt("recompute activations to save memory", default=False)] = None
+    dist_timeout: Annotated[
+        float | None,
+        Opt(
+            "under torchrun: seconds a process waits for the others in a collective before the run stops with an "
+            "error naming the process that did not answer",
+            default=1800.0,
+        ),
+    ] = None
     keep_last: Annotated[
         int | None, Opt("step checkpoints to keep (the best and the resumed-from one are always kept)", default=3)
+    ] = None
+    async_save: Annotated[
+        bool | None,
+        Opt("write step checkpoints in the background while training goes on (as crash-safe)", default=False),
     ] = None
     resume: Annotated[
         str | None,
@@ -310,8 +330,18 @@ PRESET_FIELDS = (
 )
 # What a run recorded before these options existed did; resuming it keeps doing that, whatever its preset says now.
 BEFORE_THE_OPTION = {"optimizer": "adamw", "lr_schedule": "cosine"}
-# Options that describe this invocation only and are never inherited from a checkpoint on resume.
-NOT_INHERITED = ("resume", "allow_data_change", "reset_early_stopping", "output_dir")
+# Options that describe this invocation only and are never inherited from a checkpoint on resume (--fsdp,
+# --async-save and --dist-timeout say how these processes train and write, as their number does: a resume chooses
+# again)
+NOT_INHERITED = (
+    "resume",
+    "allow_data_change",
+    "reset_early_stopping",
+    "output_dir",
+    "fsdp",
+    "async_save",
+    "dist_timeout",
+)
 
 
 # ------------------------------------------------------------------------------ the resolved run configuration
@@ -368,6 +398,7 @@ class CheckpointOptions:
     output_dir: str
     save_every: int
     keep_last: int
+    async_save: bool
     resume: str | None
     allow_data_change: bool
     reset_early_stopping: bool
@@ -394,6 +425,8 @@ class DistributedOptions:
     device: str
     dtype: str | None
     compile: bool
+    fsdp: bool
+    dist_timeout: float
     peak_flops: float | None
 
 
@@ -471,8 +504,11 @@ class RunConfig:
     device: str
     dtype: str | None
     compile: bool
+    fsdp: bool
     activation_checkpointing: bool
+    dist_timeout: float
     keep_last: int
+    async_save: bool
     resume: str | None
     allow_data_change: bool
     reset_early_stopping: bool
@@ -705,13 +741,24 @@ def _check(values: dict[str, Any]) -> None:
         raise bad("cooldown_fraction", "a number in [0, 1]", values["cooldown_fraction"])
     if values["peak_flops"] is not None:
         number("peak_flops")
+    number("dist_timeout")
+    if not values["dist_timeout"] > 0:
+        raise bad("dist_timeout", "a number of seconds above 0", values["dist_timeout"])
     if values["lr_decay_steps"] is not None:
         integer("lr_decay_steps", 1)
     if values["min_lr"] > values["learning_rate"]:
         raise OpenLLMError(f"--min-lr ({values['min_lr']}) must not exceed --learning-rate ({values['learning_rate']})")
     if not _is_number(values["dropout"]) or not (0.0 <= values["dropout"] < 1.0):
         raise bad("dropout", "a number in [0, 1)", values["dropout"])
-    for name in ("compile", "activation_checkpointing", "allow_data_change", "reset_early_stopping", "tensorboard"):
+    for name in (
+        "compile",
+        "fsdp",
+        "activation_checkpointing",
+        "async_save",
+        "allow_data_change",
+        "reset_early_stopping",
+        "tensorboard",
+    ):
         if not isinstance(values[name], bool):
             raise bad(name, "true or false", values[name])
     data = values["data"]

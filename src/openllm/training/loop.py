@@ -9,6 +9,7 @@ checkpoint format lives in :mod:`openllm.checkpoint.format`, the records a run w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -28,14 +29,25 @@ from openllm.core.numbers import perplexity
 from openllm.data.mixture import MixtureEvalBatches
 from openllm.training import records
 from openllm.training.chatdata import IGNORE, inputs_targets
+from openllm.training.checkpointing import abandon_saves, save, save_step_checkpoint, wait_for_saves
 from openllm.training.config import RunConfig, TrainConfig
-from openllm.training.distributed import DistInfo, barrier, broadcast_flag, mean_across, shutdown
+from openllm.training.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_flag,
+    broadcast_value,
+    failed_collective,
+    lost_processes,
+    mean_across,
+    shutdown,
+)
 from openllm.training.metrics import MetricsLog, memory_mb
 from openllm.training.optim import step_unless
 from openllm.training.resume import restore
 from openllm.training.run import Run, StartingPoint, TrainingStopped, TrainResult
 from openllm.training.schedule import lr_at
 from openllm.training.setup import check_before_writing, setup
+from openllm.training.sharding import full_value, gradient_sync
 
 __all__ = ["TrainingStopped", "lr_at", "train", "train_loop", "train_step"]
 
@@ -51,6 +63,13 @@ def train(
     """Run (or resume) a training job described by ``cfg`` (see ``openllm train --help``); None when a
     resumed run has nothing left to do. The run directory is locked for the whole job (rank 0 only).
     ``start`` loads a new fine-tune's base model (:func:`openllm.finetune.finetune` gives it)."""
+    restarted = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if restarted and cfg.resume != "auto" and (not cfg.resume or rundir.resume_candidates(cfg.run_dir())):
+        # torchrun started the processes again after one failed (--max-restarts): go on from the newest checkpoint
+        # of the run (a --resume PATH given is where the run began, unless it has written none yet)
+        if os.environ.get("RANK", "0") == "0":
+            log(f"torchrun restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: resuming with --resume auto")
+        cfg = dataclasses.replace(cfg, resume="auto")
     check_before_writing(cfg)
     run_dir = cfg.run_dir()
     is_main = os.environ.get("RANK", "0") == "0"
@@ -59,14 +78,20 @@ def train(
     with lock, console:
         if is_main:
             remove_stale_temporaries(run_dir)
-        run = setup(cfg, console, start)
-        if run is not None and is_main:
-            console.keep_in(run.run_dir / "train.log")
+        run = None
         try:
+            run = setup(cfg, console, start)
+            if run is not None and is_main:
+                console.keep_in(run.run_dir / "train.log")
             return train_loop(run) if run is not None else None
         except TrainingStopped as exc:
             console.keep(f"stopped: {exc}")
             raise
+        except (torch.distributed.DistError, RuntimeError) as exc:
+            processes = run.dist if run else DistInfo.from_environment()
+            if not failed_collective(exc, processes):
+                raise
+            raise lost_processes(exc, processes) from None  # a process died or hangs: one line, naming it
         finally:
             shutdown(run.dist if run else DistInfo())
 
@@ -152,12 +177,17 @@ def train_loop(run: Run) -> TrainResult:
             if stop:
                 st.stop_reason = f"stopped by {signals.received} at step {st.step} (resumable with --resume auto)"
                 path = save_step_checkpoint(run)
-                records.write_model_card(run)
+                wait_for_saves(run)  # (said saved only once it is)
+                if run.dist.is_main:
+                    records.write_model_card(run)
                 raise TrainingStopped(
                     f"stopped by {signals.received} at step {st.step}; saved {path}. Resume with: "
                     f"openllm train --output-dir {run.run_dir} --resume auto",
                     130,
                 )
+    except BaseException:
+        abandon_saves(run)  # (a background save still completes; its own failure does not hide this one)
+        raise
     finally:
         metrics.close()
         signals.restore()
@@ -203,8 +233,7 @@ def train_step(run: Run) -> StepOnDevice:
     total = run.sampler.counted_targets(st.samples_seen, run.global_batch)
     for micro in range(accum):
         x, y, counted = micro_batch(run, st.samples_seen + (micro * world + rank) * B)
-        no_sync = run.dist.enabled and micro < accum - 1
-        with run.model.no_sync() if no_sync else contextlib.nullcontext(), run.autocast():  # type: ignore[operator]  # DDP's
+        with gradient_sync(run.model, micro == accum - 1), run.autocast():  # (reduced after the last micro-batch)
             _, loss = run.model(x, y)
         # (text windows count every target: the share is 1/accum, divided exactly as it always was)
         loss = loss / accum if counted * world * accum == total else loss * (counted * world / total)
@@ -214,7 +243,7 @@ def train_step(run: Run) -> StepOnDevice:
         fetch_ahead(run, st.samples_seen + ((micro + 1) * world + rank) * B)
     faults.reached("step")
     run.scaler.unscale_(run.optimizer)  # type: ignore[arg-type]  # MuonAdamW has the param_groups it reads
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or math.inf)
+    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), cfg.grad_clip or math.inf))
     loss_mean = mean_across(run.dist, loss_sum)
     bad = ~torch.isfinite(loss_mean)
     if run.scaler.is_enabled():
@@ -331,6 +360,7 @@ def validate(run: Run, say: Callable[[str], None]) -> None:
         loss = run.val_batches.combine(by_dataset)
     else:
         loss = evaluate(run.raw_model, run.val_batches, autocast)
+    loss = broadcast_value(run.dist, loss)  # (every process decides on rank 0's figure: best model, early stop)
     run.eval_seconds += time.perf_counter() - t0
     run.eval_cpu_seconds += time.process_time() - c0
     record = {"step": st.step, "validation_loss": loss, "validation_perplexity": perplexity(loss)}
@@ -356,29 +386,11 @@ def validate(run: Run, say: Callable[[str], None]) -> None:
     )
 
 
-def save(run: Run, name: str) -> Path:
-    path = run.run_dir / name
-    if run.dist.is_main:
-        ck.save_checkpoint(records.build_checkpoint(run), path)
-        records.write_logs(run)
-    barrier(run.dist)
-    return path
-
-
-def save_step_checkpoint(run: Run) -> Path:
-    path = save(run, rundir.step_file(run.state.step))
-    if run.state.consecutive_bad == 0:  # the rollback target: written while the loss was healthy
-        run.last_checkpoint = path
-    if run.dist.is_main:
-        best = run.run_dir / rundir.step_file(run.state.best_step) if run.state.best_step else None
-        rundir.rotate(run.run_dir, run.cfg.keep_last, protect=[run.resumed_path, best, path])
-    return path
-
-
 def finish(run: Run) -> TrainResult:
     st = run.state
     if st.stop_reason is None:
         st.stop_reason = f"reached --max-steps {run.cfg.max_steps}"
+    wait_for_saves(run)
     path = save(run, rundir.FINAL)
     if run.dist.is_main:
         records.write_plot(run)
@@ -389,8 +401,10 @@ def finish(run: Run) -> TrainResult:
 def roll_back(run: Run, last_bad: int) -> None:
     n = run.state.consecutive_bad
     first_bad = last_bad - n + 1
+    wait_for_saves(run)
+    barrier(run.dist)  # (rank 0 may have been the one writing it)
     target = run.last_checkpoint or run.resumed_path
-    if target is None or not target.is_file():
+    if target is None or not target.exists():
         raise TrainingStopped(
             f"the loss was not finite for {n} steps in a row (steps {first_bad}-{last_bad}) and no "
             "checkpoint had been written yet; nothing saved. Lower --learning-rate or check the data.",

@@ -129,7 +129,7 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 new_buf = buf.lerp_(p.grad, 1 - momentum) if skip is None else buf.lerp(p.grad, 1 - momentum)
                 update = p.grad.lerp(new_buf, momentum) if group["nesterov"] else new_buf
-                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+                update = self.orthogonalised(update, group)
                 alpha = -_adjust_lr(lr, group["adjust_lr_fn"], p.shape)
                 if skip is None:
                     p.mul_(1 - lr * group["weight_decay"])
@@ -137,6 +137,17 @@ class Muon(torch.optim.Muon):
                 else:
                     buf.copy_(torch.where(skip, buf, new_buf))
                     p.copy_(torch.where(skip, p, torch.add(p.mul(1 - lr * group["weight_decay"]), update, alpha=alpha)))
+
+    def orthogonalised(self, update: torch.Tensor, group: dict) -> torch.Tensor:
+        args = (group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
+        if not hasattr(update, "full_tensor"):
+            return orthogonalise(update, *args)
+        # --fsdp: a DTensor holds this process's rows only, and Newton-Schulz needs the whole matrix: gather it,
+        # orthogonalise it (every process the same), keep this process's slice of the result
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = orthogonalise(update.full_tensor(), *args)  # type: ignore[attr-defined]
+        return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)  # type: ignore[attr-defined]
 
 
 class MuonAdamW:

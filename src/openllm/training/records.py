@@ -16,6 +16,7 @@ from openllm.core.environment import describe_environment
 from openllm.core.fileio import atomic_write_json
 from openllm.data.mixture import DatasetMixture, MixtureSampler
 from openllm.model.lora import lora_state_dict
+from openllm.training import sharding
 from openllm.training.run import Run
 from openllm.training.schedule import scheduler_state
 
@@ -67,15 +68,22 @@ def training_stats(run: Run) -> dict:
     )
 
 
-def build_checkpoint(run: Run) -> dict:
+def build_checkpoint(run: Run, whole: bool = False) -> dict:
+    """The run's checkpoint as it is now. Under --fsdp its model and optimizer tensors are this process's shards
+    (DTensors), or with ``whole`` gathered whole (every process must then call it: the gathering is collective)."""
     st = run.state
     lora = None
     adapters = run.cfg.finetune.lora()
     if adapters is not None and run.base is not None:  # the adapters, and where their frozen base is
         lora = ck.lora_record(adapters, run.base.path, run.base.sha256)
+    model_state = lora_state_dict(run.raw_model) if lora else run.raw_model.state_dict()
+    optimizer_state = run.optimizer.state_dict()
+    if whole:
+        keep = run.dist.is_main  # (the others take part in gathering, and drop what they gathered)
+        model_state, optimizer_state = sharding.whole(model_state, keep), sharding.whole(optimizer_state, keep)
     return ck.build_checkpoint(
-        model_state=lora_state_dict(run.raw_model) if lora else run.raw_model.state_dict(),
-        optimizer_state=run.optimizer.state_dict(),
+        model_state=model_state,
+        optimizer_state=optimizer_state,
         state=st,
         model_config=run.model_config,
         training_config=training_config(run),

@@ -30,6 +30,7 @@ from openllm.model.lora import has_lora, load_adapters
 from openllm.training.config import RunConfig, ScheduleOptions, TrainConfig, resolve
 from openllm.training.run import Run, StartingPoint
 from openllm.training.schedule import describe_schedule, lr_at
+from openllm.training.sharding import model_state_for, optimizer_state_for
 
 Say = Callable[[str], None]
 
@@ -168,6 +169,11 @@ class ResumePlan:
                 f"{view.world_size}: the data position carries over as a global token offset, but the run will "
                 "not be bit-identical to an uninterrupted one"
             )
+        if view.training_config.get("fsdp") and not run.cfg.fsdp and run.dist.enabled:
+            say(
+                "note: the checkpoint was written under --fsdp; these processes replicate the model (DDP): give "
+                "--fsdp to shard it again"
+            )
         say(f"resumed from {self.path} at step {run.state.step}")
 
 
@@ -256,10 +262,12 @@ def restore(run: Run, ckpt: dict) -> None:
     """Load model, optimizer, scaler, RNG and progress from a checkpoint into ``run`` (a resume, or the
     rollback after non-finite steps)."""
     view = ck.read_info(ckpt)
+    # (whole tensors, from a file or a sharded directory read whole, cut to this process's shards under --fsdp)
+    state = model_state_for(run.raw_model, view.model_state or {})
     if has_lora(run.raw_model):  # the adapters (and tensors trained along); the base came from its own file
-        load_adapters(run.raw_model, view.model_state or {})
+        load_adapters(run.raw_model, state)
     else:
-        run.raw_model.load_state_dict(view.model_state or {})
+        run.raw_model.load_state_dict(state)
     opt_state = view.optimizer_state
     if view.has_optimizer_state:
         # the state's layout says which optimizer made it: Muon + AdamW keep one part each (optim.MuonAdamW)
@@ -272,7 +280,7 @@ def restore(run: Run, ckpt: dict) -> None:
         # the checkpoint gives the moments; the settings (weight decay, betas, fused) are this run's
         settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
         try:
-            run.optimizer.load_state_dict(opt_state)
+            run.optimizer.load_state_dict(optimizer_state_for(run.optimizer, opt_state))
         except (ValueError, KeyError) as exc:
             reason = f"it lacks {exc.args[0]!r}" if isinstance(exc, KeyError) and exc.args else str(exc)
             raise OpenLLMError(

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -74,6 +75,8 @@ class Run:
     # the micro-batch fetched ahead (its first sample, inputs, targets), on the device: see loop.micro_batch
     next_batch: tuple[int, torch.Tensor, torch.Tensor, int] | None = None
     base: StartingPoint | None = None  # a fine-tune's base model (a LoRA run's checkpoints name it)
+    pending_save: Any = None  # the step checkpoint being written in the background (checkpointing.BackgroundSave)
+    checkpoint_group: Any = None  # --fsdp --async-save: the process group background saves communicate in
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype == torch.float32:

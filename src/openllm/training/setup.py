@@ -10,11 +10,13 @@ import json
 import math
 import shutil
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.distributed
 
 from openllm.checkpoint.state import RunState
 from openllm.core.device import cpu_description, emulated_precision_warning, resolve_device, resolve_dtype
@@ -44,11 +46,12 @@ from openllm.training.config import (
     RunConfig,
     TrainConfig,
 )
-from openllm.training.distributed import DistInfo, barrier, init_distributed
+from openllm.training.distributed import DistInfo, barrier, init_distributed, launched_by_torchrun
 from openllm.training.metrics import peak_flops_for
 from openllm.training.optim import configure_optimizer, seed_everything
 from openllm.training.resume import ResumePlan
 from openllm.training.run import Run, StartingPoint
+from openllm.training.sharding import shard_model
 
 BUNDLED_CORPUS = Path(__file__).resolve().parents[1] / "corpus" / "tinyshakespeare.txt"
 
@@ -97,7 +100,7 @@ def setup(
 def start_processes(cfg: DistributedOptions) -> tuple[torch.device, DistInfo]:
     """The device this process trains on, and its place among the processes (one, without torchrun)."""
     device = resolve_device(cfg.device)
-    dist = init_distributed(device.type)
+    dist = init_distributed(device.type, cfg.dist_timeout, group_of_one=cfg.fsdp)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     return device, dist
@@ -147,7 +150,9 @@ def build_run(
     """A new run: seeded model, optimizer, scaler, batch sampler and validation batches (its state is step 0
     until :meth:`ResumePlan.continue_run` restores the checkpoint's)."""
     cfg, tokenizer = plan.cfg, dataset.tokenizer
-    seed_everything(cfg.seed + dist.rank)
+    # every process builds the same initial weights (DDP would broadcast rank 0's; FSDP keeps each process's slice
+    # of its own), then draws from its own generators (dropout)
+    seed_everything(cfg.seed)
     dtype = resolve_dtype(cfg.dtype, device, get_preset(cfg.model_size).cpu_dtype)
     warning = emulated_precision_warning(dtype, device)
     if warning and dist.is_main:
@@ -159,15 +164,22 @@ def build_run(
             apply_lora(raw, lora)
             for key in grown:  # the chat tokens' rows are new: their embedding (and head) train along
                 raw.get_parameter(key).requires_grad_(True)
+    if dist.enabled:
+        seed_everything(cfg.seed + dist.rank)
     raw = raw.to(device)
     raw.activation_checkpointing = bool(cfg.activation_checkpointing)
+    if cfg.fsdp:  # in place, before the optimizer is built over the (then sharded) parameters
+        shard_model(raw, device, dtype)
     # (torch.compile of a module returns a module, though its annotation says any callable)
     model = cast(torch.nn.Module, torch.compile(raw)) if cfg.compile else raw
-    if dist.enabled:
+    if dist.enabled and not cfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
     optimizer = configure_optimizer(raw, cfg.optimization, cfg.learning_rate, device)
+    checkpoint_group = None
+    if cfg.fsdp and cfg.async_save:  # background saves talk in a group of their own, apart from training's
+        checkpoint_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=cfg.dist_timeout))
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     sampler: BatchSampler | ConversationSampler | MixtureSampler
     val: EvalBatches | ConversationEvalBatches | MixtureEvalBatches
@@ -221,6 +233,7 @@ def build_run(
         validation_fingerprint=fingerprint,
         origin=None if plan.start is None else fine_tune_origin(plan.start),
         base=plan.start,
+        checkpoint_group=checkpoint_group,
     )
 
 
@@ -378,6 +391,11 @@ def check_before_writing(cfg: TrainConfig | RunConfig) -> None:
     values, and every input file or directory named, all missing ones reported together."""
     if not cfg.resume:
         cfg.resolved()
+    if cfg.fsdp and not launched_by_torchrun():
+        raise OpenLLMError(
+            "--fsdp shards the model across the processes torchrun starts, and this process was not started by "
+            "torchrun: run torchrun --nproc_per_node N -m openllm train ... (or leave --fsdp out)"
+        )
     data = [cfg.data] if isinstance(cfg.data, str) else cfg.data if isinstance(cfg.data, list) else []
     wanted = [
         *(("--data", d, Path.is_dir) for d in data),
