@@ -27,10 +27,9 @@ if [ -n "$chromium_install" ]; then
   wait "$chromium_install" || echo "warning: could not install chromium; the browser test will fail" >&2
 fi
 # two workers (pytest-xdist): most tests wait on subprocesses and files, so two share two cores well (three were
-# slower, measured); the tests that start several processes share one worker (xdist_group "processes"), so
-# that two of them do not fight over the two cores; the slowest tests are listed, for CI's time budget
+# slower, measured); the slowest tests are listed, for CI's time budget
 status=0
-.venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=12 "$@" || status=$?
+.venv/bin/python -m pytest -q -n 2 --durations=12 "$@" || status=$?
 if ! wait "$mypy_pid"; then
   cat "$mypy_log"
   echo "mypy found errors" >&2

@@ -5,6 +5,7 @@ import json
 import re
 
 import httpx
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,17 @@ from openllm.data.prepare import prepare_dataset
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 TRIED = {"options": 0, "config files": 0, "corpora": 0, "requests": 0}
+
+
+@pytest.fixture(autouse=True)
+def inputs_tried():
+    """Each test here tries inputs and counts them: a test that tried none fails (the property did not run);
+    the figures docs/reliability.md quotes are printed (run with -s)."""
+    before = sum(TRIED.values())
+    yield
+    assert sum(TRIED.values()) > before, "the test tried no input"
+    print(f"\nreliability figures so far in this process: {json.dumps(TRIED)}")
+
 
 not_a_number = st.text(alphabet="abcxyz!@-_ ", min_size=1, max_size=6).filter(
     lambda t: not re.fullmatch(r"[\s\d.+-]*", t)
@@ -245,9 +257,3 @@ def test_any_bytes_as_a_checkpoint_are_reported_never_crash(data, tmp_path_facto
     v = ck.verify_checkpoint(path)
     assert not v.ok  # random bytes never, and the mutated file lacks the required keys anyway
     assert all(isinstance(p, str) and p for p in v.problems)
-
-
-def test_report_inputs_tried():
-    """Prints the figures docs/reliability.md quotes (run with -s); also a check that the properties ran."""
-    print(f"\nreliability figures: {json.dumps(TRIED)}")
-    assert TRIED["options"] and TRIED["corpora"] and TRIED["requests"]

@@ -114,7 +114,6 @@ def as_if_killed_after(run, step, copy):
     return copy
 
 
-@pytest.mark.xdist_group("processes")  # (one worker runs the tests of several processes: two cores)
 def test_ddp_and_fsdp_match_one_process_and_resume_on_any_number_of_processes(small_dataset, tmp_path):
     """DDP and FSDP on two processes against one process with the same global batch; an elastic restart after a rank is killed in an asynchronous sharded save ends with the weights of the run
     never interrupted; killed three times, an FSDP run goes on 2 -> 1 -> 2 -> 3 processes with the samples (and
@@ -242,7 +241,6 @@ def test_ddp_and_fsdp_match_one_process_and_resume_on_any_number_of_processes(sm
         assert (ours.model(x)[0] - theirs(x).logits).abs().max().item() < 1e-4
 
 
-@pytest.mark.xdist_group("processes")
 def test_a_rank_that_hangs_ends_the_run_with_an_error_naming_it(small_dataset, tmp_path):
     """Rank 1 stops (SIGSTOP) in its third step: rank 0's collective times out after --dist-timeout, and the
     roll call names rank 1, in one line."""
