@@ -12,7 +12,8 @@ Checks, each reported as ok / FAILED with its figures (the exit status is 1 if a
 2. checkpoint save / load times and time to resume for `small` and `medium`;
 3. a run interrupted half-way and resumed gives the uninterrupted run's next losses (exactly in float32,
    within bf16 noise on the GPU);
-4. a 1-process `torchrun` run (NCCL on the GPU, gloo on the CPU), with ``--fsdp --async-save``;
+4. a 1-process `torchrun` run (NCCL on the GPU), with ``--fsdp --async-save`` (``--smoke``: the same run in
+   this process, given the environment torchrun gives one worker, on gloo);
 5. generation tokens/s with the KV cache;
 6. ``--fsdp`` (FSDP2 in a group of one process): tokens/s, MFU and peak memory, and the training time lost per
    step checkpoint (sharded) written in the foreground and with ``--async-save`` (benchmarks/checkpoint_cost.py).
@@ -226,13 +227,20 @@ def main() -> None:
                "--fsdp", "--async-save", "--save-every", "2",
                "--device", device, "--dtype", dtype, "--sample-tokens", "0",
                *[x for k, v in shape.items() for x in (f"--{k.replace('_', '-')}", str(v))]]  # fmt: skip
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            raise RuntimeError((r.stderr.strip().splitlines() or ["no output"])[-1])
+        where = "1 process"
+        if gpu:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if r.returncode != 0:
+                raise RuntimeError((r.stderr.strip().splitlines() or ["no output"])[-1])
+        else:  # --smoke: the same run in this process, as torchrun's one worker (the tests start torchrun itself)
+            where = "in this process, as torchrun's worker (--smoke)"
+            with one_process_group():
+                train(TrainConfig(**{**config("ddp", model_size=big).given(), "max_steps": 3, "save_every": 2,
+                                     "fsdp": True, "async_save": True, "sample_tokens": 0}), log=quiet)  # fmt: skip
         backend = "NCCL" if gpu else "gloo"
         if not ck.verify_checkpoint(work / "ddp" / "checkpoint_step_2").ok:
             raise AssertionError("the sharded checkpoint written in the background does not verify")
-        return f"1 process, {backend}, --fsdp --async-save: reached step 3, sharded checkpoint verifies"
+        return f"{where}, {backend}, --fsdp --async-save: reached step 3, sharded checkpoint verifies"
 
     check.run("torchrun", torchrun)
 

@@ -79,7 +79,7 @@ def kill_and_resume(dataset, tmp_path, kills, seed):
 
 
 def test_sigkill_sample_resumes_bit_identically(small_dataset, tmp_path):
-    assert kill_and_resume(small_dataset, tmp_path, kills=4, seed=1) >= 3
+    assert kill_and_resume(small_dataset, tmp_path, kills=3, seed=1) >= 2
 
 
 @pytest.mark.slow
