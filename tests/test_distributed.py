@@ -241,6 +241,7 @@ def test_ddp_and_fsdp_match_one_process_and_resume_on_any_number_of_processes(sm
         assert (ours.model(x)[0] - theirs(x).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow  # (two more processes and two timeouts; CI's ten minutes: run with -m slow)
 def test_a_rank_that_hangs_ends_the_run_with_an_error_naming_it(small_dataset, tmp_path):
     """Rank 1 stops (SIGSTOP) in its third step: rank 0's collective times out after --dist-timeout, and the
     roll call names rank 1, in one line."""

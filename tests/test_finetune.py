@@ -35,7 +35,8 @@ def finetune(base, chats, out, *extra, env=None):
     return cli("finetune", "--model", str(base), "--data", str(chats), "--output-dir", str(out), *RUN, *extra, env=env)
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+# (full fine-tuning resumes through the same mechanism as any run, test_train.py's exact resumes; -m slow runs it)
+@pytest.mark.parametrize("lora", [pytest.param([], marks=pytest.mark.slow), ["--lora-rank", "4"]], ids=["full", "lora"])
 def test_a_killed_finetune_resumes_bit_identically(llama_run, chats, tmp_path, lora):
     steps = ["--max-steps", "8", *lora]
     r = finetune(llama_run, chats, tmp_path / "ref", *steps)
