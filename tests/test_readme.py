@@ -31,6 +31,8 @@ def documented_commands() -> list[tuple[str, list[str]]]:
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 words = shlex.split(line, comments=True)
+                while words and re.match(r"[A-Z_][A-Z0-9_]*=", words[0]):  # (VAR=value openllm ...)
+                    words = words[1:]
                 if words[:1] == ["openllm"]:
                     found.append((f"{doc.name}: {line.strip()}", words[1:]))
                 elif "torchrun" in words and "openllm" in words:  # torchrun ... -m openllm ARGS

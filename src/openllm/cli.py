@@ -419,6 +419,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     results = evaluate_models(**option_values(args, evaluate_models))
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
+    elif args.tasks:
+        for r in results:
+            print(r["model"])
+            for task, metrics in r["tasks"].items():
+                shown = [
+                    f"{m} {v:.4f}" + (f" +- {metrics[m + '_stderr']:.4f}" if m + "_stderr" in metrics else "")
+                    for m, v in metrics.items()
+                    if not m.endswith("_stderr")
+                ]
+                print(f"  {task}: {', '.join(shown) or 'no metrics'}")
     elif args.chat_data:
         width = max(len(r["model"]) for r in results)
         print(f"{'model'.ljust(width)}  {'assistant loss':>14}  {'exact match':>11}  {'conversations':>13}")

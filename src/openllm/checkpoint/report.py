@@ -66,11 +66,7 @@ def run_report(run_dir: Path, info: ck.CheckpointView | None = None) -> str:
     if info is None:
         raise OpenLLMError(f"{run_dir} holds no checkpoint that can be read")
     tcfg, stats, model = info.training_config, info.training_stats, info.model_info
-    dataset = Path(str(tcfg.get("dataset_dir")))
-    if not dataset.is_dir() and (run_dir / "dataset").is_dir():  # prepared on the fly, the run moved since
-        dataset = run_dir / "dataset"
-    meta = _read(dataset / "meta.json") if tcfg.get("dataset_dir") else None
-    chats = _read(dataset / "conversations.json") if tcfg.get("dataset_dir") and meta is None else None
+    meta, chats = _dataset_records(run_dir, tcfg)
     env = _read(run_dir / ENVIRONMENT)
     validation = [v for v in info.validation_log if isinstance(v, dict)]
     bytes_per_token = _bytes_per_token(meta)
@@ -181,6 +177,38 @@ def run_report(run_dir: Path, info: ck.CheckpointView | None = None) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _dataset_records(run_dir: Path, tcfg: dict) -> tuple[dict | None, dict | None]:
+    """The run's dataset ``meta.json`` (text) or ``conversations.json`` (a fine-tune), as far as they are there."""
+    if not tcfg.get("dataset_dir"):
+        return None, None
+    dataset = Path(str(tcfg.get("dataset_dir")))
+    if not dataset.is_dir() and (run_dir / "dataset").is_dir():  # prepared on the fly, the run moved since
+        dataset = run_dir / "dataset"
+    meta = _read(dataset / "meta.json")
+    return meta, (_read(dataset / "conversations.json") if meta is None else None)
+
+
+def run_results(run_dir: Path, info: ck.CheckpointView) -> dict[str, float | int | None]:
+    """The report's headline figures, for trackers: steps, tokens, time, best and final validation loss and
+    (text runs) their bits per byte."""
+    stats = info.training_stats
+    meta, _ = _dataset_records(run_dir, info.training_config)
+    validation = [v for v in info.validation_log if isinstance(v, dict)]
+    best, last = stats.get("best_validation_loss"), (validation[-1].get("validation_loss") if validation else None)
+    per_token = _bytes_per_token(meta)
+    return {
+        "steps": stats.get("total_steps"),
+        "tokens_seen": stats.get("tokens_seen"),
+        "elapsed_seconds": stats.get("elapsed_seconds"),
+        "average_tokens_per_second": stats.get("average_tokens_per_second"),
+        "best_step": stats.get("best_step"),
+        "best_validation_loss": best,
+        "final_validation_loss": last,
+        "best_bits_per_byte": _bpb(best, per_token),
+        "final_bits_per_byte": _bpb(last, per_token),
+    }
 
 
 def _section(title: str, items: list[str]) -> list[str]:
@@ -326,7 +354,11 @@ def _evaluation_lines(run_dir: Path) -> list[str]:
     lines = ["| when | checkpoint | data | results |", "| --- | --- | --- | --- |"]
     for r in records:
         res = r["results"]
-        if "exact_match" in res:
+        if isinstance(res.get("tasks"), dict):  # lm-evaluation-harness tasks (`openllm eval --tasks`)
+            shown = "; ".join(f"{task}: {_task_metrics(m)}" for task, m in res["tasks"].items() if isinstance(m, dict))
+            settings = {k: v for k, v in (res.get("settings") or {}).items() if v is not None}
+            shown += f" ({', '.join(f'{k} {v}' for k, v in settings.items())})" if settings else ""
+        elif "exact_match" in res:
             shown = f"assistant loss {_f(res.get('assistant_loss'))}, exact match {_pct(res.get('exact_match'))} of "
             shown += f"{_n(res.get('conversations'))} conversations"
         else:
@@ -334,8 +366,20 @@ def _evaluation_lines(run_dir: Path) -> list[str]:
             shown += f"{_f(res.get('bits_per_byte'))} over {_n(res.get('tokens'))} tokens"
         where = f"{r.get('checkpoint')} (step {_n(r.get('step'))})"
         shown += " (on training data: --allow-training-data)" if r.get("training_data") else ""
-        lines.append(f"| {r.get('time')} | {where} | {r.get('data')} | {shown} |")
+        data = r.get("data") if "data" in r else f"harness tasks {r.get('tasks')}"
+        lines.append(f"| {r.get('time')} | {where} | {data} | {shown} |")
     return lines
+
+
+def _task_metrics(metrics: dict) -> str:
+    """``acc 0.6000 +- 0.2449, acc_norm ...``: a task's metrics with their standard errors."""
+    parts = []
+    for name, value in metrics.items():
+        if name.endswith("_stderr") or not isinstance(value, (int, float)):
+            continue
+        err = metrics.get(f"{name}_stderr")
+        parts.append(f"{name} {_f(value)}" + (f" +- {_f(err)}" if isinstance(err, (int, float)) else ""))
+    return ", ".join(parts) or "no metrics"
 
 
 def _environment_lines(env: dict | None, versions: dict | None) -> list[str]:

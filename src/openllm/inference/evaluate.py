@@ -15,7 +15,7 @@ from typing import Annotated
 
 from openllm.core.device import DeviceOption, resolve_device
 from openllm.core.errors import OpenLLMError
-from openllm.core.options import Opt, positive_int
+from openllm.core.options import Opt, checked, nonneg_int, positive_int
 from openllm.core.progress import Progress
 from openllm.core.untrusted import read_json
 from openllm.data.dataset import load_dataset
@@ -40,6 +40,25 @@ def evaluate_models(
             metavar="FILE",
         ),
     ] = None,
+    tasks: Annotated[
+        str | None,
+        Opt(
+            "lm-evaluation-harness tasks to run on the model, in this process (HellaSwag: hellaswag; the `eval` extra)",
+            metavar="NAME[,NAME...]",
+        ),
+    ] = None,
+    include_path: Annotated[
+        str | None, Opt("a folder of harness task YAML files of your own, for --tasks", metavar="DIR")
+    ] = None,
+    limit: Annotated[
+        float | None,
+        Opt(
+            "--tasks: examples per task at most (below 1: that fraction of each)", parse=TASK_LIMIT, default_text="all"
+        ),
+    ] = None,
+    num_fewshot: Annotated[
+        int | None, Opt("--tasks: examples shown before each question", parse=nonneg_int, default_text="the task's")
+    ] = None,
     max_answer_tokens: Annotated[
         int | None, Opt("longest greedy answer for --chat-data", parse=positive_int, default_text="64")
     ] = None,
@@ -57,9 +76,24 @@ def evaluate_models(
     allow_training_data: Annotated[bool, Opt("report even on text the model trained on")] = False,
 ) -> list[dict]:
     """One result dict per model: model, loss, perplexity, bits_per_byte, tokens, bytes, source (with
-    ``chat_data``: model, assistant_loss, exact_match, conversations, assistant_tokens)."""
-    if (data is None) == (chat_data is None):
-        raise OpenLLMError("give --data (text) or --chat-data (conversations), one of them")
+    ``chat_data``: model, assistant_loss, exact_match, conversations, assistant_tokens; with ``tasks``: model
+    and tasks, each task's metrics and their stderr)."""
+    if sum(x is not None for x in (data, chat_data, tasks)) != 1:
+        raise OpenLLMError("give --data (text), --chat-data (conversations) or --tasks (harness tasks), one of them")
+    if tasks is None:
+        given = {"--include-path": include_path, "--limit": limit, "--num-fewshot": num_fewshot}
+        wrong_task = [flag for flag, v in given.items() if v is not None]
+        if wrong_task:
+            raise OpenLLMError(f"{wrong_task[0]} goes with --tasks")
+    else:
+        given = {"--seq-len": seq_len, "--stride": stride, "--max-answer-tokens": max_answer_tokens}
+        wrong_task = [flag for flag, v in given.items() if v is not None] + [
+            "--allow-training-data"
+        ] * allow_training_data
+        if wrong_task:
+            raise OpenLLMError(f"{wrong_task[0]} does not go with --tasks")
+        names = _task_names(tasks)
+        return [evaluate_tasks(path, names, include_path, limit, num_fewshot, batch_size, device) for path in models]
     text_only = {"--seq-len": seq_len, "--stride": stride}
     wrong = [flag for flag, v in text_only.items() if v is not None] if chat_data is not None else []
     if chat_data is None and max_answer_tokens is not None:
@@ -107,7 +141,48 @@ def evaluate_models(
     return results
 
 
-def _record(path, loaded, data: list[str], trained_on: bool, result: dict) -> None:
+def _task_names(tasks: str) -> list[str]:
+    names = [t.strip() for t in tasks.split(",")]
+    if not all(names):
+        raise OpenLLMError(f"--tasks {tasks!r} names an empty task: give NAME[,NAME...]")
+    return list(dict.fromkeys(names))
+
+
+def evaluate_tasks(path, tasks: list[str], include_path, limit, num_fewshot, batch_size: int, device) -> dict:
+    """The harness's tasks on one model (:mod:`openllm.inference.harness`), recorded in its run directory."""
+    from openllm.core.extras import require
+
+    require("lm_eval", "eval", "openllm eval --tasks")
+    from openllm.inference.harness import run_tasks, task_summary
+
+    dev = resolve_device(device)
+    loaded = load_model(path, dev)
+    results = run_tasks(
+        loaded,
+        tasks,
+        include_path=include_path,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        device=dev,
+    )
+    summary = {"model": str(path), "tasks": task_summary(results)}
+    settings = {"limit": limit, "num_fewshot": num_fewshot}
+    _record(path, loaded, list(tasks), False, {**summary, "settings": settings}, what="tasks")
+    return summary
+
+
+def _limit(text: str) -> float:
+    value = float(text)
+    if value >= 1 and not value.is_integer():
+        raise ValueError(text)
+    return int(value) if value >= 1 else value
+
+
+TASK_LIMIT = checked(_limit, lambda v: 0 < v, "a whole number of examples, or a fraction below 1")
+
+
+def _record(path, loaded, data: list[str], trained_on: bool, result: dict, what: str = "data") -> None:
     """A run's own checkpoint evaluated: the results go into its run directory, for its report (``trained_on``:
     the data is what the run trained on, reported with --allow-training-data)."""
     from openllm.checkpoint.report import EVALUATIONS, record_evaluation, run_dir_of
@@ -116,7 +191,7 @@ def _record(path, loaded, data: list[str], trained_on: bool, result: dict) -> No
     if run_dir is None:
         return
     results = {k: v for k, v in result.items() if k not in ("model", "correct")}
-    record = {"checkpoint": Path(loaded.source).name, "step": loaded.info.step, "data": ", ".join(data)}
+    record = {"checkpoint": Path(loaded.source).name, "step": loaded.info.step, what: ", ".join(data)}
     record_evaluation(run_dir, {**record, "training_data": trained_on, "results": results})
     print(f"recorded in {run_dir / EVALUATIONS} (`openllm report {run_dir}` adds it to the report)", file=sys.stderr)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, fields
 from functools import cached_property
@@ -27,6 +28,7 @@ from typing import Annotated, Any
 
 from openllm.core.device import DEVICES, DTYPES
 from openllm.core.errors import OpenLLMError
+from openllm.core.extras import missing_extra
 from openllm.core.options import (
     Opt,
     builtin_defaults,
@@ -45,6 +47,7 @@ from openllm.model.config import PRESETS, get_preset
 from openllm.model.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
 from openllm.model.lora import TARGETS as LORA_TARGETS
 from openllm.model.lora import LoRAConfig
+from openllm.training.trackers import TRACKER_PACKAGES, TRACKERS, tracker_list, tracker_names
 
 PRESET = "the preset's"
 ARCH_HELP = "model architecture at the preset's size: " + "; ".join(
@@ -228,7 +231,26 @@ class TrainConfig:
         int | None, Opt("consecutive non-finite steps before rolling back and stopping", default=5)
     ] = None
     tensorboard: Annotated[
-        bool | None, Opt("also write TensorBoard event files to OUTPUT_DIR/tensorboard", default=False)
+        bool | None,
+        Opt("also write TensorBoard event files to OUTPUT_DIR/tensorboard (as --report-to tensorboard)", default=False),
+    ] = None
+    report_to: Annotated[
+        str | None,
+        Opt(
+            "experiment trackers to log to, any of " + ", ".join(TRACKERS) + " (each an extra of its name); "
+            "a resumed run continues the same tracker runs",
+            parse=tracker_list,
+            metavar="NAME[,NAME...]",
+            default="",
+            default_text="none",
+        ),
+    ] = None
+    tracker_project: Annotated[
+        str | None,
+        Opt(
+            "the trackers' project (wandb, trackio) or experiment (MLflow); runs are named after OUTPUT_DIR",
+            default="openllm",
+        ),
     ] = None
     peak_flops: Annotated[float | None, Opt("peak FLOP/s of the device for MFU (known GPUs are detected)")] = None
     # The closing sample: options of the run like any other, so that a resumed run keeps what it was told
@@ -414,6 +436,8 @@ class EvaluationOptions:
     early_stopping_min_delta: float
     log_every: int
     tensorboard: bool
+    report_to: str
+    tracker_project: str
     sample_tokens: int
     sample_prompt: str
 
@@ -514,6 +538,8 @@ class RunConfig:
     reset_early_stopping: bool
     max_bad_steps: int
     tensorboard: bool
+    report_to: str
+    tracker_project: str
     peak_flops: float | None
     sample_tokens: int
     sample_prompt: str
@@ -761,6 +787,14 @@ def _check(values: dict[str, Any]) -> None:
     ):
         if not isinstance(values[name], bool):
             raise bad(name, "true or false", values[name])
+    if not isinstance(values["report_to"], str):
+        raise bad("report_to", "a comma-separated list of trackers", values["report_to"])
+    for name in tracker_names(values["report_to"]) + (("tensorboard",) if values["tensorboard"] else ()):
+        module, extra = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise missing_extra(f"--report-to {name}", extra, module)
+    if not isinstance(values["tracker_project"], str) or not values["tracker_project"].strip():
+        raise bad("tracker_project", "a name", values["tracker_project"])
     data = values["data"]
     if data is not None and (not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data)):
         raise bad("data", "one or more paths", data)

@@ -154,13 +154,13 @@ def train_loop(run: Run) -> TrainResult:
         st.step,
         run.dist.is_main,
         cfg.log_every,
-        cfg.tensorboard,
         keep=getattr(run.log, "keep", None),
     )
     signals = StopSignals()
     started = time.perf_counter() - st.elapsed_seconds
     unread: list[StepOnDevice] = []
     try:
+        metrics.trackers = records.open_trackers(run, metrics.say)
         while st.step < cfg.max_steps and not st.stopped:
             unread.append(train_step(run))
             st.elapsed_seconds = time.perf_counter() - started
@@ -185,13 +185,13 @@ def train_loop(run: Run) -> TrainResult:
                     f"openllm train --output-dir {run.run_dir} --resume auto",
                     130,
                 )
+        return finish(run, metrics)
     except BaseException:
         abandon_saves(run)  # (a background save still completes; its own failure does not hide this one)
         raise
     finally:
         metrics.close()
         signals.restore()
-    return finish(run)
 
 
 def read_due(run: Run, unread: int) -> bool:
@@ -386,7 +386,7 @@ def validate(run: Run, say: Callable[[str], None]) -> None:
     )
 
 
-def finish(run: Run) -> TrainResult:
+def finish(run: Run, metrics: MetricsLog) -> TrainResult:
     st = run.state
     if st.stop_reason is None:
         st.stop_reason = f"reached --max-steps {run.cfg.max_steps}"
@@ -395,6 +395,7 @@ def finish(run: Run) -> TrainResult:
     if run.dist.is_main:
         records.write_plot(run)
         records.write_model_card(run)  # the report, which shows the curves just drawn
+        records.finish_trackers(run, metrics.trackers)
     return TrainResult(run.run_dir, st.step, st.best_step, st.best_validation_loss, st.stop_reason, path, run.cfg)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -12,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from openllm.core.extras import require
 from openllm.core.fileio import atomic_write_text
 from openllm.core.untrusted import BadDocument, parse_json
+from openllm.training.trackers import Trackers, step_values, validation_values
 
 # Dense bf16 tensor-core peaks (FLOP/s) of common GPUs, for model FLOPs utilisation.
 PEAK_FLOPS = {
@@ -65,12 +64,11 @@ class MetricsLog:
         start_step: int,
         enabled: bool = True,
         log_every: int = 10,
-        tensorboard: bool = False,
         keep: Callable[[str], None] | None = None,
     ):
         self.enabled = enabled
         self.keep = keep or (lambda _message: None)  # also record messages (train.log) besides showing them
-        self.tb = None
+        self.trackers: Trackers | None = None  # --report-to (rank 0's): set by the loop once they are open
         self.log_every = log_every
         self.path = path
         self.file = None
@@ -81,9 +79,6 @@ class MetricsLog:
             return
         _truncate_after(path, start_step)
         self.file = open(path, "a", encoding="utf-8")
-        if tensorboard:
-            SummaryWriter = require("tensorboardX", "tensorboard", "--tensorboard").SummaryWriter
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -95,10 +90,8 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()  # every line reaches the OS at once: a kill after any later save loses no step
         step = record["step"]
-        if self.tb is not None:
-            for key in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "memory_mb", "mfu"):
-                if key in record and record[key] is not None and math.isfinite(record[key]):
-                    self.tb.add_scalar(f"train/{key}", record[key], step)
+        if self.trackers is not None:
+            self.trackers.step(step, step_values(record))
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(
@@ -121,13 +114,8 @@ class MetricsLog:
 
     def validation(self, step: int, record: dict) -> None:
         """A validation record (``validation_log``'s): the loss, and a mixture's loss on each dataset."""
-        if self.tb is None:
-            return
-        losses = {"validation/loss": record["validation_loss"]}
-        losses |= {f"validation/loss/{n}": v for n, v in (record.get("validation_loss_by_dataset") or {}).items()}
-        for tag, loss in losses.items():
-            if math.isfinite(loss):
-                self.tb.add_scalar(tag, loss, step)
+        if self.trackers is not None:
+            self.trackers.step(step, validation_values(record))
 
     def say(self, message: str) -> None:
         if not self.enabled:
@@ -143,9 +131,9 @@ class MetricsLog:
             self.file.flush()
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
         if self.bar is not None:
             self.bar.close()
         if self.file:

@@ -6,6 +6,7 @@ Everything here reads a :class:`~openllm.training.run.Run`; the formats themselv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from openllm.model.lora import lora_state_dict
 from openllm.training import sharding
 from openllm.training.run import Run
 from openllm.training.schedule import scheduler_state
+from openllm.training.trackers import Trackers, read_records, step_values, tracker_names, validation_values
 
 
 def training_config(run: Run) -> dict:
@@ -151,3 +153,28 @@ def complete_finished_run(run_dir: Path) -> bool:
     if not card.is_file():
         report.write_report(run_dir)
     return True
+
+
+def open_trackers(run: Run, warn: Callable[[str], None]) -> Trackers | None:
+    """The run's ``--report-to`` trackers (:mod:`openllm.training.trackers`), opened on rank 0 (None: none asked
+    for, or another rank)."""
+    names = tuple(dict.fromkeys(tracker_names(run.cfg.report_to) + (("tensorboard",) if run.cfg.tensorboard else ())))
+    if not names or not run.dist.is_main:
+        return None
+
+    def history() -> list[tuple[int, dict[str, float]]]:
+        """The run's records so far: metrics.jsonl's steps (cut at the resumed step) and the validations."""
+        steps = [(r["step"], step_values(r)) for r in read_records(run.run_dir / "metrics.jsonl")]
+        checks = [(r["step"], validation_values(r)) for r in run.state.validation_log]
+        return sorted(steps + checks, key=lambda item: item[0])  # (stable: a step's figures, then its validation)
+
+    project, step = run.cfg.tracker_project, run.state.step
+    return Trackers(names, run.run_dir, project, training_config(run), step, history, warn)
+
+
+def finish_trackers(run: Run, trackers: Trackers | None) -> None:
+    """The run's results and its report (README.md, just written) to its trackers."""
+    if trackers is not None:
+        trackers.finish(
+            report.run_results(run.run_dir, ck.read_info(build_checkpoint(run))), run.run_dir / report.REPORT
+        )
