@@ -81,10 +81,10 @@ def trainer_loop(cfg: TrainConfig) -> tuple[dict, object]:
     run = setup(cfg, log=lambda _m: None)
     real_finish, spent = T.finish, {}
 
-    def timed_finish(r):
+    def timed_finish(r, *rest):
         t, c = time.perf_counter(), time.process_time()
         try:
-            return real_finish(r)
+            return real_finish(r, *rest)
         finally:
             spent["finish"], spent["finish_cpu"] = time.perf_counter() - t, time.process_time() - c
 

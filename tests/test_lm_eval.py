@@ -230,8 +230,8 @@ OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def test_tasks_that_cannot_run_are_one_line(trained_run, tmp_path):
-    """A task whose data is not there, an unknown task, a task that would need the network, a wrong option:
-    one error naming it (exit 2, one line, at the command line)."""
+    """A task whose data is not there, an unknown task, a task that would need the network, shots for a zero-shot
+    task, a wrong option: one error naming it (at the command line: exit 2, one line)."""
     pytest.importorskip("lm_eval")
     from openllm.core.errors import OpenLLMError
     from openllm.inference.harness import run_tasks
@@ -255,10 +255,15 @@ def test_tasks_that_cannot_run_are_one_line(trained_run, tmp_path):
         r = cli("eval", "--model", str(trained_run), *args, env=OFFLINE)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
-    # a task of the harness's own, which needs the network for its data (the command reads HF_HUB_OFFLINE as it
-    # starts), and an unknown name: the harness indexes its 14,000 tasks for each (5 s)
-    r = cli("eval", "--model", str(trained_run), "--tasks", "hellaswag", env=OFFLINE)
-    assert r.returncode == 2 and "task hellaswag: its data could not be loaded" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # in this process (the harness indexes its own 14,000 tasks once, 5 s): a task of the harness's, whose data
+    # would come from the Hub; an unknown name; shots asked of a task that says it is zero-shot
+    loaded = load_model(trained_run)
+    with pytest.raises(OpenLLMError, match="task hellaswag: its data could not be loaded"):
+        run_tasks(loaded, ["hellaswag"])
     with pytest.raises(OpenLLMError, match="unknown task 'no_such_task'"):
-        run_tasks(load_model(trained_run), ["no_such_task"])
+        run_tasks(loaded, ["no_such_task"])
+    write_tasks(tmp_path / "tasks", tmp_path)
+    zero = (tmp_path / "tasks" / "openllm_ll.yaml").read_text().replace("task: openllm_ll", "task: openllm_zero")
+    (tmp_path / "tasks" / "openllm_zero.yaml").write_text(zero + "num_fewshot: 0\n")
+    with pytest.raises(OpenLLMError, match="--num-fewshot 2: task openllm_zero is zero-shot only"):
+        run_tasks(loaded, ["openllm_zero"], include_path=tmp_path / "tasks", num_fewshot=2)

@@ -5,6 +5,7 @@ continues the same tracker runs; the results and report reach them. All three wr
 import importlib.util
 import json
 import sqlite3
+import struct
 
 import pytest
 
@@ -88,7 +89,30 @@ def test_trackers_hold_each_step_once_through_a_kill_and_resume(small_dataset, t
                     assert (key, row["_step"]) not in held, f"{key} at step {row['_step']}: sent twice"
                     held[(key, row["_step"])] = value
     assert held == expected
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard: the resumed run's event file drops every earlier event (purge from step 1) and holds them all
+    held = {}
+    for event in tensorboard_events(
+        max((out / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    ):
+        for value in event.summary.value:
+            if value.tag in {k for k, _ in expected}:
+                assert (value.tag, event.step) not in held, f"{value.tag} at step {event.step}: written twice"
+                held[(value.tag, event.step)] = value.simple_value
+    assert held == pytest.approx(expected)  # (TensorBoard keeps float32)
+    assert "warning" not in r.stdout + r.stderr  # (the redone step 7 has the figures it had)
+
+
+def tensorboard_events(path):
+    """The events of a TensorBoard file (TFRecord: length, its CRC, the record, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    data, pos = path.read_bytes(), 0
+    while pos + 12 <= len(data):
+        (length,) = struct.unpack("<Q", data[pos : pos + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[pos + 12 : pos + 12 + length])
+        pos += 12 + length + 4
+        yield event
 
 
 def test_report_to_refuses_unknown_and_missing_trackers(small_dataset, tmp_path, monkeypatch):
@@ -98,3 +122,38 @@ def test_report_to_refuses_unknown_and_missing_trackers(small_dataset, tmp_path,
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(OpenLLMError, match=r"--report-to wandb needs the wandb package.*setup.sh wandb"):
         small_config(small_dataset, tmp_path / "b", report_to="wandb").resolved()
+
+
+def test_a_redone_step_with_other_figures_is_said_once(tmp_path):
+    """A tracker that already holds a redone step keeps it (it cannot forget); when the redo's figures differ
+    from those it holds, the run says so once, naming it."""
+    from openllm.training import trackers as T
+
+    class Held:  # a tracker holding steps 1-3, from an attempt whose step 3 had loss 2.0
+        name, identity, held, sent = "stand-in", {}, 3, []
+
+        def __init__(self, *args):
+            pass
+
+        def log(self, step, values):
+            self.sent.append(step)
+
+        def close(self):
+            pass
+
+    said = []
+    T.OPENERS["stand-in"] = Held
+    try:
+        t = T.Trackers(["stand-in"], tmp_path, "p", {}, 2, warn=said.append, earlier={3: {"train/loss": 2.0}})
+        t.step(3, {"train/loss": 2.5})
+        t.step(4, {"train/loss": 1.0})
+        t.close()
+    finally:
+        del T.OPENERS["stand-in"]
+    assert (
+        t.changed == [3]
+        and len(said) == 1
+        and "step 3 is redone with other figures" in said[0]
+        and "stand-in" in said[0]
+    )
+    assert (tmp_path / "trackers.json").is_file()

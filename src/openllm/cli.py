@@ -420,15 +420,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=2))
     elif args.tasks:
+        from openllm.checkpoint.report import task_metrics_text
+
         for r in results:
             print(r["model"])
             for task, metrics in r["tasks"].items():
-                shown = [
-                    f"{m} {v:.4f}" + (f" +- {metrics[m + '_stderr']:.4f}" if m + "_stderr" in metrics else "")
-                    for m, v in metrics.items()
-                    if not m.endswith("_stderr")
-                ]
-                print(f"  {task}: {', '.join(shown) or 'no metrics'}")
+                print(f"  {task}: {task_metrics_text(metrics)}")
     elif args.chat_data:
         width = max(len(r["model"]) for r in results)
         print(f"{'model'.ljust(width)}  {'assistant loss':>14}  {'exact match':>11}  {'conversations':>13}")

@@ -355,7 +355,9 @@ def _evaluation_lines(run_dir: Path) -> list[str]:
     for r in records:
         res = r["results"]
         if isinstance(res.get("tasks"), dict):  # lm-evaluation-harness tasks (`openllm eval --tasks`)
-            shown = "; ".join(f"{task}: {_task_metrics(m)}" for task, m in res["tasks"].items() if isinstance(m, dict))
+            shown = "; ".join(
+                f"{task}: {task_metrics_text(m)}" for task, m in res["tasks"].items() if isinstance(m, dict)
+            )
             settings = {k: v for k, v in (res.get("settings") or {}).items() if v is not None}
             shown += f" ({', '.join(f'{k} {v}' for k, v in settings.items())})" if settings else ""
         elif "exact_match" in res:
@@ -371,15 +373,16 @@ def _evaluation_lines(run_dir: Path) -> list[str]:
     return lines
 
 
-def _task_metrics(metrics: dict) -> str:
-    """``acc 0.6000 +- 0.2449, acc_norm ...``: a task's metrics with their standard errors."""
+def task_metrics_text(metrics: dict) -> str:
+    """``acc 0.6000 +- 0.2449, acc_norm ... (5-shot)``: a harness task's metrics, their standard errors, shots."""
     parts = []
     for name, value in metrics.items():
-        if name.endswith("_stderr") or not isinstance(value, (int, float)):
+        if name.endswith("_stderr") or name == "n_shot" or not isinstance(value, (int, float)):
             continue
         err = metrics.get(f"{name}_stderr")
         parts.append(f"{name} {_f(value)}" + (f" +- {_f(err)}" if isinstance(err, (int, float)) else ""))
-    return ", ".join(parts) or "no metrics"
+    shots = f" ({metrics['n_shot']}-shot)" if isinstance(metrics.get("n_shot"), int) else ""
+    return (", ".join(parts) or "no metrics") + shots
 
 
 def _environment_lines(env: dict | None, versions: dict | None) -> list[str]:

@@ -32,7 +32,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from openllm.core.errors import OpenLLMError
-from openllm.inference.engine import Engine, TokenStream
+from openllm.inference.engine import Collected, Engine, Finished
 from openllm.inference.loading import LoadedModel, load_model
 from openllm.inference.sampling import SamplingOptions
 
@@ -72,8 +72,8 @@ class HarnessModel(TemplateLM):
         return self.tok.eos_id if self.tok.eos_id is not None else self.start[-1]
 
     @property
-    def prefix_token_id(self) -> int:
-        return self.start[-1]
+    def prefix_token_id(self) -> int:  # (the harness's `hf` model: bos, else eos)
+        return self.tok.bos_id if self.tok.bos_id is not None else self.eot_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         prefix = [] if add_special_tokens is False else self.tok.prefix()
@@ -92,8 +92,11 @@ class HarnessModel(TemplateLM):
             rows = []
             for i in chunk:
                 _, context, continuation = requests[i]
-                if not continuation:
-                    raise OpenLLMError("a harness request has an empty continuation to score")
+                if not continuation or len(continuation) > self.max_length:
+                    raise OpenLLMError(
+                        f"a harness request has a continuation of {len(continuation)} tokens to score; the model's "
+                        f"context is {self.max_length}"
+                    )
                 rows.append((context + continuation)[-(self.max_length + 1) :][:-1])
             width = max(len(r) for r in rows)
             batch = torch.zeros(len(rows), width, dtype=torch.long)
@@ -138,8 +141,9 @@ class HarnessModel(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         if not requests:
             return []
-        engine = Engine(self.model, min(self.batch_size, len(requests)), self.device)
-        jobs = []
+        # stepped here (no engine thread): after each step, a row whose text holds a stop string is closed
+        engine = Engine(self.model, min(self.batch_size, len(requests)), self.device, thread=False)
+        jobs: list[tuple[Collected, list[str], list[int]]] = []
         for context, gen_kwargs in (r.args for r in requests):
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=None)
@@ -148,20 +152,29 @@ class HarnessModel(TemplateLM):
             if room >= self.max_length:
                 raise OpenLLMError(f"a task asks for {room} new tokens; the model's context is {self.max_length}")
             ids = self.tok_encode(context)[-(self.max_length - room) :]
-            stream = TokenStream()
-            engine.submit(ids, opts, self.tok.eos_id, reader=stream)
-            jobs.append((stream, until))
+            reader = Collected()
+            engine.submit(ids, opts, self.tok.eos_id, reader=reader)
+            jobs.append((reader, until, []))
+        done = [False] * len(jobs)
+        while not all(done):
+            engine.step()
+            for n, (reader, until, tokens) in enumerate(jobs):
+                while reader.items and not done[n]:
+                    item = reader.items.popleft()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, Finished):
+                        done[n] = True
+                        break
+                    tokens.append(item.token)
+                    if until and any(s and s in self.tok.decode(tokens) for s in until):
+                        reader.close()  # (a stop string: the engine frees the row at its next step)
+                        done[n] = True
         answers = []
-        for (context, _), (stream, until) in zip((r.args for r in requests), jobs, strict=True):
-            tokens: list[int] = []
-            for step in stream:
-                tokens.append(step.token)
-                if until and any(s and s in self.tok.decode(tokens) for s in until):
-                    stream.close()  # (a stop string: the engine frees the row)
-                    break
+        for request, (_, until, tokens) in zip(requests, jobs, strict=True):
             text = postprocess_generated_text(self.tok.decode(tokens), until, None)
             answers.append(text)
-            self.cache_hook.add_partial("generate_until", (context, requests[len(answers) - 1].args[1]), text)
+            self.cache_hook.add_partial("generate_until", request.args, text)
         return answers
 
 
@@ -207,47 +220,76 @@ def run_tasks(
                 "a folder of task YAML files"
             )
         try:  # (each on its own, so a failure names its task; the data it fetched is cached for the run)
-            manager.load([name]) if hasattr(manager, "load") else get_task_dict([name], manager)
+            loaded_tasks = get_task_dict([name], manager)
         except Exception as exc:  # (the harness and `datasets` raise many kinds: network, missing files, YAML)
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise OpenLLMError(f"task {name}: its data could not be loaded ({type(exc).__name__}: {first})") from None
+            raise OpenLLMError(f"task {name}: its data could not be loaded ({_one_line(exc)})") from None
+        if num_fewshot:  # (the harness keeps a task's own 0 shots and only logs that it did)
+            zero = [t for t in _leaf_tasks(loaded_tasks) if t.get_config("num_fewshot") == 0]
+            if zero:
+                raise OpenLLMError(f"--num-fewshot {num_fewshot}: task {zero[0].config.task} is zero-shot only")
     model = HarnessModel(loaded, batch_size=batch_size, device=device)
-    results = simple_evaluate(
-        model=model,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=log_samples,
-    )
+    try:
+        results = simple_evaluate(
+            model=model,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=log_samples,
+        )
+    except OpenLLMError:
+        raise
+    except Exception as exc:  # (a task the harness cannot run here: unsafe code, other modalities, bad settings)
+        raise OpenLLMError(f"lm-evaluation-harness could not run {', '.join(tasks)} ({_one_line(exc)})") from None
     if results is None:  # (only on a non-zero rank of a distributed harness run)
         raise OpenLLMError("the harness returned no results")
     return results
 
 
-@functools.lru_cache(maxsize=4)
 def task_manager(include_path: str | None, tasks: tuple[str, ...]):
     """The harness's index of tasks: only the folder of ``include_path`` when it holds every task asked for (the
     harness's own 14,000 take seconds to index), else theirs too. Kept for the process's later calls."""
-    from lm_eval.tasks import TaskManager
-
     if include_path is not None:
-        local = TaskManager(include_path=include_path, include_defaults=False)
+        local = _index(include_path, False)
         if all(t in local.all_tasks for t in tasks):
             return local
-    return TaskManager(include_path=include_path)
+    return _index(include_path, True)
 
 
-def task_summary(results: dict) -> dict[str, dict[str, float]]:
+@functools.lru_cache(maxsize=4)
+def _index(include_path: str | None, defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=defaults)
+
+
+def _leaf_tasks(tree) -> list:
+    """The Task objects of the harness's (nested) task dict."""
+    out = []
+    for value in tree.values():
+        out += _leaf_tasks(value) if isinstance(value, dict) else [value]
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+def task_summary(results: dict) -> dict[str, dict[str, float | int]]:
     """Per task, its metrics and their standard errors, as ``{"acc": 0.6, "acc_stderr": 0.2}`` (the harness
-    writes ``acc,none``: the metric and its filter; a filter other than ``none`` stays in the name)."""
-    summary: dict[str, dict[str, float]] = {}
+    writes ``acc,none``: the metric and its filter; a filter other than ``none`` stays in the name, as in
+    ``exact_match,strict-match`` and ``exact_match,strict-match_stderr``), and the shots each task ran with."""
+    summary: dict[str, dict[str, float | int]] = {}
     for task, metrics in results.get("results", {}).items():
-        row = {}
+        row: dict[str, float | int] = {}
         for key, value in metrics.items():
             if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             metric, filt = key.split(",", 1)
-            row[metric if filt == "none" else f"{metric},{filt}"] = float(value)
+            base, err = (metric[: -len("_stderr")], "_stderr") if metric.endswith("_stderr") else (metric, "")
+            row[(base if filt == "none" else f"{base},{filt}") + err] = float(value)
+        shots = (results.get("n-shot") or {}).get(task)
+        if isinstance(shots, int):
+            row["n_shot"] = shots
         summary[task] = row
     return summary

@@ -47,7 +47,7 @@ from openllm.model.config import PRESETS, get_preset
 from openllm.model.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
 from openllm.model.lora import TARGETS as LORA_TARGETS
 from openllm.model.lora import LoRAConfig
-from openllm.training.trackers import TRACKER_PACKAGES, TRACKERS, tracker_list, tracker_names
+from openllm.training.trackers import TRACKER_PACKAGES, TRACKERS, tracker_list, wanted
 
 PRESET = "the preset's"
 ARCH_HELP = "model architecture at the preset's size: " + "; ".join(
@@ -789,7 +789,7 @@ def _check(values: dict[str, Any]) -> None:
             raise bad(name, "true or false", values[name])
     if not isinstance(values["report_to"], str):
         raise bad("report_to", "a comma-separated list of trackers", values["report_to"])
-    for name in tracker_names(values["report_to"]) + (("tensorboard",) if values["tensorboard"] else ()):
+    for name in wanted(values["report_to"], values["tensorboard"]):
         module, extra = TRACKER_PACKAGES[name]
         if importlib.util.find_spec(module) is None:
             raise missing_extra(f"--report-to {name}", extra, module)

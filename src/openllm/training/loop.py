@@ -160,7 +160,7 @@ def train_loop(run: Run) -> TrainResult:
     started = time.perf_counter() - st.elapsed_seconds
     unread: list[StepOnDevice] = []
     try:
-        metrics.trackers = records.open_trackers(run, metrics.say)
+        metrics.trackers = records.open_trackers(run, metrics.say, metrics.dropped)
         while st.step < cfg.max_steps and not st.stopped:
             unread.append(train_step(run))
             st.elapsed_seconds = time.perf_counter() - started

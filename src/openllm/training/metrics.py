@@ -69,6 +69,9 @@ class MetricsLog:
         self.enabled = enabled
         self.keep = keep or (lambda _message: None)  # also record messages (train.log) besides showing them
         self.trackers: Trackers | None = None  # --report-to (rank 0's): set by the loop once they are open
+        self.dropped: dict[
+            int, dict[str, float]
+        ] = {}  # the figures of steps after start_step an earlier attempt logged
         self.log_every = log_every
         self.path = path
         self.file = None
@@ -77,7 +80,7 @@ class MetricsLog:
         self.start_step, self.total = start_step, total_steps
         if not enabled:
             return
-        _truncate_after(path, start_step)
+        self.dropped = _truncate_after(path, start_step)
         self.file = open(path, "a", encoding="utf-8")
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -141,11 +144,12 @@ class MetricsLog:
             self.file = None
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """Drop lines of steps after ``step`` (left by a run that died after its last checkpoint)."""
+def _truncate_after(path: Path, step: int) -> dict[int, dict[str, float]]:
+    """Drop lines of steps after ``step`` (left by a run that died after its last checkpoint); returns their
+    figures, as trackers were sent them."""
     if not path.is_file():
-        return
-    kept = []
+        return {}
+    kept, dropped = [], {}
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             record = parse_json(line)
@@ -153,4 +157,7 @@ def _truncate_after(path: Path, step: int) -> None:
             continue  # a line torn by a crash
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line)
+        elif isinstance(record, dict) and isinstance(record.get("step"), int):
+            dropped[record["step"]] = step_values(record)
     atomic_write_text(path, "".join(k + "\n" for k in kept))
+    return dropped

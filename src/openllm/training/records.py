@@ -20,7 +20,7 @@ from openllm.model.lora import lora_state_dict
 from openllm.training import sharding
 from openllm.training.run import Run
 from openllm.training.schedule import scheduler_state
-from openllm.training.trackers import Trackers, read_records, step_values, tracker_names, validation_values
+from openllm.training.trackers import Trackers, read_records, step_values, validation_values, wanted
 
 
 def training_config(run: Run) -> dict:
@@ -155,10 +155,10 @@ def complete_finished_run(run_dir: Path) -> bool:
     return True
 
 
-def open_trackers(run: Run, warn: Callable[[str], None]) -> Trackers | None:
+def open_trackers(run: Run, warn: Callable[[str], None], earlier: dict[int, dict[str, float]]) -> Trackers | None:
     """The run's ``--report-to`` trackers (:mod:`openllm.training.trackers`), opened on rank 0 (None: none asked
-    for, or another rank)."""
-    names = tuple(dict.fromkeys(tracker_names(run.cfg.report_to) + (("tensorboard",) if run.cfg.tensorboard else ())))
+    for, or another rank); ``earlier``: the figures an interrupted attempt logged of the steps it will redo."""
+    names = wanted(run.cfg.report_to, run.cfg.tensorboard)
     if not names or not run.dist.is_main:
         return None
 
@@ -169,7 +169,7 @@ def open_trackers(run: Run, warn: Callable[[str], None]) -> Trackers | None:
         return sorted(steps + checks, key=lambda item: item[0])  # (stable: a step's figures, then its validation)
 
     project, step = run.cfg.tracker_project, run.state.step
-    return Trackers(names, run.run_dir, project, training_config(run), step, history, warn)
+    return Trackers(names, run.run_dir, project, training_config(run), step, history, warn, earlier)
 
 
 def finish_trackers(run: Run, trackers: Trackers | None) -> None:

@@ -35,6 +35,7 @@ TRACKER_PACKAGES = {  # each tracker's module and the extra that installs it
     "mlflow": ("mlflow", "mlflow"),
 }
 STATE = "trackers.json"  # each tracker's run identity, for a resumed run
+COMPARED = ("train/loss", "train/learning_rate", "train/grad_norm")  # what a redone step must reproduce
 TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "memory_mb", "mfu")
 
 
@@ -47,6 +48,11 @@ def tracker_names(value: str | None) -> tuple[str, ...]:
     if unknown:
         raise OpenLLMError(f"--report-to: unknown tracker {unknown[0]!r} (choose from {', '.join(TRACKERS)})")
     return names
+
+
+def wanted(report_to: str | None, tensorboard: bool) -> tuple[str, ...]:
+    """The trackers a run asks for: ``--report-to``'s, and TensorBoard with ``--tensorboard`` (the older flag)."""
+    return tuple(dict.fromkeys(tracker_names(report_to) + (("tensorboard",) if tensorboard else ())))
 
 
 def _joined(text: str) -> str:
@@ -89,9 +95,12 @@ class Trackers:
         start_step: int,
         history: Callable[[], Iterable[tuple[int, dict[str, float]]]] = lambda: (),
         warn: Callable[[str], None] = print,
+        earlier: dict[int, dict[str, float]] | None = None,
     ) -> None:
         self.run_dir, self.warn = run_dir, warn
         self.pending: tuple[int, dict[str, float]] | None = None  # the latest step's figures, not sent yet
+        self.earlier = earlier or {}  # the figures an interrupted attempt logged of steps after start_step
+        self.changed: list[int] = []  # redone steps whose figures differ from those a tracker kept
         state_path = run_dir / STATE
         state = read_json(state_path, "tracker state") if state_path.is_file() else {}
         if not isinstance(state, dict):
@@ -100,18 +109,23 @@ class Trackers:
         try:
             for name in names:
                 known = state.get(name) if isinstance(state.get(name), dict) else {}
-                self.open.append(OPENERS[name](run_dir, project, config, start_step, known))
+                try:
+                    self.open.append(OPENERS[name](run_dir, project, config, start_step, known))
+                except OpenLLMError:
+                    raise
+                except Exception as exc:  # (a library's own failure to start: one line naming the tracker)
+                    raise _starting(name, exc) from None
+            kept = {**state, **{t.name: t.identity for t in self.open}}
+            if kept != state:
+                atomic_write_json(state_path, kept)
+            if any(t.held < start_step for t in self.open):  # (new to the run, or lost what a killed run sent)
+                for step, values in history():
+                    if step <= start_step:
+                        self.step(step, values)
+                self.flush()
         except BaseException:
             self.close()
             raise
-        kept = {**state, **{t.name: t.identity for t in self.open}}
-        if kept != state:
-            atomic_write_json(state_path, kept)
-        if any(t.held < start_step for t in self.open):  # (new to the run, or lost what a killed run sent it)
-            for step, values in history():
-                if step <= start_step:
-                    self.step(step, values)
-            self.flush()
 
     def step(self, step: int, values: dict[str, float]) -> None:
         """Figures of ``step``; those of one step (its training record, then its validation) go in one call, so
@@ -124,7 +138,18 @@ class Trackers:
 
     def flush(self) -> None:
         if self.pending is not None and self.pending[1]:
-            self._each("log", *self.pending, only_after=self.pending[0])
+            step, values = self.pending
+            before = self.earlier.get(step, {})
+            keeping = [t.name for t in self.open if step <= t.held]
+            if keeping and any(before.get(k, values[k]) != values[k] for k in COMPARED if k in values):
+                if not self.changed:
+                    self.warn(
+                        f"warning: step {step} is redone with other figures than before the interruption (other "
+                        f"options, or a device that is not deterministic); {', '.join(keeping)} keep the first "
+                        "figures of the steps they already hold (a tracker cannot forget them)"
+                    )
+                self.changed.append(step)
+            self._each("log", step, values, only_after=step)
         self.pending = None
 
     def finish(self, results: dict[str, Any], report: Path | None) -> None:
@@ -174,6 +199,15 @@ def _flat(config: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _same(tracker: str, what: str, now, recorded) -> None:
+    """A resumed run's tracker run is where the run began: another project or store is refused by name."""
+    if recorded is not None and now != recorded:
+        raise OpenLLMError(
+            f"--report-to {tracker}: {what} is {now!r}, but this run's {tracker} run is in {recorded!r} "
+            f"({STATE}); resume with that, or start a new run directory"
+        )
+
+
 def _starting(name: str, exc: Exception) -> OpenLLMError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return OpenLLMError(f"--report-to {name}: could not start its run ({type(exc).__name__}: {first})")
@@ -184,10 +218,11 @@ class TensorBoard:
 
     def __init__(self, run_dir: Path, project: str, config: dict, start_step: int, known: dict) -> None:
         writer = require("tensorboardX", "tensorboard", "--report-to tensorboard").SummaryWriter
-        # (events after the resumed checkpoint are dropped by the readers, and written again)
-        self.writer = writer(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        # (every earlier event is dropped by the readers and written again from the records: events a killed run
+        # had not flushed are not lost, and the steps after the checkpoint are the redone ones)
+        self.writer = writer(str(run_dir / "tensorboard"), purge_step=1)
         self.identity = {"directory": "tensorboard"}
-        self.held = start_step if known else 0
+        self.held = 0
         self.last = start_step
         self.writer.add_text("config", "```\n" + _yaml(config) + "\n```", start_step)
 
@@ -213,10 +248,11 @@ class WandB:
 
     def __init__(self, run_dir: Path, project: str, config: dict, start_step: int, known: dict) -> None:
         wandb = require("wandb", "wandb", "--report-to wandb")
+        _same(self.name, "--tracker-project", project, known.get("project"))
         run_id = known.get("id") or uuid.uuid4().hex[:8]
         try:  # (WANDB_MODE=offline writes under RUN_DIR/wandb, for `wandb sync` later)
             self.run = wandb.init(
-                project=known.get("project", project),
+                project=project,
                 name=run_dir.name,
                 id=run_id,
                 resume="allow",
@@ -226,7 +262,7 @@ class WandB:
             )
         except Exception as exc:
             raise _starting(self.name, exc) from None
-        self.identity = {"id": run_id, "project": known.get("project", project)}
+        self.identity = {"id": run_id, "project": project}
         self.held = 0
         if known:  # online: the server's step; offline: what the earlier attempts' files hold (a kill loses some)
             files = run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb")
@@ -284,7 +320,7 @@ class Trackio:
 
     def __init__(self, run_dir: Path, project: str, config: dict, start_step: int, known: dict) -> None:
         self.trackio = require("trackio", "trackio", "--report-to trackio")
-        project = known.get("project", project)
+        _same(self.name, "--tracker-project", project, known.get("project"))
         try:  # (local by default, in TRACKIO_DIR; TRACKIO_SPACE_ID or TRACKIO_SERVER_URL send it elsewhere)
             self.run = self.trackio.init(
                 project=project,
@@ -297,11 +333,9 @@ class Trackio:
         except Exception as exc:
             raise _starting(self.name, exc) from None
         self.identity = {"project": project, "name": run_dir.name}
-        self.held = 0
-        if known:  # (local store: what it holds; a killed run loses what trackio had not written yet)
-            from trackio.sqlite_storage import SQLiteStorage
-
-            self.held = SQLiteStorage.get_max_step_for_run(project, run_dir.name) or 0
+        # (what its store holds, local or remote, as trackio itself asks on resuming; a killed run loses what
+        # trackio had not written yet)
+        self.held = max(int(getattr(self.run, "_next_step", 0)) - 1, 0) if known else 0
         self.last = start_step
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -329,6 +363,8 @@ class MLflow:
         self.Metric = Metric
         try:  # (MLFLOW_TRACKING_URI says where: a server, or a local store)
             self.client = MlflowClient()
+            _same(self.name, "MLFLOW_TRACKING_URI", self.client.tracking_uri, known.get("tracking_uri"))
+            _same(self.name, "--tracker-project", project, known.get("experiment"))
             if known.get("run_id"):
                 self.run_id = known["run_id"]
                 self.client.update_run(self.run_id, status="RUNNING")
@@ -339,11 +375,15 @@ class MLflow:
                 params = [Param(k, str(v)[:6000]) for k, v in _flat(config).items()]
                 for i in range(0, len(params), 100):  # (MLflow takes at most 100 parameters per call)
                     self.client.log_batch(self.run_id, params=params[i : i + 100])
+        except OpenLLMError:
+            raise
         except Exception as exc:
             raise _starting(self.name, exc) from None
-        self.identity = {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri}
-        held = self.client.get_metric_history(self.run_id, "train/loss") if known.get("run_id") else []
-        self.held = max((m.step for m in held), default=0)
+        self.identity = {"run_id": self.run_id, "tracking_uri": self.client.tracking_uri, "experiment": project}
+        self.held = 0
+        if known.get("run_id"):  # (the last step of any of the run's figures: a non-finite loss is not logged)
+            keys = [k for k in self.client.get_run(self.run_id).data.metrics if not k.startswith("results/")]
+            self.held = max((m.step for k in keys for m in self.client.get_metric_history(self.run_id, k)), default=0)
         self.last = start_step
 
     def log(self, step: int, values: dict[str, float]) -> None:
