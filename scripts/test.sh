@@ -10,7 +10,18 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 &
   chromium_install=$!
 fi
-scripts/setup.sh test
+scripts/setup.sh testing
+# The rest of the test extra (lm-evaluation-harness, wandb, trackio, MLflow and what they bring: about 80
+# packages, half a minute) installs in the background while the first tests run; the tests that use them run
+# last and wait for it (tests/conftest.py), and a failed install fails the suite with its log.
+export OPENLLM_TEST_EXTRAS_STATUS="$(mktemp -d)/status"
+extras_log="${OPENLLM_TEST_EXTRAS_STATUS%/status}/install.log"
+(
+  status=0
+  scripts/setup.sh --packages test >"$extras_log" 2>&1 || status=$?
+  echo "$status" >"$OPENLLM_TEST_EXTRAS_STATUS"
+) &
+extras_install=$!
 echo "ruff check, ruff format --check, mypy..."
 # mypy's cache lives outside the checkout: most of it is the analysis of torch and the other dependencies, a
 # half-minute of CPU that a fresh clone would otherwise redo; mypy checks every entry against its file's hash
@@ -30,6 +41,12 @@ fi
 # slower, measured); the slowest tests are listed, for CI's time budget
 status=0
 .venv/bin/python -m pytest -q -n 2 --durations=12 "$@" || status=$?
+wait "$extras_install" || true
+if [ "$(cat "$OPENLLM_TEST_EXTRAS_STATUS" 2>/dev/null)" != 0 ]; then
+  cat "$extras_log"
+  echo "installing the test extras failed" >&2
+  status=1
+fi
 if ! wait "$mypy_pid"; then
   cat "$mypy_log"
   echo "mypy found errors" >&2

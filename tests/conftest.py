@@ -31,7 +31,7 @@ LONGEST_FIRST = (
     "tests/test_benchmarks.py::test_finetune_chat_benchmark_smoke_scores_before_and_after",
     "tests/test_finetune.py::test_a_killed_finetune_resumes_bit_identically",
     "tests/test_benchmarks.py::test_lora_memory_benchmark_smoke_prints_both_modes_and_their_ratios",
-    "tests/test_trackers.py::test_trackers_hold_each_step_once_through_a_kill_and_resume",
+    "tests/test_trackers.py::test_trackers_hold_each_step_once_through_a_kill_and_resume",  # (of NEEDS_EXTRAS)
     "tests/test_lm_eval.py::test_tasks_that_cannot_run_are_one_line",
     "tests/test_lm_eval.py::test_in_process_tasks_equal_hf_on_the_export",
 )
@@ -41,9 +41,40 @@ LONGEST_FIRST = (
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
+# The tests of the harness and the trackers, whose libraries scripts/test.sh installs while the others run: last.
+NEEDS_EXTRAS = ("tests/test_lm_eval.py", "tests/test_trackers.py")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("[")[0], len(rank)))
+    last = len(rank) + 1
+    items.sort(
+        key=lambda item: (
+            last if item.nodeid.startswith(NEEDS_EXTRAS) else rank.get(item.nodeid.split("[")[0], len(rank))
+        )
+    )
+
+
+@pytest.fixture(autouse=True)
+def _extras_installed(request) -> None:
+    """Under scripts/test.sh, a test of NEEDS_EXTRAS waits until the background install of the rest of the test
+    extra has finished (and fails if it failed)."""
+    status = os.environ.get("OPENLLM_TEST_EXTRAS_STATUS")
+    if not status or not request.node.nodeid.startswith(NEEDS_EXTRAS):
+        return
+    import time
+
+    deadline = time.monotonic() + 900
+    while not os.path.exists(status):
+        if time.monotonic() > deadline:
+            pytest.fail("the test extras did not finish installing in 15 minutes")
+        time.sleep(1)
+    with open(status) as f:
+        if f.read().strip() != "0":
+            pytest.fail("installing the test extras failed (scripts/test.sh prints its log)")
+    import importlib
+
+    importlib.invalidate_caches()  # (the packages appeared after this process started)
 
 
 def quiet(_message: str) -> None:
