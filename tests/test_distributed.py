@@ -28,6 +28,8 @@ def torchrun(nproc, *args, restarts=0, env=None):
             str(nproc),
             "--max-restarts",
             str(restarts),
+            "--monitor-interval",  # (how soon a dead worker is seen: the default waits up to 5 s)
+            "0.2",
             "-m",
             "openllm",
             *args,
