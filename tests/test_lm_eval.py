@@ -9,6 +9,7 @@ trains a longer run), and the request shapes it sends are checked in CI by tests
 
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -249,6 +250,13 @@ def test_tasks_that_cannot_run_are_one_line(trained_run, tmp_path):
         r = cli("eval", "--model", str(trained_run), *args, env=OFFLINE)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    # without the harness: one line naming the extra that brings it
+    from openllm.inference.evaluate import evaluate_models
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "lm_eval", None)  # (as if not installed)
+        with pytest.raises(OpenLLMError, match=r"--tasks needs the lm_eval package.*setup.sh eval"):
+            evaluate_models([trained_run], tasks="openllm_ll")
     # in this process (the harness indexes its own 14,000 tasks once, 5 s): a local task whose data file is not
     # there; a task of the harness's, whose data would come from the Hub; an unknown name; shots asked of a task
     # that says it is zero-shot (the command line turns each into its one line, as every OpenLLMError)
