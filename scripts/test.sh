@@ -12,13 +12,14 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
 fi
 scripts/setup.sh testing
 # The rest of the test extra (lm-evaluation-harness, wandb, trackio, MLflow and what they bring: about 80
-# packages, half a minute) installs in the background while the first tests run; the tests that use them run
-# last and wait for it (tests/conftest.py), and a failed install fails the suite with its log.
+# packages, half a minute) installs in the background while the first tests run, on the CPU time they leave; the
+# tests that use them run last and wait for it (tests/conftest.py), and a failed install fails the suite with its
+# log.
 export OPENLLM_TEST_EXTRAS_STATUS="$(mktemp -d)/status"
 extras_log="${OPENLLM_TEST_EXTRAS_STATUS%/status}/install.log"
 (
   status=0
-  scripts/setup.sh --packages test >"$extras_log" 2>&1 || status=$?
+  nice -n 19 scripts/setup.sh --packages test >"$extras_log" 2>&1 || status=$?  # (the tests' CPU first)
   echo "$status" >"$OPENLLM_TEST_EXTRAS_STATUS"
 ) &
 extras_install=$!
