@@ -2,13 +2,14 @@
 configuration, results and final report, where a team already looks.
 
 Each tracker gets what ``metrics.jsonl`` gets, under the same names (``train/loss``, ``train/learning_rate``,
-... and ``validation/loss``), at the same steps. A tracker's run is named after the run directory and lives in
-``--tracker-project``; its identity is kept in ``RUN_DIR/trackers.json``, so a resumed run continues the same
-tracker run. The steps it already holds are not sent again: a resume continues exactly as if never interrupted,
-so the steps a run redoes after its last checkpoint have the values the tracker has (TensorBoard, which can
-forget, is told to drop them and gets them again). Each library is an optional extra, imported only when asked
-for; a tracker that cannot start is one error before training begins, one that fails later a warning (the run
-goes on without it).
+... and ``validation/loss``), at the same steps, a step's figures in one call. A tracker's run is named after the
+run directory and lives in ``--tracker-project``; its identity is kept in ``RUN_DIR/trackers.json``, so a resumed
+run continues the same tracker run. On resuming, each tracker is asked which steps it holds (``held``) and is sent
+the rest of the records, then the new steps: a kill that lost a tracker's buffer leaves no gap, and a step it
+holds is not sent twice (TensorBoard, whose readers can be told to forget, drops everything and gets it all
+again). A redone step keeps the figures the tracker holds, which an exact resume reproduces; when they differ,
+the run says so once. Each library is an optional extra, imported only when asked for; a tracker that cannot
+start is one error before training begins, one that fails later a warning (the run goes on without it).
 """
 
 from __future__ import annotations
