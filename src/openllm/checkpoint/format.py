@@ -62,7 +62,7 @@ import torch
 from openllm import __version__
 from openllm.checkpoint.state import RunState
 from openllm.core import faults, untrusted
-from openllm.core.errors import OpenLLMError
+from openllm.core.errors import OpenLLMError, first_line
 from openllm.core.fileio import atomic_open, commit_directory, staging_dir, write_failure
 from openllm.core.numbers import finite_or_none
 from openllm.model.config import ModelConfig
@@ -790,7 +790,7 @@ def save_sharded_checkpoint(
         if isinstance(exc, CheckpointException):  # DCP's: every process's failure (exception, traceback)
             exc = next((e[0] for e in exc.failures.values() if isinstance(e, tuple)), exc)
         message = _write_failure(exc, Path(path)) if isinstance(exc, OSError) else None
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        why = first_line(exc)
         return OpenLLMError(message or f"could not write {path}: {why}; the previous checkpoints are intact")
 
     def finish(written: Any = None) -> None:

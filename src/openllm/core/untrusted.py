@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from openllm.core.errors import OpenLLMError
+from openllm.core.errors import OpenLLMError, first_line
 
 MAX_DEPTH = 64
 MAX_INT_DIGITS = 40
@@ -230,7 +230,7 @@ def read_yaml(path: str | os.PathLike, what: str = "file", max_bytes: int = 1 <<
     except UnicodeDecodeError as exc:
         raise OpenLLMError(f"{what} {path}: not valid UTF-8 (byte {exc.start + 1})") from None
     except yaml.YAMLError as exc:
-        first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+        first = first_line(exc, "unreadable")
         raise OpenLLMError(f"{what} {path} is not valid YAML: {first}") from None
 
 

@@ -15,6 +15,7 @@ from typing import Annotated
 
 from openllm.core.device import DeviceOption, resolve_device
 from openllm.core.errors import OpenLLMError
+from openllm.core.extras import require
 from openllm.core.options import Opt, checked, nonneg_int, positive_int
 from openllm.core.progress import Progress
 from openllm.core.untrusted import read_json
@@ -87,9 +88,9 @@ def evaluate_models(
             raise OpenLLMError(f"{wrong_task[0]} goes with --tasks")
     else:
         given = {"--seq-len": seq_len, "--stride": stride, "--max-answer-tokens": max_answer_tokens}
-        wrong_task = [flag for flag, v in given.items() if v is not None] + [
-            "--allow-training-data"
-        ] * allow_training_data
+        wrong_task = [flag for flag, v in given.items() if v is not None]
+        if allow_training_data:
+            wrong_task.append("--allow-training-data")
         if wrong_task:
             raise OpenLLMError(f"{wrong_task[0]} does not go with --tasks")
         names = _task_names(tasks)
@@ -150,8 +151,6 @@ def _task_names(tasks: str) -> list[str]:
 
 def evaluate_tasks(path, tasks: list[str], include_path, limit, num_fewshot, batch_size: int, device) -> dict:
     """The harness's tasks on one model (:mod:`openllm.inference.harness`), recorded in its run directory."""
-    from openllm.core.extras import require
-
     require("lm_eval", "eval", "openllm eval --tasks")
     from openllm.inference.harness import run_tasks, task_summary
 

@@ -31,7 +31,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from openllm.core.errors import OpenLLMError
+from openllm.core.errors import OpenLLMError, first_line
 from openllm.inference.engine import Collected, Engine, Finished
 from openllm.inference.loading import LoadedModel, load_model
 from openllm.inference.sampling import SamplingOptions
@@ -272,7 +272,7 @@ def _leaf_tasks(tree) -> list:
 
 
 def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def task_summary(results: dict) -> dict[str, dict[str, float | int]]:

@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from openllm.core.errors import OpenLLMError
+from openllm.core.errors import OpenLLMError, first_line
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,7 @@ _roll_call: list = []  # [gloo group, seconds to wait]
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
+    line = first_line(exc)
     return re.sub(r"^(\[[^\]]*\]:? )+", "", line)  # (gloo's source location, the rank torch names)
 
 

@@ -394,8 +394,8 @@ def finish(run: Run, metrics: MetricsLog) -> TrainResult:
     path = save(run, rundir.FINAL)
     if run.dist.is_main:
         records.write_plot(run)
-        records.write_model_card(run)  # the report, which shows the curves just drawn
-        records.finish_trackers(run, metrics.trackers)
+        info = records.write_model_card(run)  # the report, which shows the curves just drawn
+        records.finish_trackers(run, metrics.trackers, info)
     return TrainResult(run.run_dir, st.step, st.best_step, st.best_validation_loss, st.stop_reason, path, run.cfg)
 
 

@@ -69,9 +69,7 @@ class MetricsLog:
         self.enabled = enabled
         self.keep = keep or (lambda _message: None)  # also record messages (train.log) besides showing them
         self.trackers: Trackers | None = None  # --report-to (rank 0's): set by the loop once they are open
-        self.dropped: dict[
-            int, dict[str, float]
-        ] = {}  # the figures of steps after start_step an earlier attempt logged
+        self.dropped: dict[int, dict[str, float]] = {}  # steps after start_step an earlier attempt logged
         self.log_every = log_every
         self.path = path
         self.file = None

@@ -124,9 +124,12 @@ def write_logs(run: Run) -> None:
     rundir.write_logs(run.run_dir, run.state.training_log, run.state.validation_log)
 
 
-def write_model_card(run: Run) -> None:
-    """The run's README.md: its report, from the files the run has written (the newest checkpoint first)."""
-    report.write_report(run.run_dir, ck.read_info(build_checkpoint(run)))  # (the records in memory: no reload)
+def write_model_card(run: Run) -> ck.CheckpointView:
+    """The run's README.md: its report, from the files the run has written (the newest checkpoint first); returns
+    the records it was built from."""
+    info = ck.read_info(build_checkpoint(run))  # (the records in memory: no reload)
+    report.write_report(run.run_dir, info)
+    return info
 
 
 def write_plot(run: Run) -> Path | None:
@@ -172,9 +175,8 @@ def open_trackers(run: Run, warn: Callable[[str], None], earlier: dict[int, dict
     return Trackers(names, run.run_dir, project, training_config(run), step, history, warn, earlier)
 
 
-def finish_trackers(run: Run, trackers: Trackers | None) -> None:
-    """The run's results and its report (README.md, just written) to its trackers."""
+def finish_trackers(run: Run, trackers: Trackers | None, info: ck.CheckpointView) -> None:
+    """The run's results (from ``info``, the records its report was just written from) and that report to its
+    trackers."""
     if trackers is not None:
-        trackers.finish(
-            report.run_results(run.run_dir, ck.read_info(build_checkpoint(run))), run.run_dir / report.REPORT
-        )
+        trackers.finish(report.run_results(run.run_dir, info), run.run_dir / report.REPORT)

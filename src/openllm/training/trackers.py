@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from openllm.core.errors import OpenLLMError
+from openllm.core.errors import OpenLLMError, first_line
 from openllm.core.extras import require
 from openllm.core.fileio import atomic_write_json
 from openllm.core.options import checked
@@ -210,8 +210,7 @@ def _same(tracker: str, what: str, now, recorded) -> None:
 
 
 def _starting(name: str, exc: Exception) -> OpenLLMError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return OpenLLMError(f"--report-to {name}: could not start its run ({type(exc).__name__}: {first})")
+    return OpenLLMError(f"--report-to {name}: could not start its run ({type(exc).__name__}: {first_line(exc)})")
 
 
 class TensorBoard:

@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RawTokenizer
 
-from openllm.core.errors import OpenLLMError
+from openllm.core.errors import OpenLLMError, first_line
 from openllm.core.fileio import atomic_write_text
 from openllm.data.tokenizer.base import CHAT_TOKENS, ROLES, SpecialTokens, Tokenizer, read_chat_template
 
@@ -167,7 +167,7 @@ def _rust_failures(origin: str, action: str) -> Iterator[None]:
     except BaseException as exc:
         if type(exc).__name__ != "PanicException":
             raise
-        reason = (str(exc).strip().splitlines() or ["no reason given"])[0][:200]
+        reason = first_line(exc, "no reason given")[:200]
         name = f"the tokenizer {origin}" if origin else "the tokenizer"
         raise OpenLLMError(f"{name} failed to {action} this text ({reason})") from None
 
